@@ -1,0 +1,92 @@
+"""The `flowers-ddpm` command: `train` and `sample`. Thin: parse, then call the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .config import SAMPLE_SCHEDULERS, add_train_arguments, parse_train_config
+from .errors import UserError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import run_training
+
+    cfg = parse_train_config(args)
+    path = run_training(cfg)
+    print(f"pipeline written to {path}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from .pipeline import generate, image_grid, load_pipeline
+
+    if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UserError("num_images, steps and batch_size must be >= 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else None
+    pipe = load_pipeline(args.model, device, dtype)
+    images = generate(pipe, args.num_images, args.steps, args.seed, args.scheduler, args.batch_size)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(args.output)
+    if args.output_dir:
+        folder = Path(args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(folder / f"{i:05d}.png")
+    print(f"wrote {len(images)} images to {args.output}" + (f" and {args.output_dir}/" if args.output_dir else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowers-ddpm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a DDPM (run under `accelerate launch` for several processes)")
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
+
+    sample = sub.add_parser("sample", help="generate images from a pipeline folder or Hub id")
+    sample.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    sample.add_argument("--num_images", type=int, default=16)
+    sample.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default=None,
+                        help="sampler (default: the pipeline's own scheduler)")
+    sample.add_argument("--steps", type=int, default=50, help="sampler steps")
+    sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    sample.add_argument("--batch_size", type=int, default=16)
+    sample.add_argument("--output", default="samples.png", help="grid PNG to write")
+    sample.add_argument("--output_dir", default=None, help="also write each image as a PNG here")
+    sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    sample.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sample.set_defaults(func=_sample)
+    return parser
+
+
+def _setup_logging() -> None:
+    from accelerate.state import PartialState
+
+    main = PartialState().is_main_process
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("flowers_ddpm").setLevel(logging.INFO if main else logging.WARNING)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of `flowers-ddpm`; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    try:
+        _setup_logging()
+        args.func(args)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Training data: a streamed `datasets` source -> resumable shuffled example stream -> decoded batches.
+
+Order of examples is decided in one place (`ResumableStream`, on the main thread of each process) and the
+decode threads are pure functions of (record, key). That is what makes resume exact: a checkpoint stores the
+stream position of `datasets` (its `state_dict`), the contents of our shuffle buffer (raw records: file paths or
+encoded bytes, never decoded pixels) and the shuffle RNG, as of the last example the trainer consumed.
+`datasets`' own `shuffle()` buffer is not used because its contents are not part of its state_dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .config import FLOWERS_DATASET, TrainConfig
+from .errors import UserError
+from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSource:
+    """A streamed dataset of raw (undecoded) image records plus what we know about it."""
+
+    dataset: "datasets.IterableDataset"  # noqa: F821
+    image_column: str
+    label_column: Optional[str]
+    class_names: Optional[list[str]]
+    num_examples: Optional[int]
+    description: str
+
+
+def count_local_images(folder: str) -> int:
+    """Number of image files below `folder` (what the imagefolder loader will stream)."""
+    return sum(
+        1 for _, _, files in os.walk(folder) for name in files if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+def detect_image_column(features, requested: Optional[str]) -> str:
+    """The requested image column, or the first column of type Image, or a column called image/img."""
+    from datasets import Image
+
+    names = list(features)
+    if requested:
+        if requested not in names:
+            raise UserError(f"image_column {requested!r} is not in the dataset; columns are {', '.join(names)}")
+        return requested
+    for name, feature in features.items():
+        if isinstance(feature, Image):
+            return name
+    for name in ("image", "img", "images", "picture"):
+        if name in names:
+            return name
+    raise UserError(f"no image column found among {', '.join(names)}; pass --image_column")
+
+
+def detect_label_column(features) -> Optional[str]:
+    """The first ClassLabel column (or a column named label), else None."""
+    from datasets import ClassLabel
+
+    for name, feature in features.items():
+        if isinstance(feature, ClassLabel):
+            return name
+    return "label" if "label" in features else None
+
+
+def _load_streaming(cfg: TrainConfig):
+    from datasets import load_dataset
+
+    if cfg.train_data_dir:
+        if count_local_images(cfg.train_data_dir) == 0:
+            raise UserError(
+                f"train_data_dir {cfg.train_data_dir} contains no image files ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        return load_dataset("imagefolder", data_dir=cfg.train_data_dir, streaming=True, cache_dir=cfg.cache_dir)
+    try:
+        return load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=True, cache_dir=cfg.cache_dir)
+    except ConnectionError:
+        raise UserError(
+            f"cannot reach the Hugging Face Hub to stream {cfg.dataset_name}; to train without network, "
+            "pass --train_data_dir PATH with a folder of images (sub-folders as classes)"
+        ) from None
+    except FileNotFoundError as e:
+        raise UserError(f"dataset {cfg.dataset_name} not found: {str(e).splitlines()[0]}") from None
+
+
+def open_source(cfg: TrainConfig) -> DataSource:
+    """Open the configured dataset for streaming; nothing is downloaded beyond metadata."""
+    from datasets import Image, IterableDatasetDict, concatenate_datasets
+
+    loaded = _load_streaming(cfg)
+    if isinstance(loaded, IterableDatasetDict):
+        if cfg.dataset_split == "all":
+            splits = list(loaded)
+            dataset = concatenate_datasets([loaded[s] for s in splits]) if len(splits) > 1 else loaded[splits[0]]
+        elif cfg.dataset_split in loaded:
+            splits, dataset = [cfg.dataset_split], loaded[cfg.dataset_split]
+        else:
+            raise UserError(f"dataset_split must be 'all' or one of {', '.join(loaded)}; got {cfg.dataset_split!r}")
+    else:
+        splits, dataset = [cfg.dataset_split], loaded
+    features = dataset.features
+    if features is None:
+        raise UserError("the dataset does not declare its columns; pass a dataset with features or a local folder")
+    image_column = detect_image_column(features, cfg.image_column)
+    label_column = detect_label_column(features)
+    class_names = getattr(features.get(label_column), "names", None) if label_column else None
+    columns = [image_column] + ([label_column] if label_column else [])
+    dataset = dataset.select_columns(columns).cast_column(image_column, Image(decode=False))
+
+    if cfg.train_data_dir:
+        num_examples = count_local_images(cfg.train_data_dir)
+        description = f"local folder {cfg.train_data_dir}"
+    else:
+        info_splits = getattr(getattr(loaded, "info", None) or dataset.info, "splits", None) or {}
+        sizes = [info_splits[s].num_examples for s in splits if s in info_splits]
+        num_examples = sum(sizes) if sizes and len(sizes) == len(splits) else None
+        description = f"{cfg.dataset_name} ({'+'.join(splits)})"
+        if cfg.dataset_name == FLOWERS_DATASET and class_names:
+            from .flowers102 import display_names
+
+            class_names = display_names(class_names)
+    return DataSource(dataset, image_column, label_column, class_names, num_examples, description)
+
+
+def example_id(record) -> str:
+    """A stable identifier of a raw image record: its file path, or a hash of its bytes."""
+    if isinstance(record, dict) and record.get("path") and record.get("bytes") is None:
+        return record["path"]
+    data = record.get("bytes") if isinstance(record, dict) else record
+    name = record.get("path") if isinstance(record, dict) else None
+    digest = hashlib.sha1(data).hexdigest()[:16]
+    return f"{name}#{digest}" if name else f"sha1:{digest}"
+
+
+class ResumableStream:
+    """Endless stream of raw examples for one process: per-epoch deterministic shard order (datasets'
+    `set_epoch`), this process's shard (`split_dataset_by_node`), and a seeded shuffle buffer.
+
+    `state_dict()` taken right after an example was yielded resumes with the next example exactly.
+    """
+
+    def __init__(self, dataset, seed: int, buffer_size: int, rank: int = 0, world_size: int = 1):
+        from datasets.distributed import split_dataset_by_node
+
+        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size) if world_size > 1 else dataset
+        self.seed, self.rank, self.world_size, self.buffer_size = seed, rank, world_size, buffer_size
+        self.epoch = 0
+        self.buffer: list = []
+        self.rng = np.random.default_rng([seed, rank])
+        self.produced = 0  # examples yielded so far; also the augmentation key of the next example
+        self._resumed = False  # a resumed epoch may have nothing left in it; a fresh one may not
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "dataset": self.dataset.state_dict(),
+            "buffer": list(self.buffer),
+            "rng": copy.deepcopy(self.rng.bit_generator.state),
+            "produced": self.produced,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.produced = state["epoch"], state["produced"]
+        self.buffer = list(state["buffer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.dataset.load_state_dict(state["dataset"])
+        self._resumed = True
+
+    def _epoch_examples(self) -> Iterator[dict]:
+        while True:
+            self.dataset.set_epoch(self.epoch)
+            fresh, self._resumed = not self._resumed, False
+            seen = 0
+            for example in self.dataset:
+                seen += 1
+                yield example
+            if seen == 0 and fresh:
+                raise UserError(f"the dataset yielded no examples for process {self.rank} of {self.world_size}")
+            self.epoch += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        for example in self._epoch_examples():
+            if len(self.buffer) < self.buffer_size:
+                self.buffer.append(example)
+                continue
+            i = int(self.rng.integers(self.buffer_size))
+            out, self.buffer[i] = self.buffer[i], example
+            self.produced += 1
+            yield out
+
+
+class TrainBatches:
+    """Decoded, batched examples for one process, in the stream's order.
+
+    Records are decoded by `num_workers` threads (inline when 0) a bounded window ahead of the trainer.
+    Unreadable files are skipped (each warned once, counted) without shortening a batch. `state_dict()` is the
+    stream state as of the last example of the last batch handed out, so a checkpoint never loses or repeats data.
+    """
+
+    def __init__(self, stream: ResumableStream, source: DataSource, settings: TransformSettings, batch_size: int,
+                 num_workers: int = 0, record_ids: bool = False):
+        self.stream, self.source, self.settings = stream, source, settings
+        self.batch_size, self.num_workers, self.record_ids = batch_size, num_workers, record_ids
+        self.consumed_state = stream.state_dict()
+        self.skipped = 0
+        self._warned: set[str] = set()
+        self._decoded_ok = 0
+
+    def state_dict(self) -> dict:
+        return self.consumed_state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+        self.consumed_state = state
+
+    def _jobs(self):
+        image_col, label_col = self.source.image_column, self.source.label_column
+        for example in self.stream:
+            key = (self.stream.seed, self.stream.rank, self.stream.produced - 1)
+            yield example[image_col], (example[label_col] if label_col else -1), key, self.stream.state_dict()
+
+    def _decoded(self):
+        if self.num_workers == 0:
+            for record, label, key, state in self._jobs():
+                yield record, label, state, try_decode(record, self.settings, key)
+            return
+        window = max(2 * self.batch_size, 4 * self.num_workers)
+        pending: deque = deque()
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="decode") as pool:
+            for record, label, key, state in self._jobs():
+                pending.append((record, label, state, pool.submit(try_decode, record, self.settings, key)))
+                if len(pending) >= window:
+                    record, label, state, future = pending.popleft()
+                    yield record, label, state, future.result()
+
+    def _check_bad(self, record, reason: str) -> None:
+        self.skipped += 1
+        name = example_id(record)
+        if name not in self._warned:
+            self._warned.add(name)
+            logger.warning("skipping unreadable image %s (%s)", name, reason)
+        if self._decoded_ok == 0 and self.stream.epoch >= 2:
+            raise UserError(f"none of the images in {self.source.description} could be read")
+
+    def __iter__(self):
+        import torch
+
+        images, labels, ids = [], [], []
+        for record, label, state, (array, reason) in self._decoded():
+            if array is None:
+                self._check_bad(record, reason)
+                continue
+            self._decoded_ok += 1
+            images.append(array)
+            labels.append(label)
+            if self.record_ids:
+                ids.append(example_id(record))
+            if len(images) == self.batch_size:
+                pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+                batch = {
+                    "pixel_values": pixels.float().div_(127.5).sub_(1.0),
+                    "class_labels": torch.tensor(labels, dtype=torch.long),
+                    "ids": ids,
+                }
+                self.consumed_state = state
+                images, labels, ids = [], [], []
+                yield batch
+
+
+def build_train_batches(cfg: TrainConfig, source: DataSource, rank: int, world_size: int) -> TrainBatches:
+    """The training batches of process `rank` out of `world_size`."""
+    stream = ResumableStream(source.dataset, cfg.seed, cfg.shuffle_buffer_size, rank, world_size)
+    settings = TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip)
+    return TrainBatches(stream, source, settings, cfg.train_batch_size, cfg.dataloader_num_workers, cfg.log_data_order)

@@ -1,0 +1,87 @@
+"""Turn one raw image record into a training-resolution uint8 array. Pure Pillow + numpy (thread-safe).
+
+Pillow releases the GIL while decoding and resizing, so these functions scale across decode threads.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class TransformSettings:
+    """Resize the short side to `resolution`, crop square (center or random), optionally flip."""
+
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+
+
+def open_image(record) -> Image.Image:
+    """Open a datasets image record ({'bytes', 'path'}), a path, or a PIL image."""
+    if isinstance(record, Image.Image):
+        return record
+    if isinstance(record, str):
+        return Image.open(record)
+    if isinstance(record, bytes):
+        return Image.open(io.BytesIO(record))
+    if record.get("bytes") is not None:
+        return Image.open(io.BytesIO(record["bytes"]))
+    return Image.open(record["path"])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode (L, LA, RGBA, P, CMYK, I;16, I, F) to 8-bit RGB; transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_and_transform(record, settings: TransformSettings, rng: np.random.Generator) -> np.ndarray:
+    """Decode, convert to RGB, resize the short side, crop and flip: returns HxWx3 uint8.
+
+    `rng` supplies the crop offset and flip so augmentation is a pure function of the example's key.
+    """
+    size = settings.resolution
+    with open_image(record) as image:
+        if image.format == "JPEG":
+            image.draft("RGB", (size, size))  # decode at reduced scale when the source is much larger
+        image = to_rgb(ImageOps.exif_transpose(image))
+        image.load()
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
+    if settings.center_crop:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    else:
+        left, top = int(rng.integers(0, new_w - size + 1)), int(rng.integers(0, new_h - size + 1))
+    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    if settings.random_flip and rng.random() < 0.5:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array)
+
+
+def try_decode(record, settings: TransformSettings, seed: tuple) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """decode_and_transform that returns (None, reason) for unreadable or truncated files instead of raising."""
+    try:
+        return decode_and_transform(record, settings, np.random.default_rng(seed)), None
+    except Exception as e:  # any decoder error means "skip this file"; Pillow raises many types
+        return None, f"{type(e).__name__}: {e}"
