@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,7 +18,8 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = parse_train_config(args)
     path = run_training(cfg)
-    print(f"pipeline written to {path}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pipeline written to {path}")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -66,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    from accelerate.state import PartialState
-
-    main = PartialState().is_main_process
+    # Read the rank from the launcher's environment: creating accelerate's PartialState here would fix the
+    # distributed setup before the Accelerator (which honours ACCELERATE_USE_CPU) is built.
+    main = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("flowers_ddpm").setLevel(logging.INFO if main else logging.WARNING)
 
