@@ -117,23 +117,22 @@ class Trainer:
             self.load(resume_from)
         s, acc = self.settings, self.accelerator
         accumulation = acc.gradient_accumulation_steps
-        bar = tqdm(total=s.max_train_steps, initial=self.progress.global_step, desc="train",
-                   disable=not acc.is_local_main_process, dynamic_ncols=True)
         batches = iter(self.batches)
         self._last_log = (time.perf_counter(), self.progress.images_seen)
-        while self.progress.global_step < s.max_train_steps:
-            self.run_step(next(batches) for _ in range(accumulation))
-            step = self.progress.global_step
-            bar.update(1)
-            if step % s.logging_steps == 0 or step == s.max_train_steps:
-                bar.set_postfix(self.log(step))
-            if step % s.checkpointing_steps == 0 or step == s.max_train_steps:
-                self.save(step)
-            if step % s.save_images_steps == 0 or step == s.max_train_steps:
-                self.sample(step)
-            if (s.save_model_steps and step % s.save_model_steps == 0) or step == s.max_train_steps:
-                self.export(step)
-        bar.close()
+        with tqdm(total=s.max_train_steps, initial=self.progress.global_step, desc="train",
+                  disable=not acc.is_local_main_process, dynamic_ncols=True) as bar:
+            while self.progress.global_step < s.max_train_steps:
+                self.run_step(next(batches) for _ in range(accumulation))
+                step = self.progress.global_step
+                bar.update(1)
+                if step % s.logging_steps == 0 or step == s.max_train_steps:
+                    bar.set_postfix(self.log(step))
+                if step % s.checkpointing_steps == 0 or step == s.max_train_steps:
+                    self.save(step)
+                if step % s.save_images_steps == 0 or step == s.max_train_steps:
+                    self.sample(step)
+                if (s.save_model_steps and step % s.save_model_steps == 0) or step == s.max_train_steps:
+                    self.export(step)
         if self._data_log:
             self._data_log.close()
 

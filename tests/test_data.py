@@ -1,0 +1,84 @@
+"""Image conversion and the resumable, sharded example stream."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flowers_ddpm.config import build_config
+from flowers_ddpm.data import ResumableStream, open_source
+from flowers_ddpm.imaging import TransformSettings, decode_and_transform
+
+
+def encoded(image: Image.Image, fmt: str) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Image.new("L", (40, 30), 128),
+    lambda: Image.new("RGBA", (40, 30), (255, 0, 0, 0)),
+    lambda: Image.new("P", (40, 30), 3),
+    lambda: Image.new("CMYK", (40, 30), (0, 255, 255, 0)),
+    lambda: Image.fromarray(np.full((30, 40), 65535, np.uint16)),
+    lambda: Image.new("RGB", (1, 1), (1, 2, 3)),
+])
+def test_every_mode_becomes_rgb_at_the_training_size(make):
+    image = make()
+    fmt = "JPEG" if image.mode == "CMYK" else "PNG"
+    array = decode_and_transform(encoded(image, fmt), TransformSettings(16, True, False), np.random.default_rng(0))
+    assert array.shape == (16, 16, 3) and array.dtype == np.uint8
+
+
+def test_transparent_pixels_become_white_and_16_bit_is_scaled():
+    settings = TransformSettings(8, True, False)
+    rgba = decode_and_transform(encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG"), settings,
+                                np.random.default_rng(0))
+    assert (rgba == 255).all()
+    wide = decode_and_transform(encoded(Image.fromarray(np.full((8, 8), 65535, np.uint16)), "PNG"), settings,
+                                np.random.default_rng(0))
+    assert (wide == 255).all()
+
+
+def test_random_crop_and_flip_depend_only_on_the_key():
+    gradient = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (32, 1)).astype(np.uint8)).convert("RGB")
+    record, settings = encoded(gradient, "PNG"), TransformSettings(16, False, True)
+    crops = {decode_and_transform(record, settings, np.random.default_rng([0, 0, k])).tobytes() for k in range(8)}
+    again = {decode_and_transform(record, settings, np.random.default_rng([0, 0, k])).tobytes() for k in range(8)}
+    assert crops == again and len(crops) > 1
+
+
+def open_folder(folder):
+    return open_source(build_config({}, {"train_data_dir": str(folder), "model_preset": "tiny", "resolution": 16,
+                                         "max_train_steps": 1}))
+
+
+def take(stream, n):
+    iterator = iter(stream)
+    return [next(iterator)["image"]["path"] for _ in range(n)]
+
+
+def test_stream_state_resumes_exactly_across_epochs(image_folder):
+    source = open_folder(image_folder)
+    assert source.image_column == "image" and source.label_column == "label"
+    assert source.class_names == ["blue", "red"] and source.num_examples == 24
+    reference = take(ResumableStream(source.dataset, seed=3, buffer_size=7), 60)  # 2.5 epochs
+    assert sorted(reference[:24]) != reference[:24]  # shuffled
+    for stop in (5, 24, 30):
+        first = ResumableStream(source.dataset, seed=3, buffer_size=7)
+        iterator = iter(first)
+        head = [next(iterator)["image"]["path"] for _ in range(stop)]
+        state = first.state_dict()
+        second = ResumableStream(open_folder(image_folder).dataset, seed=3, buffer_size=7)
+        second.load_state_dict(state)
+        assert head + take(second, 60 - stop) == reference
+
+
+def test_processes_get_disjoint_shards(image_folder):
+    source = open_folder(image_folder)
+    shards = [set(take(ResumableStream(source.dataset, 0, 1, rank=r, world_size=2), 12)) for r in (0, 1)]
+    assert shards[0].isdisjoint(shards[1]) and len(shards[0] | shards[1]) == 24

@@ -1,0 +1,88 @@
+"""End-to-end training on a generated image folder through the real streaming path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+from flowers_ddpm.cli import main
+
+from .conftest import REPO, run_command, tiny_train_args
+
+
+def read_order(path):
+    return {entry["step"]: entry["ids"] for entry in map(json.loads, path.read_text().splitlines())}
+
+
+def test_train_checkpoints_rotate_and_pipeline_loads_in_plain_diffusers(image_folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_train_args(image_folder, out, checkpoints_total_limit=2, save_images_steps=3,
+                                           logger="tensorboard")]) == 0
+
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-4", "checkpoint-6"]  # rotated: checkpoint-2 is gone, no .tmp left
+    assert (out / "checkpoints" / "checkpoint-6" / "model.safetensors").is_file()
+    assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "pipeline" / "training_config.yaml").is_file()
+    assert (out / "training_config.yaml").is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(out / "pipeline"))
+    assert isinstance(pipe, DDPMPipeline)
+    images = pipe(batch_size=4, num_inference_steps=3).images
+    assert len(images) == 4 and all(image.size == (16, 16) for image in images)
+
+
+def test_resume_from_latest_continues_the_same_run(image_folder, tmp_path):
+    # gradient accumulation, decode threads, flips, random crops and a shuffle buffer larger than a batch
+    flags = dict(max_train_steps=8, checkpointing_steps=4, log_data_order=True, gradient_accumulation_steps=2,
+                 dataloader_num_workers=2, random_flip=True, shuffle_buffer_size=10, train_batch_size=3)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", *tiny_train_args(image_folder, straight, **flags)]) == 0
+
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "checkpoint-4", resumed / "checkpoints" / "checkpoint-4")
+    assert main(["train", *tiny_train_args(image_folder, resumed, resume_from_checkpoint="latest", **flags)]) == 0
+
+    straight_order = read_order(straight / "data_order" / "rank0.jsonl")
+    resumed_order = read_order(resumed / "data_order" / "rank0.jsonl")
+    assert sorted(resumed_order) == [5, 6, 7, 8]  # continued at the saved step
+    assert all(resumed_order[s] == straight_order[s] for s in resumed_order)  # same examples next, none re-read
+
+    a, b = straight / "checkpoints" / "checkpoint-8", resumed / "checkpoints" / "checkpoint-8"
+    weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    opt_a, opt_b = torch.load(a / "optimizer.bin"), torch.load(b / "optimizer.bin")
+    for key, state in opt_a["state"].items():
+        assert all(torch.equal(state[n], opt_b["state"][key][n]) for n in state)
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl"):  # lr, step, EMA
+        state_a, state_b = torch.load(a / name, weights_only=False), torch.load(b / name, weights_only=False)
+        assert repr(state_a) == repr(state_b)
+
+
+def test_two_processes_train_on_different_shards(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_command(
+        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+         "no", "--dynamo_backend", "no", str(REPO / "scripts" / "train.py"),
+         *tiny_train_args(image_folder, out, max_train_steps=4, log_data_order=True)],
+        env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stderr
+    rank0, rank1 = (read_order(out / "data_order" / f"rank{r}.jsonl") for r in (0, 1))
+    assert sorted(rank0) == sorted(rank1) == [1, 2, 3, 4]
+    first_epoch0 = {i for step in (1, 2) for i in rank0[step]}
+    first_epoch1 = {i for step in (1, 2) for i in rank1[step]}
+    assert first_epoch0.isdisjoint(first_epoch1)  # 24 images, 12 per process: each process its own shard
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert {p.name for p in (out / "checkpoints" / "checkpoint-4").iterdir()} >= {
+        "data_state_rank0.pkl", "data_state_rank1.pkl", "model.safetensors", "COMPLETE"}
+    assert result.stdout.count("pipeline written") == 1
+    assert (out / "pipeline" / "model_index.json").is_file()
