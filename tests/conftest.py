@@ -66,7 +66,9 @@ def tiny_train_args(data: Path, out: Path, **overrides) -> list[str]:
 
 def run_command(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a command in a fresh process (exit codes, signals, accelerate launch)."""
-    full_env = {**os.environ, **(env or {})}
+    # PYTHONPATH makes child processes import this checkout (not whatever `pip install -e` pointed at)
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
     return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
 
 
