@@ -1,4 +1,4 @@
-"""The `flowers-ddpm` command: `train` and `sample`. Thin: parse, then call the module that does the work."""
+"""The `flowers-ddpm` command: `train`, `sample` and `evaluate`. Thin: parse, then call the module that does the work."""
 
 from __future__ import annotations
 
@@ -43,6 +43,54 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} images to {args.output}" + (f" and {args.output_dir}/" if args.output_dir else ""))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .evaluation import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise UserError("steps and batch_size must be >= 1")
+    if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
+        raise UserError(f"train_data_dir {args.train_data_dir} does not exist or is not a directory")
+    options = EvaluateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)})
+    data_flags = {name: getattr(args, name) for name in DATA_SETTINGS + ("center_crop",)}
+    report = run_evaluation(options, data_flags)
+    if report is not None:
+        print(markdown_table(report["results"]), end="")
+        print(f"wrote {args.output} and {Path(args.output).with_suffix('.md')}")
+
+
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    parser.add_argument("--num_images", type=int, default=10000, help="images to generate (over all processes)")
+    parser.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default="ddim", help="sampler")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--compare_schedulers", action="store_true",
+                        help="evaluate DDPM-1000, DDIM-50, DDIM-25, DPM-Solver++-20 and -10 on the same seeds")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per batch and process")
+    parser.add_argument("--output", default="metrics.json", help="JSON report; a markdown table goes next to it (.md)")
+    parser.add_argument("--inception_weights", default=None, metavar="PATH",
+                        help="FID Inception weights (weights-inception-2015-12-05-6726825d.pth); downloaded when unset")
+    parser.add_argument("--dinov2_model", default="facebook/dinov2-base",
+                        help="transformers DINOv2 for FD-DINOv2 (Hub id or folder); 'none' skips it")
+    parser.add_argument("--feature_network", default=None, metavar="MODULE:FUNCTION",
+                        help="replace the Inception network by the module a factory returns (numbers then do not "
+                             "compare with papers)")
+    parser.add_argument("--no-precision_recall", dest="precision_recall", action="store_false",
+                        help="skip improved precision/recall")
+    parser.add_argument("--reference_cache_dir", default=None,
+                        help="where reference features are cached (default: ~/.cache/flowers_ddpm/reference)")
+    parser.add_argument("--reference_num_images", type=int, default=None, help="use only the first N real images")
+    data = parser.add_argument_group("reference data (default: the pipeline's training_config.yaml, else Flowers102)")
+    for name in ("dataset_name", "dataset_config_name", "dataset_split", "train_data_dir", "image_column", "cache_dir"):
+        data.add_argument(f"--{name}", default=None)
+    data.add_argument("--resolution", type=int, default=None, help="default: the UNet's sample size")
+    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=None,
+                      help="center crop (default) or a seeded random crop")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowers-ddpm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     sample.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sample.set_defaults(func=_sample)
+
+    evaluate = sub.add_parser("evaluate", help="FID, KID, IS, precision/recall and FD-DINOv2 of a pipeline "
+                                               "(run under `accelerate launch` for several processes)")
+    _add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 

@@ -1,0 +1,157 @@
+"""Reference features of real images, computed once per (dataset, split, resolution, crop, feature network) and
+cached on disk under a key of exactly those settings, so any change computes a new entry.
+
+Real images go through the same path as training data (`data.open_source` + `imaging.decode_and_transform`),
+without flips. A random crop (`--no-center_crop`) is drawn from a fixed key per example, so it is reproducible.
+Work is split across processes (each reads its shard of the stream) and the features are gathered and sorted by
+example id, so the cached entry does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .distributed import gather_rows
+from .features import fingerprint
+from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """$FLOWERS_DDPM_CACHE/reference, default ~/.cache/flowers_ddpm/reference."""
+    root = os.environ.get("FLOWERS_DDPM_CACHE", str(Path.home() / ".cache" / "flowers_ddpm"))
+    return Path(root) / "reference"
+
+
+def _folder_signature(folder: str) -> str:
+    """Changes when a file of a local image folder is added, removed or rewritten."""
+    digest = hashlib.sha1()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                stat = os.stat(os.path.join(root, name))
+                digest.update(f"{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def reference_key(cfg: TrainConfig, network_fingerprints: list[str], max_images: Optional[int]) -> dict:
+    """Everything the reference features depend on."""
+    if cfg.train_data_dir:
+        source = {"train_data_dir": str(Path(cfg.train_data_dir).resolve()),
+                  "content": _folder_signature(cfg.train_data_dir)}
+    else:
+        source = {"dataset_name": cfg.dataset_name, "dataset_config_name": cfg.dataset_config_name}
+    return {**source, "split": cfg.dataset_split, "image_column": cfg.image_column, "resolution": cfg.resolution,
+            "crop": "center" if cfg.center_crop else "random(seeded)", "max_images": max_images,
+            "networks": network_fingerprints}
+
+
+def _cache_path(cache_dir: Path, key: dict) -> Path:
+    return cache_dir / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def real_image_batches(cfg: TrainConfig, rank: int, world_size: int, batch_size: int, max_images: Optional[int]):
+    """Yield (ids, uint8 NCHW tensor) of this process's share of the real images; unreadable files are skipped."""
+    from datasets.distributed import split_dataset_by_node
+
+    from .data import example_id, open_source
+
+    source = open_source(cfg)
+    dataset = source.dataset.take(max_images) if max_images else source.dataset
+    if world_size > 1:
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    settings = TransformSettings(cfg.resolution, cfg.center_crop, random_flip=False)
+    ids, arrays = [], []
+    for example in dataset:
+        record = example[source.image_column]
+        name = example_id(record)
+        key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "little")
+        array, reason = try_decode(record, settings, (0, key))
+        if array is None:
+            logger.warning("skipping unreadable reference image %s (%s)", name, reason)
+            continue
+        ids.append(name)
+        arrays.append(array)
+        if len(arrays) == batch_size:
+            yield ids, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            ids, arrays = [], []
+    if arrays:
+        yield ids, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def compute_reference(accelerator, cfg: TrainConfig, networks: dict, batch_size: int,
+                      max_images: Optional[int]) -> dict[str, dict]:
+    """Features of the real images for each network ({name: {'features', 'logits'?}}), on every process."""
+    outputs: dict[str, dict[str, list]] = {name: {} for name in networks}
+    all_ids: list[str] = []
+    with tqdm(desc="reference features", unit="img", disable=not accelerator.is_local_main_process) as bar:
+        for ids, images in real_image_batches(cfg, accelerator.process_index, accelerator.num_processes,
+                                              batch_size, max_images):
+            images = images.to(accelerator.device)
+            for name, network in networks.items():
+                for kind, value in network(images).items():
+                    outputs[name].setdefault(kind, []).append(value.float().cpu())
+            all_ids += ids
+            bar.update(len(ids) * accelerator.num_processes)
+    if not all_ids:  # this process's shard was empty: contribute zero rows of the right width
+        probe = torch.zeros(1, 3, cfg.resolution, cfg.resolution, dtype=torch.uint8, device=accelerator.device)
+        for name, network in networks.items():
+            outputs[name] = {kind: [value.float().cpu()[:0]] for kind, value in network(probe).items()}
+    from accelerate.utils import gather_object
+
+    gathered_ids = gather_object(all_ids) if accelerator.num_processes > 1 else all_ids
+    order = torch.as_tensor(np.argsort(np.asarray(gathered_ids), kind="stable"))
+    result = {}
+    for name, kinds in outputs.items():
+        result[name] = {kind: gather_rows(accelerator, torch.cat(values))[order] for kind, values in kinds.items()}
+    if not gathered_ids:
+        from .errors import UserError
+
+        raise UserError("no reference image could be read")
+    return result
+
+
+def load_or_compute_reference(accelerator, cfg: TrainConfig, networks: dict, cache_dir: Optional[str] = None,
+                              batch_size: int = 64, max_images: Optional[int] = None) -> dict[str, dict]:
+    """Reference features for `networks` ({name: module}): one cache entry per network, the missing ones computed
+    together in one pass over the data and cached."""
+    from safetensors.torch import load_file
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    keys = {name: reference_key(cfg, [fingerprint(network)], max_images) for name, network in networks.items()}
+    files = {name: _cache_path(root, key).with_suffix(".safetensors") for name, key in keys.items()}
+    result = {name: load_file(str(files[name])) for name in networks if files[name].is_file()}
+    for name in result:
+        logger.info("%s reference features from cache %s", name, files[name])
+    missing = {name: network for name, network in networks.items() if name not in result}
+    if missing:
+        computed = compute_reference(accelerator, cfg, missing, batch_size, max_images)
+        if accelerator.is_main_process:
+            for name, features in computed.items():
+                _save_entry(files[name], keys[name], features)
+        accelerator.wait_for_everyone()
+        result.update(computed)
+    return result
+
+
+def _save_entry(tensors_file: Path, key: dict, features: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tensors_file.with_suffix(".tmp")
+    save_file({kind: value.contiguous() for kind, value in features.items()}, str(tmp))
+    num_images = len(features["features"])
+    tensors_file.with_suffix(".json").write_text(json.dumps({**key, "num_images": num_images}, indent=2))
+    os.replace(tmp, tensors_file)  # atomic: a crash never leaves a half-written entry that looks complete
+    logger.info("cached %d reference features in %s", num_images, tensors_file)
