@@ -88,6 +88,18 @@ class TrainConfig:
     ddpm_num_inference_steps: int = _opt(50, "sampler steps for the sample grids", minimum=1)
     sample_scheduler: str = _opt("ddim", "sampler for the sample grids", SAMPLE_SCHEDULERS)
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
+    # -- evaluation during training (issue 6)
+    eval_steps: Optional[int] = _opt(None, "compute FID/KID (EMA weights) every N optimizer steps and keep "
+                                     "<output_dir>/best/ (the pipeline with the best FID)", minimum=1)
+    eval_num_images: int = _opt(1000, "images generated for each evaluation (sampler: --sample_scheduler, "
+                                "--ddpm_num_inference_steps)", minimum=2)
+    inception_weights: Optional[str] = _opt(None, "FID Inception weights file weights-inception-2015-12-05-6726825d.pth "
+                                            "(downloaded when unset)")
+    eval_feature_network: Optional[str] = _opt(None, "module:function returning a replacement for the Inception "
+                                               "network (numbers then do not compare with papers)")
+    reference_cache_dir: Optional[str] = _opt(None, "cache of reference features (default ~/.cache/flowers_ddpm/reference)")
+    reference_num_images: Optional[int] = _opt(None, "use only the first N real images as reference (default: all)",
+                                               minimum=2)
     debug: bool = _opt(False, "show tracebacks for user errors")
 
     def to_dict(self) -> dict:
@@ -202,6 +214,15 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("set max_train_steps (or num_epochs for a dataset of known size)")
     if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {cfg.train_data_dir} does not exist or is not a directory")
+    _validate_evaluation(cfg)
+
+
+def _validate_evaluation(cfg: TrainConfig) -> None:
+    if cfg.inception_weights is not None and not Path(cfg.inception_weights).is_file():
+        raise UserError(f"inception_weights {cfg.inception_weights} does not exist; pass the path of "
+                        "weights-inception-2015-12-05-6726825d.pth")
+    if cfg.eval_feature_network is not None and ":" not in cfg.eval_feature_network:
+        raise UserError(f"eval_feature_network must be module:function; got {cfg.eval_feature_network!r}")
 
 
 def parse_train_config(args: argparse.Namespace) -> TrainConfig:

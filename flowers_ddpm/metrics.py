@@ -6,6 +6,8 @@ identity "feature extractor", so FID, KID and IS share one Inception pass and th
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Optional
 
 import torch
@@ -21,6 +23,14 @@ class _Precomputed(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
+
+
+@contextlib.contextmanager
+def _quiet_buffer_warning():
+    """KID and IS keep all features in memory by design; we pass them features, not images, so that is fine."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        yield
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -39,8 +49,9 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, 
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, len(real), len(fake))
-    metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size,
-                                     sync_on_compute=False)
+    with _quiet_buffer_warning():
+        metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size,
+                                         sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng():
@@ -51,12 +62,9 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, 
 
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
     """Inception Score mean and std over splits (torchmetrics), from unbiased logits."""
-    import warnings
-
     from torchmetrics.image.inception import InceptionScore
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+    with _quiet_buffer_warning():
         metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=min(splits, len(logits)),
                                 sync_on_compute=False)
     metric.update(logits.double())

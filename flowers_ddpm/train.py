@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -44,6 +46,49 @@ class PipelinePublisher:
         path = export_pipeline(model, self.noise_scheduler, self.output_dir / "pipeline",
                                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         logger.info("exported pipeline at step %d to %s", step, path)
+
+
+class TrainingEvaluator:
+    """FID/KID of the weights it is given (the trainer passes the EMA weights) on all processes, every
+    --eval_steps; keeps <output_dir>/best/ = the pipeline with the best FID so far (+ its metrics.json)."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
+        from .features import build_inception_network
+        from .reference import load_or_compute_reference
+
+        self.cfg, self.accelerator, self.noise_scheduler = cfg, accelerator, noise_scheduler
+        self.best_dir = Path(cfg.output_dir) / "best"
+        network = build_inception_network(cfg.inception_weights, cfg.eval_feature_network)
+        self.networks = {"inception": network.to(accelerator.device)}
+        # center crops, like `flowers-ddpm evaluate`, so both share one cached reference
+        reference_cfg = dataclasses.replace(cfg, center_crop=True)
+        self.reference = load_or_compute_reference(accelerator, reference_cfg, self.networks, cfg.reference_cache_dir,
+                                                   cfg.eval_batch_size, cfg.reference_num_images)
+        best = self.best_dir / "metrics.json"
+        self.best_fid = json.loads(best.read_text())["fid"] if best.is_file() else math.inf  # survives resumes
+
+    def __call__(self, model, step: int) -> dict:
+        from .evaluation import SamplingSettings, evaluate_pipeline
+        from .pipeline import build_pipeline, export_pipeline
+
+        cfg = self.cfg
+        pipe = build_pipeline(model, self.noise_scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        was_training = model.training
+        model.eval()
+        sampling = SamplingSettings(cfg.eval_num_images, cfg.sample_scheduler, cfg.ddpm_num_inference_steps,
+                                    cfg.seed, cfg.eval_batch_size)
+        row = evaluate_pipeline(self.accelerator, pipe, self.networks, self.reference, sampling,
+                                with_precision_recall=False)
+        model.train(was_training)
+        if row["fid"] < self.best_fid:
+            self.best_fid = row["fid"]
+            if self.accelerator.is_main_process:
+                export_pipeline(model, self.noise_scheduler, self.best_dir, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                (self.best_dir / "metrics.json").write_text(json.dumps({"step": step, **row}, indent=2) + "\n")
+                logger.info("step %d: FID %.4f, the best so far; pipeline written to %s", step, row["fid"], self.best_dir)
+        self.accelerator.wait_for_everyone()
+        return {f"eval/{key}": row[key] for key in ("fid", "kid_mean", "kid_std", "is_mean") if key in row}
 
 
 def resolve_max_train_steps(cfg: TrainConfig, num_examples, world_size: int) -> int:
@@ -99,6 +144,7 @@ def run_training(cfg: TrainConfig) -> Path:
     set_seed(cfg.seed)  # identical initial weights on every process
     model = build_unet(cfg.model_preset, cfg.resolution, cfg.unet_config)
     noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
+    evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler) if cfg.eval_steps else None
     set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
@@ -120,10 +166,10 @@ def run_training(cfg: TrainConfig) -> Path:
         max_train_steps=max_steps, output_dir=cfg.output_dir, max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps, checkpointing_steps=cfg.checkpointing_steps,
         checkpoints_total_limit=cfg.checkpoints_total_limit, save_images_steps=cfg.save_images_steps,
-        save_model_steps=cfg.save_model_steps, log_data_order=cfg.log_data_order,
+        save_model_steps=cfg.save_model_steps, log_data_order=cfg.log_data_order, eval_steps=cfg.eval_steps,
     )
     trainer = Trainer(accelerator, model, DiffusionObjective(noise_scheduler), optimizer, lr_scheduler, ema, batches,
-                      PipelinePublisher(cfg, noise_scheduler), settings)
+                      PipelinePublisher(cfg, noise_scheduler), settings, evaluator)
     trainer.train(resume_from)
     if batches.skipped and accelerator.is_main_process:
         logger.warning("skipped %d unreadable images", batches.skipped)

@@ -28,6 +28,12 @@ class Publisher(Protocol):
     def export(self, model, step: int) -> None: ...
 
 
+class Evaluator(Protocol):
+    """Scores weights on every process and returns the values to log (implemented by the train command)."""
+
+    def __call__(self, model, step: int) -> dict: ...
+
+
 class DataStream(Protocol):
     def __iter__(self) -> Iterator[dict]: ...
 
@@ -61,16 +67,18 @@ class LoopSettings:
     save_images_steps: int = 1000
     save_model_steps: Optional[int] = None
     log_data_order: bool = False
+    eval_steps: Optional[int] = None
 
 
 class Trainer:
     """run_step = forward_backward per micro-batch + optimizer_step + update_ema; then log / save as due."""
 
     def __init__(self, accelerator, model, objective, optimizer, lr_scheduler, ema, batches: DataStream,
-                 publisher: Publisher, settings: LoopSettings):
+                 publisher: Publisher, settings: LoopSettings, evaluator: Optional[Evaluator] = None):
         self.accelerator, self.model, self.objective = accelerator, model, objective
         self.optimizer, self.lr_scheduler, self.ema = optimizer, lr_scheduler, ema
         self.batches, self.publisher, self.settings = batches, publisher, settings
+        self.evaluator = evaluator
         self.progress = TrainingProgress()
         for obj in (lr_scheduler, self.progress) + ((ema,) if ema is not None else ()):
             accelerator.register_for_checkpointing(obj)
@@ -131,6 +139,8 @@ class Trainer:
                     self.save(step)
                 if step % s.save_images_steps == 0 or step == s.max_train_steps:
                     self.sample(step)
+                if self.evaluator and (step % s.eval_steps == 0 or step == s.max_train_steps):
+                    self.evaluate(step)
                 if (s.save_model_steps and step % s.save_model_steps == 0) or step == s.max_train_steps:
                     self.export(step)
         if self._data_log:
@@ -192,6 +202,11 @@ class Trainer:
                     if tracker.name == "tensorboard":
                         tracker.log_images({"samples": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
         self.accelerator.wait_for_everyone()
+
+    def evaluate(self, step: int) -> None:
+        with self.ema_weights():  # on every process: the evaluator generates and gathers across processes
+            values = self.evaluator(self._unwrapped(), step)
+        self.accelerator.log(values, step=step)
 
     def export(self, step: int) -> None:
         if self.accelerator.is_main_process:
