@@ -6,6 +6,7 @@ of indices, so the images, and therefore the metrics, do not depend on the numbe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ def evaluate_pipeline(accelerator, pipe, networks: dict, reference: dict, sampli
                       with_precision_recall: bool = True) -> dict:
     """One row of results: sampler settings, throughput and every metric the given networks allow."""
     original = pipe.scheduler
+    # "DDPM-1000" means the full chain: a model trained with fewer timesteps cannot take more sampler steps
+    sampling = dataclasses.replace(sampling, steps=min(sampling.steps, original.config.num_train_timesteps))
     try:
         fake, images_per_sec = generated_features(accelerator, pipe, networks, sampling)
     finally:

@@ -1,0 +1,202 @@
+"""Metrics, reference cache, the evaluate command (one and two processes) and evaluation during training.
+
+The Inception network cannot be downloaded offline, so a small real conv net (tests/feature_nets.py) replaces it
+through the documented `--feature_network` hook, and FD-DINOv2 runs a tiny randomly initialised transformers
+Dinov2Model saved to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowers_ddpm.cli import main
+from flowers_ddpm.config import TrainConfig
+from flowers_ddpm.metrics import compute_metrics, frechet_distance, kernel_distance, precision_recall
+from flowers_ddpm.models import build_noise_scheduler, build_unet
+from flowers_ddpm.pipeline import export_pipeline
+from flowers_ddpm.reference import load_or_compute_reference
+
+from .conftest import REPO, run_command, tiny_train_args
+from .feature_nets import tiny_conv_net
+
+FEATURE_NET = "tests.feature_nets:tiny_conv_net"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    torch.manual_seed(0)  # 100 training timesteps keep even the DDPM full chain short
+    path = tmp_path_factory.mktemp("model") / "pipeline"
+    export_pipeline(build_unet("tiny", 16), build_noise_scheduler(100, "linear", "epsilon"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dinov2_dir(tmp_path_factory):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)
+    path = tmp_path_factory.mktemp("dinov2")
+    Dinov2Model(config).save_pretrained(path)
+    return path
+
+
+def disc_images(count: int, seed: int = 0) -> torch.Tensor:
+    """uint8 (N, 3, 24, 24): discs of random colour, size and position on a light background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:24, :24]
+    images = np.full((count, 24, 24, 3), 230, dtype=np.uint8)
+    for image in images:
+        cy, cx, r = rng.integers(6, 18), rng.integers(6, 18), rng.integers(3, 7)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = rng.integers(0, 256, 3)
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def test_metrics_are_zero_for_a_set_against_itself_and_grow_with_the_shift():
+    net = tiny_conv_net()
+    images = disc_images(128)
+    real = net(images)
+    shifted = [net((images.int() + shift).clamp(0, 255).to(torch.uint8)) for shift in (10, 40, 90)]
+    noise = net(torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+
+    itself = compute_metrics(real, real, kid_subset_size=64)
+    fids = [frechet_distance(real["features"], s["features"]) for s in shifted]
+    kids = [kernel_distance(real["features"], s["features"], subset_size=64)[0] for s in shifted]
+    fid_noise = frechet_distance(real["features"], noise["features"])
+    assert abs(itself["fid"]) < 1e-6 * fid_noise
+    assert abs(itself["kid_mean"]) < 0.05 * kids[0]
+    assert itself["precision"] == itself["recall"] == 1.0
+    assert 0 < fids[0] < fids[1] < fids[2] < fid_noise
+    assert 0 < kids[0] < kids[1] < kids[2]
+    assert math.isfinite(itself["is_mean"]) and itself["is_mean"] >= 1.0
+
+
+def test_precision_recall_on_a_hand_checked_case():
+    # k=3 radii of the real points 0..4: 3, 2, 2, 2, 3 -> every fake point in [-3, 7] is inside; 10 is not.
+    # Fake radii: 0.3, 0.2, 0.2, 0.3 (the cluster) and 7.4 (the point at 10, covering 3 and 4); 2.8 covers 3 too.
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]])
+    fake = torch.tensor([[2.5], [2.6], [2.7], [2.8], [10.0]])
+    precision, recall = precision_recall(real, fake, k=3)
+    assert precision == pytest.approx(4 / 5)
+    assert recall == pytest.approx(2 / 5)
+
+
+def _reference(accelerator, data, cache, network, **changes):
+    calls = []
+    hook = network.register_forward_hook(lambda *args: calls.append(1))
+    cfg = TrainConfig(**{"train_data_dir": str(data), "resolution": 16, "center_crop": True, **changes})
+    features = load_or_compute_reference(accelerator, cfg, {"inception": network}, str(cache), batch_size=8)
+    hook.remove()
+    return features["inception"], len(calls)
+
+
+def test_reference_cache_is_reused_and_invalidated_by_any_setting(image_folder, tmp_path):
+    from accelerate import Accelerator
+
+    accelerator, cache, data = Accelerator(cpu=True), tmp_path / "cache", tmp_path / "images"
+    shutil.copytree(image_folder, data)
+    net = tiny_conv_net()
+    first, calls = _reference(accelerator, data, cache, net)
+    assert calls > 0 and first["features"].shape == (24, 64) and first["logits"].shape == (24, 10)
+    again, calls = _reference(accelerator, data, cache, net)
+    assert calls == 0 and torch.equal(again["features"], first["features"])
+
+    assert _reference(accelerator, data, cache, net, resolution=8)[1] > 0
+    assert _reference(accelerator, data, cache, net, center_crop=False)[1] > 0
+    assert _reference(accelerator, data, cache, net, resolution=8)[1] == 0  # both entries are kept
+    other = tiny_conv_net()
+    with torch.no_grad():
+        other.head.bias.add_(1.0)  # other weights, other features
+    assert _reference(accelerator, data, cache, other)[1] > 0
+    Image.new("RGB", (20, 20), (0, 200, 0)).save(data / "red" / "new.png")
+    changed, calls = _reference(accelerator, data, cache, net)
+    assert calls > 0 and len(changed["features"]) == 25
+    assert len(list(cache.glob("*.safetensors"))) == 5
+
+
+def evaluate_args(pipeline_dir, data, out, cache, *extra):
+    return ["--model", str(pipeline_dir), "--train_data_dir", str(data), "--num_images", "4", "--batch_size", "4",
+            "--feature_network", FEATURE_NET, "--reference_cache_dir", str(cache), "--output", str(out), *extra]
+
+
+def test_evaluate_compares_schedulers_and_writes_json_markdown_and_pipeline_metrics(
+        pipeline_dir, dinov2_dir, image_folder, tmp_path, capsys):
+    out = tmp_path / "report" / "metrics.json"
+    args = evaluate_args(pipeline_dir, image_folder, out, tmp_path / "cache", "--dinov2_model", str(dinov2_dir),
+                         "--compare_schedulers")
+    assert main(["evaluate", *args]) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    # the model has 100 training timesteps, so "DDPM-1000" is its full 100-step chain
+    assert [(r["scheduler"], r["steps"]) for r in rows] == [
+        ("ddpm", 100), ("ddim", 50), ("ddim", 25), ("dpmsolver++", 20), ("dpmsolver++", 10)]
+    for row in rows:
+        assert row["num_images"] == 4 and row["images_per_sec"] > 0
+        assert all(math.isfinite(row[k]) for k in ("fid", "kid_mean", "is_mean", "fd_dinov2"))
+        assert row["fid"] > 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    assert report["reference"] == {"description": str(image_folder), "resolution": 16, "center_crop": True,
+                                   "num_images": 24}
+    table = out.with_suffix(".md").read_text()
+    assert "| sampler | steps | FID | KID | IS | precision | recall | FD-DINOv2 | images/s |" in table
+    assert table.count("| dpmsolver++ |") == 2 and table.count("\n| d") == 5
+    assert json.loads((pipeline_dir / "metrics.json").read_text()) == report  # travels with the model
+    assert "| ddim | 25 |" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # one entry per feature network
+
+
+def test_two_processes_give_the_single_process_metrics(pipeline_dir, image_folder, tmp_path):
+    single, double = tmp_path / "one.json", tmp_path / "two.json"
+    common = ("--scheduler", "ddim", "--steps", "3", "--dinov2_model", "none")
+    assert main(["evaluate", *evaluate_args(pipeline_dir, image_folder, single, tmp_path / "c1", *common)]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(REPO / "scripts" / "evaluate.py")]
+    result = run_command(launch + evaluate_args(pipeline_dir, image_folder, double, tmp_path / "c2", *common),
+                         env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = json.loads(single.read_text())["results"][0], json.loads(double.read_text())["results"][0]
+    for key in ("fid", "kid_mean", "is_mean", "precision", "recall"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-9), key
+    # the reference, computed by two processes on two shards, is cached identically
+    (c1,), (c2,) = (list((tmp_path / c).glob("*.safetensors")) for c in ("c1", "c2"))
+    assert c1.name == c2.name
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), f"the FID Inception weights {INCEPTION_FILE} are needed"),
+    (("--inception_weights", "missing.pth"), "inception_weights missing.pth does not exist"),
+])
+def test_missing_inception_weights_offline_is_one_clear_error(pipeline_dir, tmp_path, monkeypatch, capsys,
+                                                               extra, message):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache; HF_HUB_OFFLINE=1 (conftest)
+    code = main(["evaluate", "--model", str(pipeline_dir), "--num_images", "4", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "--inception_weights PATH" in err and INCEPTION_FILE in err
+
+
+def test_training_evaluates_every_n_steps_and_keeps_the_best_pipeline(image_folder, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "run"
+    args = tiny_train_args(image_folder, out, eval_steps=3, eval_num_images=4, eval_feature_network=FEATURE_NET,
+                           reference_cache_dir=str(tmp_path / "cache"), logger="tensorboard")
+    assert main(["train", *args]) == 0
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["step"] in (3, 6) and best["num_images"] == 4 and best["fid"] > 0
+    DiffusionPipeline.from_pretrained(out / "best")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    fids = [e.value for e in events.Scalars("eval/fid")]
+    assert [e.step for e in events.Scalars("eval/fid")] == [3, 6] and min(fids) == pytest.approx(best["fid"])
