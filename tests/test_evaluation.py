@@ -33,9 +33,9 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-    torch.manual_seed(0)  # 100 training timesteps keep even the DDPM full chain short
+    torch.manual_seed(0)  # 50 training timesteps keep even the DDPM full chain short
     path = tmp_path_factory.mktemp("model") / "pipeline"
-    export_pipeline(build_unet("tiny", 16), build_noise_scheduler(100, "linear", "epsilon"), path)
+    export_pipeline(build_unet("tiny", 16), build_noise_scheduler(50, "linear", "epsilon"), path)
     return path
 
 
@@ -129,47 +129,62 @@ def evaluate_args(pipeline_dir, data, out, cache, *extra):
             "--feature_network", FEATURE_NET, "--reference_cache_dir", str(cache), "--output", str(out), *extra]
 
 
-def test_evaluate_compares_schedulers_and_writes_json_markdown_and_pipeline_metrics(
-        pipeline_dir, dinov2_dir, image_folder, tmp_path, capsys):
-    out = tmp_path / "report" / "metrics.json"
-    args = evaluate_args(pipeline_dir, image_folder, out, tmp_path / "cache", "--dinov2_model", str(dinov2_dir),
+@pytest.fixture(scope="module")
+def compared(pipeline_dir, dinov2_dir, image_folder, tmp_path_factory):
+    """One single-process `evaluate --compare_schedulers` run: (report path, cache dir, printed output)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("compare")
+    out, cache = root / "report" / "metrics.json", root / "cache"
+    args = evaluate_args(pipeline_dir, image_folder, out, cache, "--dinov2_model", str(dinov2_dir),
                          "--compare_schedulers")
-    assert main(["evaluate", *args]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["evaluate", *args]) == 0
+    return out, cache, printed.getvalue()
+
+
+def test_evaluate_compares_schedulers_and_writes_json_markdown_and_pipeline_metrics(
+        compared, pipeline_dir, image_folder):
+    out, cache, printed = compared
     report = json.loads(out.read_text())
     rows = report["results"]
-    # the model has 100 training timesteps, so "DDPM-1000" is its full 100-step chain
+    # the model has 50 training timesteps, so "DDPM-1000" and DDIM-50 are its full 50-step chain
     assert [(r["scheduler"], r["steps"]) for r in rows] == [
-        ("ddpm", 100), ("ddim", 50), ("ddim", 25), ("dpmsolver++", 20), ("dpmsolver++", 10)]
+        ("ddpm", 50), ("ddim", 50), ("ddim", 25), ("dpmsolver++", 20), ("dpmsolver++", 10)]
     for row in rows:
         assert row["num_images"] == 4 and row["images_per_sec"] > 0
         assert all(math.isfinite(row[k]) for k in ("fid", "kid_mean", "is_mean", "fd_dinov2"))
-        assert row["fid"] > 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+        assert row["fid"] > 0 and row["fd_dinov2"] > 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
     assert report["reference"] == {"description": str(image_folder), "resolution": 16, "center_crop": True,
                                    "num_images": 24}
     table = out.with_suffix(".md").read_text()
     assert "| sampler | steps | FID | KID | IS | precision | recall | FD-DINOv2 | images/s |" in table
     assert table.count("| dpmsolver++ |") == 2 and table.count("\n| d") == 5
     assert json.loads((pipeline_dir / "metrics.json").read_text()) == report  # travels with the model
-    assert "| ddim | 25 |" in capsys.readouterr().out
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # one entry per feature network
+    assert "| ddim | 25 |" in printed
+    assert len(list(cache.glob("*.safetensors"))) == 2  # one entry per feature network
 
 
-def test_two_processes_give_the_single_process_metrics(pipeline_dir, image_folder, tmp_path):
-    single, double = tmp_path / "one.json", tmp_path / "two.json"
-    common = ("--scheduler", "ddim", "--steps", "3", "--dinov2_model", "none")
-    assert main(["evaluate", *evaluate_args(pipeline_dir, image_folder, single, tmp_path / "c1", *common)]) == 0
+def test_two_processes_give_the_single_process_metrics(compared, pipeline_dir, image_folder, tmp_path):
+    single_out, single_cache, _ = compared
+    one = json.loads(single_out.read_text())["results"][2]  # DDIM-25
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               str(REPO / "scripts" / "evaluate.py")]
-    result = run_command(launch + evaluate_args(pipeline_dir, image_folder, double, tmp_path / "c2", *common),
-                         env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    out = tmp_path / "two.json"
+    args = evaluate_args(pipeline_dir, image_folder, out, tmp_path / "cache", "--scheduler", "ddim", "--steps", "25",
+                         "--dinov2_model", "none")
+    result = run_command(launch + args, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = json.loads(single.read_text())["results"][0], json.loads(double.read_text())["results"][0]
+    two = json.loads(out.read_text())["results"][0]
+    assert (two["scheduler"], two["steps"]) == ("ddim", 25)
     for key in ("fid", "kid_mean", "is_mean", "precision", "recall"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-9), key
-    # the reference, computed by two processes on two shards, is cached identically
-    (c1,), (c2,) = (list((tmp_path / c).glob("*.safetensors")) for c in ("c1", "c2"))
-    assert c1.name == c2.name
+    # the reference, computed by two processes on two shards, is the same cache entry
+    (entry,) = (tmp_path / "cache").glob("*.safetensors")
+    assert (single_cache / entry.name).is_file()
 
 
 @pytest.mark.parametrize("extra, message", [
