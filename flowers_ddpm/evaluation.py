@@ -135,6 +135,8 @@ def reference_data_config(model: str, flags: dict, sample_size: int):
     if training_yaml.is_file():
         trained = yaml.safe_load(training_yaml.read_text()) or {}
         values.update({k: trained[k] for k in DATA_SETTINGS if trained.get(k) is not None})
+    if flags.get("dataset_name") and not flags.get("train_data_dir"):
+        values.pop("train_data_dir", None)  # an explicit Hub dataset replaces the folder the model was trained on
     values.update({k: v for k, v in flags.items() if v is not None})
     return TrainConfig(**values)
 
@@ -169,16 +171,18 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
     from .reference import load_or_compute_reference
 
     accelerator = Accelerator()
-    if options.num_images < max(2, accelerator.num_processes):
-        raise UserError(f"num_images must be >= 2 and at least the number of processes; got {options.num_images}")
+    least = max(4 if options.precision_recall else 2, accelerator.num_processes)
+    if options.num_images < least:
+        raise UserError(f"num_images must be >= {least} (4 for precision/recall with k=3, and one per process); "
+                        f"got {options.num_images}")
+    dtype = torch.float16 if accelerator.device.type == "cuda" else None
+    pipe = load_pipeline(options.model, accelerator.device, dtype)
+    pipe.set_progress_bar_config(disable=True)
     networks = {"inception": build_inception_network(options.inception_weights, options.feature_network)}
     dino = build_dinov2_network(options.dinov2_model)
     if dino is not None:
         networks["dinov2"] = dino
     networks = {name: network.to(accelerator.device) for name, network in networks.items()}
-    dtype = torch.float16 if accelerator.device.type == "cuda" else None
-    pipe = load_pipeline(options.model, accelerator.device, dtype)
-    pipe.set_progress_bar_config(disable=True)
     cfg = reference_data_config(options.model, data_flags, int(pipe.unet.config.sample_size))
     reference = load_or_compute_reference(accelerator, cfg, networks, options.reference_cache_dir,
                                           options.batch_size, options.reference_num_images)

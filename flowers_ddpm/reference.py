@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .distributed import gather_rows
+from .errors import UserError
 from .features import fingerprint
 from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
@@ -111,15 +112,11 @@ def compute_reference(accelerator, cfg: TrainConfig, networks: dict, batch_size:
     from accelerate.utils import gather_object
 
     gathered_ids = gather_object(all_ids) if accelerator.num_processes > 1 else all_ids
-    order = torch.as_tensor(np.argsort(np.asarray(gathered_ids), kind="stable"))
-    result = {}
-    for name, kinds in outputs.items():
-        result[name] = {kind: gather_rows(accelerator, torch.cat(values))[order] for kind, values in kinds.items()}
     if not gathered_ids:
-        from .errors import UserError
-
-        raise UserError("no reference image could be read")
-    return result
+        raise UserError(f"no reference image could be read from {cfg.train_data_dir or cfg.dataset_name}")
+    order = torch.as_tensor(np.argsort(np.asarray(gathered_ids), kind="stable"))
+    return {name: {kind: gather_rows(accelerator, torch.cat(values))[order] for kind, values in kinds.items()}
+            for name, kinds in outputs.items()}
 
 
 def load_or_compute_reference(accelerator, cfg: TrainConfig, networks: dict, cache_dir: Optional[str] = None,

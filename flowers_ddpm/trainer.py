@@ -139,7 +139,7 @@ class Trainer:
                     self.save(step)
                 if step % s.save_images_steps == 0 or step == s.max_train_steps:
                     self.sample(step)
-                if self.evaluator and (step % s.eval_steps == 0 or step == s.max_train_steps):
+                if self.evaluator is not None and (step % s.eval_steps == 0 or step == s.max_train_steps):
                     self.evaluate(step)
                 if (s.save_model_steps and step % s.save_model_steps == 0) or step == s.max_train_steps:
                     self.export(step)
