@@ -88,10 +88,14 @@ class TrainConfig:
     ddpm_num_inference_steps: int = _opt(50, "sampler steps for the sample grids", minimum=1)
     sample_scheduler: str = _opt("ddim", "sampler for the sample grids", SAMPLE_SCHEDULERS)
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
+    # -- fault tolerance (issue 3)
+    max_consecutive_nonfinite: int = _opt(10, "stop after this many consecutive steps with a non-finite loss or "
+                                          "gradient (each such update is skipped)", minimum=1)
     debug: bool = _opt(False, "show tracebacks for user errors")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All settings except secrets (any field named *token*): safe to write to files, logs and cards."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if "token" not in k}
 
     def save_yaml(self, path: str | Path) -> None:
         """Write the effective configuration as YAML."""
