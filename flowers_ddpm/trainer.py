@@ -182,7 +182,7 @@ class Trainer:
                 bar.update(1)
                 if stop:
                     self.save(step)
-                    raise Preempted(f"stopped by {self.stop_request.received or 'a signal on another process'} "
+                    raise Preempted(f"preempted by {self.stop_request.received or 'a signal on another process'} "
                                     f"at step {step}; checkpoint-{step} saved, rerun with "
                                     "--resume_from_checkpoint latest to continue")
                 if step % s.logging_steps == 0 or step == s.max_train_steps:
@@ -299,6 +299,9 @@ class Trainer:
         if self._data_log is None:
             folder = Path(self.settings.output_dir) / "data_order"
             folder.mkdir(parents=True, exist_ok=True)
-            self._data_log = open(folder / f"rank{self.accelerator.process_index}.jsonl", "a")
+            path = folder / f"rank{self.accelerator.process_index}.jsonl"
+            self._data_log = open(path, "a")
+            if path.stat().st_size and not path.read_bytes().endswith(b"\n"):  # a killed run's last line
+                self._data_log.write("\n")
         self._data_log.write(json.dumps({"step": self.progress.global_step + 1, "ids": batch.get("ids", [])}) + "\n")
         self._data_log.flush()
