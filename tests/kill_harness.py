@@ -75,7 +75,7 @@ def interrupt_and_resume(args: list[str], output_dir: Path, modes: list[str], se
     """Start the run, interrupt it once per mode in `modes`, then run it to the end; returns what happened.
 
     Every start uses the same command line (with --resume_from_checkpoint latest). Modes: during_save (SIGKILL
-    while a checkpoint is being written), random (SIGKILL 0-0.5 s after a new checkpoint), startup (SIGKILL
+    while a checkpoint is being written), random (SIGKILL 0-0.2 s after a new checkpoint), startup (SIGKILL
     0-1 s after the start, before or while resuming), sigterm / sigint (clean stop, expects exit code 75).
     """
     rng, ctx, report = random.Random(seed), _context(), InterruptionReport()
@@ -92,7 +92,7 @@ def interrupt_and_resume(args: list[str], output_dir: Path, modes: list[str], se
             time.sleep(rng.uniform(0, 1.0))
         else:
             _wait(process, lambda: newest_step(output_dir) > before, timeout)
-            time.sleep(rng.uniform(0, 0.5))
+            time.sleep(rng.uniform(0, 0.2 if mode == "random" else 0.05))
         if not process.is_alive():
             raise RuntimeError(f"the run ended (exit code {process.exitcode}) before it could be interrupted; "
                                f"use more max_train_steps (see {log})")
