@@ -57,7 +57,8 @@ class InterruptionReport:
     signals: int = 0  # SIGTERM/SIGINT delivered
     clean_stops: int = 0  # ... after which the process exited with EXIT_PREEMPTED and a checkpoint of its step
     stop_seconds: list = field(default_factory=list)  # signal -> exit
-    resumes: int = 0  # runs started from an existing checkpoint
+    resumes: int = 0  # runs started while a checkpoint existed
+    resumes_loaded: int = 0  # runs that logged "resumed from" (loaded a checkpoint; the rest were killed earlier)
     modes: list = field(default_factory=list)
 
 
@@ -117,6 +118,7 @@ def interrupt_and_resume(args: list[str], output_dir: Path, modes: list[str], se
     process.join(timeout)
     if process.exitcode != 0:
         raise RuntimeError(f"the final resume failed with exit code {process.exitcode}; see {log}")
+    report.resumes_loaded = Path(log).read_text(errors="replace").count("INFO flowers_ddpm.trainer: resumed from")
     return report
 
 
