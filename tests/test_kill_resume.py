@@ -13,7 +13,7 @@ from .conftest import tiny_train_args
 from .kill_harness import interrupt_and_resume, read_data_order
 
 FLAGS = dict(max_train_steps=12, checkpointing_steps=1, checkpoints_total_limit=2, log_data_order=True,
-             random_flip=True, shuffle_buffer_size=10, train_batch_size=3)
+             random_flip=True, shuffle_buffer_size=10, train_batch_size=3, dataloader_num_workers=2)
 
 
 def assert_same_final_state(a, b):
