@@ -1,24 +1,48 @@
-"""Checkpoints under <output_dir>/checkpoints/checkpoint-<step>/ written with `accelerator.save_state`.
+"""Crash-safe checkpoints under <output_dir>/checkpoints/checkpoint-<step>/.
 
-A checkpoint is written into `checkpoint-<step>.tmp`, completed with a `COMPLETE` marker and only then renamed,
-so `latest` never picks a half-written one and rotation never deletes the last complete checkpoint first.
-Each process also stores its data-stream position in `data_state_rank<r>.pkl` (ranks stream different shards).
+Writing: every process writes into `checkpoint-<step>.tmp` (accelerate's `save_state` for model, optimizer and
+RNG states; our JSON/safetensors files for the rest), then the main process fsyncs every file, records its size
+and sha256 in `MANIFEST.json`, writes the `COMPLETE` marker last and renames the folder. A checkpoint is
+therefore either invisible (no final name, or no marker) or complete, and its manifest tells whether a file was
+truncated or altered later. Rotation deletes old checkpoints only after the new one is complete.
+
+Reading: `latest` picks the newest checkpoint whose manifest verifies (others are skipped with a warning); an
+explicitly named checkpoint that does not verify is refused. Resuming with settings that change the model or
+the diffusion process (architecture, resolution, prediction type ...) is refused before anything is loaded.
+
+Formats: weights are safetensors; our own state is JSON (bytes in the shuffle buffer are base64). The only
+pickles are accelerate's `optimizer.bin` and `random_states_<r>.pkl`, which accelerate loads with
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import logging
-import pickle
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+CONFIG_FILE = "training_config.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+# Settings that change what the weights mean; resuming with a different value is refused. Everything else
+# (logging, checkpoint interval, max steps, learning rate ...) may change on resume.
+RESUME_SENSITIVE_SETTINGS = ("model_preset", "unet_config", "resolution", "prediction_type", "ddpm_num_steps",
+                             "ddpm_beta_schedule", "use_ema")
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint folder whose files do not match its manifest."""
 
 
 def checkpoints_root(output_dir: str | Path) -> Path:
@@ -26,7 +50,7 @@ def checkpoints_root(output_dir: str | Path) -> Path:
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+    """(step, path) of every checkpoint that carries the COMPLETE marker, oldest first (not yet verified)."""
     root = checkpoints_root(output_dir)
     found = []
     if root.is_dir():
@@ -37,16 +61,71 @@ def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# -- manifest ------------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> None:
+    """Record size and sha256 of every file in `folder` (after fsyncing it) in MANIFEST.json."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        _fsync(path)
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    _write_durably(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise CorruptCheckpoint unless the marker and manifest exist and every listed file matches."""
+    if not (folder / MARKER).is_file():
+        raise CorruptCheckpoint(f"no {MARKER} marker")
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptCheckpoint(f"unreadable {MANIFEST} ({type(e).__name__})") from None
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{name} is missing")
+        if path.stat().st_size != expected["size"]:
+            raise CorruptCheckpoint(f"{name} has {path.stat().st_size} bytes, expected {expected['size']}")
+        if _sha256(path) != expected["sha256"]:
+            raise CorruptCheckpoint(f"{name} does not match its sha256")
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- choosing what to resume from ----------------------------------------------------------------------------------
 def resolve_resume_path(output_dir: str | Path, value: Optional[str]) -> Optional[Path]:
-    """The checkpoint to resume from: None (fresh run), the newest complete one for 'latest', or a given path."""
+    """The checkpoint to resume from: None (fresh run), the newest verified one for 'latest', or a given path."""
     if not value:
         return None
     if value == "latest":
-        found = complete_checkpoints(output_dir)
-        if not found:
-            logger.warning("no complete checkpoint in %s; starting a new run", checkpoints_root(output_dir))
-            return None
-        return found[-1][1]
+        for step, path in reversed(complete_checkpoints(output_dir)):
+            try:
+                verify_checkpoint(path)
+                return path
+            except CorruptCheckpoint as e:
+                logger.warning("ignoring damaged checkpoint %s: %s", path, e)
+        logger.warning("no complete checkpoint in %s; starting a new run", checkpoints_root(output_dir))
+        return None
     path = Path(value)
     if not path.is_dir():
         # diffusers' script also accepts a bare checkpoint name relative to the output dir
@@ -55,44 +134,105 @@ def resolve_resume_path(output_dir: str | Path, value: Optional[str]) -> Optiona
             path = candidate
         else:
             raise UserError(f"resume_from_checkpoint {value} does not exist")
-    if not (path / MARKER).is_file():
-        raise UserError(f"resume_from_checkpoint {value} is not a complete checkpoint (no {MARKER} marker)")
+    try:
+        verify_checkpoint(path)
+    except CorruptCheckpoint as e:
+        raise UserError(f"resume_from_checkpoint {value} is not a complete, intact checkpoint: {e}") from None
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state: dict,
-                    total_limit: Optional[int] = None) -> Path:
-    """Write a complete checkpoint for `step` on all processes; returns its final path."""
+def check_compatible(path: Path, settings: dict) -> None:
+    """Refuse to resume when a setting that changes the meaning of the weights differs from the checkpoint's."""
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        logger.warning("checkpoint %s does not record its settings; cannot check that they match", path)
+        return
+    saved = json.loads(config_file.read_text())
+    differing = [k for k in RESUME_SENSITIVE_SETTINGS if k in saved and saved[k] != settings.get(k)]
+    if differing:
+        details = ", ".join(f"{k} (checkpoint: {saved[k]!r}, now: {settings.get(k)!r})" for k in differing)
+        raise UserError(f"cannot resume from {path}: these settings differ from the checkpoint's: {details}")
+
+
+# -- JSON with bytes -------------------------------------------------------------------------------------------------
+# The data state holds raw records (which may be encoded image bytes) and numpy RNG states; JSON keeps it readable
+# without pickle. Bytes become {"__bytes__": base64}; tuples come back as lists, which datasets accepts.
+def _encode(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, int, float, bool)):  # numpy scalars
+        return value.item()
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__bytes__"}:
+            return base64.b64decode(value["__bytes__"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def dump_json(value: Any, path: Path) -> None:
+    """Write `value` (dicts, lists, numbers, strings, bytes) as JSON."""
+    path.write_text(json.dumps(_encode(value)))
+
+
+def load_json(path: Path) -> Any:
+    return _decode(json.loads(path.read_text()))
+
+
+# -- saving and loading --------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state: dict, write_extra,
+                    settings: Optional[dict] = None, total_limit: Optional[int] = None) -> Path:
+    """Write a complete checkpoint for `step` on all processes; returns its final path.
+
+    `write_extra(folder)` is called on the main process to add the trainer's own files (JSON, safetensors).
+    """
     root = checkpoints_root(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("checkpoint-*.*"):  # leftovers of saves or deletions cut short by a crash
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    with open(tmp / f"data_state_rank{accelerator.process_index}.pkl", "wb") as f:
-        pickle.dump(data_state, f)
+    dump_json(data_state, tmp / f"data_state_rank{accelerator.process_index}.json")
+    if accelerator.is_main_process:
+        write_extra(tmp)
+        if settings is not None:
+            (tmp / CONFIG_FILE).write_text(json.dumps(settings, indent=1, default=str))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / MARKER).write_text(f"step={step}\nnum_processes={accelerator.num_processes}\n")
+        write_manifest(tmp)
+        _write_durably(tmp / MARKER, f"step={step}\nnum_processes={accelerator.num_processes}\n")
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(final.with_name(final.name + ".old"))
         tmp.rename(final)
+        shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
         if total_limit:
             for _, old in complete_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = old.with_name(old.name + ".deleting")  # rename first: never a half-deleted checkpoint
+                old.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def load_checkpoint(accelerator, path: Path) -> Optional[dict]:
-    """Restore everything `save_checkpoint` wrote; returns this process's data state (None if not stored)."""
-    accelerator.load_state(str(path))
-    data_file = path / f"data_state_rank{accelerator.process_index}.pkl"
+    """Restore accelerate's state; returns this process's data state (None if stored for another world size)."""
+    accelerator.load_state(str(path))  # optimizer and RNG pickles are read with weights_only=True by accelerate
+    data_file = path / f"data_state_rank{accelerator.process_index}.json"
     if not data_file.is_file():
         return None
-    with open(data_file, "rb") as f:
-        state = pickle.load(f)
+    state = load_json(data_file)
     if state.get("world_size") != accelerator.num_processes:
         return None
     return state

@@ -11,6 +11,7 @@ from typing import Optional
 
 from .config import SAMPLE_SCHEDULERS, add_train_arguments, parse_train_config
 from .errors import UserError
+from .stopping import TrainingStopped
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -139,6 +140,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except TrainingStopped as e:  # preempted (75) or too many non-finite losses (3): see flowers_ddpm.stopping
+        print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
     return 0
 

@@ -100,10 +100,14 @@ class TrainConfig:
     reference_cache_dir: Optional[str] = _opt(None, "cache of reference features (default ~/.cache/flowers_ddpm/reference)")
     reference_num_images: Optional[int] = _opt(None, "use only the first N real images as reference (default: all)",
                                                minimum=2)
+    # -- fault tolerance (issue 3)
+    max_consecutive_nonfinite: int = _opt(10, "stop after this many consecutive steps with a non-finite loss or "
+                                          "gradient (each such update is skipped)", minimum=1)
     debug: bool = _opt(False, "show tracebacks for user errors")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All settings except secrets (any field named *token*): safe to write to files, logs and cards."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if "token" not in k}
 
     def save_yaml(self, path: str | Path) -> None:
         """Write the effective configuration as YAML."""

@@ -6,11 +6,16 @@ Pillow releases the GIL while decoding and resizing, so these functions scale ac
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
+
+# Images over Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) are skipped by `check_pixel_count`;
+# Pillow's own warning for sizes between 1x and 2x the limit would only repeat that.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -37,6 +42,15 @@ def open_image(record) -> Image.Image:
     return Image.open(record["path"])
 
 
+def check_pixel_count(image: Image.Image) -> None:
+    """Refuse images over Pillow's decompression-bomb limit before decoding them (Pillow itself only refuses
+    images over twice the limit and warns below that)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise Image.DecompressionBombError(
+            f"{image.width}x{image.height} pixels is over the decompression-bomb limit of {limit} pixels")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any mode (L, LA, RGBA, P, CMYK, I;16, I, F) to 8-bit RGB; transparency is composited on white."""
     if image.mode == "RGB":
@@ -61,6 +75,7 @@ def decode_and_transform(record, settings: TransformSettings, rng: np.random.Gen
     """
     size = settings.resolution
     with open_image(record) as image:
+        check_pixel_count(image)
         if image.format == "JPEG":
             image.draft("RGB", (size, size))  # decode at reduced scale when the source is much larger
         image = to_rgb(ImageOps.exif_transpose(image))

@@ -133,6 +133,8 @@ def run_training(cfg: TrainConfig) -> Path:
 
     # cheap checks first: nothing expensive happens before these pass
     resume_from = checkpointing.resolve_resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
+    if resume_from is not None:
+        checkpointing.check_compatible(resume_from, cfg.to_dict())
     accelerator = make_accelerator(cfg)
     source = open_source(cfg)
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)
@@ -167,11 +169,14 @@ def run_training(cfg: TrainConfig) -> Path:
         logging_steps=cfg.logging_steps, checkpointing_steps=cfg.checkpointing_steps,
         checkpoints_total_limit=cfg.checkpoints_total_limit, save_images_steps=cfg.save_images_steps,
         save_model_steps=cfg.save_model_steps, log_data_order=cfg.log_data_order, eval_steps=cfg.eval_steps,
+        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite, run_settings=cfg.to_dict(),
     )
     trainer = Trainer(accelerator, model, DiffusionObjective(noise_scheduler), optimizer, lr_scheduler, ema, batches,
                       PipelinePublisher(cfg, noise_scheduler), settings, evaluator)
-    trainer.train(resume_from)
-    if batches.skipped and accelerator.is_main_process:
-        logger.warning("skipped %d unreadable images", batches.skipped)
-    accelerator.end_training()
+    try:
+        trainer.train(resume_from)
+    finally:
+        if batches.skipped:
+            logger.warning("process %d skipped %d unreadable images", accelerator.process_index, batches.skipped)
+        accelerator.end_training()
     return Path(cfg.output_dir) / "pipeline"

@@ -16,8 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpointing
+from .stopping import NonFiniteLoss, Preempted, StopRequest
 
 logger = logging.getLogger(__name__)
+TRAINER_STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
 
 
 class Publisher(Protocol):
@@ -44,7 +47,7 @@ class DataStream(Protocol):
 
 @dataclass
 class TrainingProgress:
-    """Counters saved with each checkpoint (registered with accelerate)."""
+    """Counters saved with each checkpoint (in trainer_state.json)."""
 
     global_step: int = 0
     images_seen: int = 0
@@ -68,6 +71,8 @@ class LoopSettings:
     save_model_steps: Optional[int] = None
     log_data_order: bool = False
     eval_steps: Optional[int] = None
+    max_consecutive_nonfinite: int = 10
+    run_settings: Optional[dict] = None  # the effective config, stored with each checkpoint for resume checks
 
 
 class Trainer:
@@ -80,25 +85,48 @@ class Trainer:
         self.batches, self.publisher, self.settings = batches, publisher, settings
         self.evaluator = evaluator
         self.progress = TrainingProgress()
-        for obj in (lr_scheduler, self.progress) + ((ema,) if ema is not None else ()):
-            accelerator.register_for_checkpointing(obj)
+        # lr schedule, counters and EMA are saved by us (JSON + safetensors), not register_for_checkpointing,
+        # whose files are pickles that accelerate loads with weights_only=False
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._loss_count = 0
         self._last_log = (time.perf_counter(), 0)
         self._data_log = None
+        self.nonfinite_steps = 0  # skipped updates, total and in a row
+        self.consecutive_nonfinite = 0
+        self.stop_request = StopRequest()
 
     # -- one optimizer step -------------------------------------------------------------------------------------
-    def forward_backward(self, batch: dict) -> None:
+    def forward_backward(self, batch: dict) -> torch.Tensor:
         with self.accelerator.accumulate(self.model):
             loss = self.objective(self.model, batch)
             self.accelerator.backward(loss)
-        self._loss_sum += loss.detach()
-        self._loss_count += 1
+        return loss.detach()
 
-    def optimizer_step(self) -> None:
-        if self.settings.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
-        self.optimizer.step()
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip to max_grad_norm (when > 0) and return the total gradient norm (synchronised across processes)."""
+        max_norm = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else float("inf")
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def agree_on_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+        """(finite, stop) for this step, identical on every process.
+
+        One small all-reduce and one host sync per step: the update must be skipped on every process or none,
+        and all processes must stop at the same step. With fp16 the GradScaler already skips overflowing
+        gradients and lowers its scale, so only a non-finite loss counts there.
+        """
+        bad = ~torch.isfinite(loss)
+        if self.accelerator.scaler is None:
+            bad = bad | ~torch.isfinite(grad_norm)
+        stop = torch.tensor(self.stop_request.received is not None, device=bad.device)
+        flags = torch.stack([bad, stop]).float()
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        bad_any, stop_any = (v > 0 for v in flags.tolist())
+        return not bad_any, stop_any
+
+    def optimizer_step(self, finite: bool) -> None:
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()  # once per optimizer step, whatever the number of processes
 
@@ -106,33 +134,65 @@ class Trainer:
         if self.ema is not None:
             self.ema.step(self._unwrapped().parameters())
 
-    def run_step(self, micro_batches: Iterable[dict]) -> None:
-        images = 0
+    def run_step(self, micro_batches: Iterable[dict]) -> bool:
+        """One optimizer step; returns whether every process agreed to stop (a signal arrived) after it."""
+        images, loss = 0, None
         for batch in micro_batches:
-            self.forward_backward(batch)
+            micro_loss = self.forward_backward(batch)
+            loss = micro_loss if loss is None else loss + micro_loss
             images += batch["pixel_values"].shape[0]
             self._record_data_order(batch)
         assert self.accelerator.sync_gradients, "micro-batch count must equal gradient_accumulation_steps"
-        self.optimizer_step()
-        self.update_ema()
+        finite, stop = self.agree_on_step(loss, self.clip_gradients())
+        self.optimizer_step(finite)
         self.progress.global_step += 1
         self.progress.images_seen += images * self.accelerator.num_processes
+        if finite:
+            self.update_ema()
+            self._loss_sum += loss / self.accelerator.gradient_accumulation_steps
+            self._loss_count += 1
+            self.consecutive_nonfinite = 0
+        else:
+            self._skip_nonfinite()
+        return stop
+
+    def _skip_nonfinite(self) -> None:
+        self.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        step, limit = self.progress.global_step, self.settings.max_consecutive_nonfinite
+        logger.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d in total)", step,
+                       self.consecutive_nonfinite, self.nonfinite_steps)
+        if self.consecutive_nonfinite >= limit:
+            raise NonFiniteLoss(
+                f"stopped at step {step}: {limit} consecutive steps had a non-finite loss or gradient; the last "
+                f"checkpoint in {checkpointing.checkpoints_root(self.settings.output_dir)} is intact (lower the "
+                "learning rate or check the data, then resume)"
+            )
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def train(self, resume_from: Optional[Path] = None) -> None:
-        """Train until max_train_steps, resuming from a checkpoint when given."""
+        """Train until max_train_steps, resuming from a checkpoint when given.
+
+        SIGTERM/SIGINT stop the run at the next step boundary (all processes at the same step) after saving a
+        checkpoint, by raising `Preempted`.
+        """
         if resume_from is not None:
             self.load(resume_from)
         s, acc = self.settings, self.accelerator
         accumulation = acc.gradient_accumulation_steps
         batches = iter(self.batches)
         self._last_log = (time.perf_counter(), self.progress.images_seen)
-        with tqdm(total=s.max_train_steps, initial=self.progress.global_step, desc="train",
-                  disable=not acc.is_local_main_process, dynamic_ncols=True) as bar:
+        with self.stop_request, tqdm(total=s.max_train_steps, initial=self.progress.global_step, desc="train",
+                                     disable=not acc.is_local_main_process, dynamic_ncols=True) as bar:
             while self.progress.global_step < s.max_train_steps:
-                self.run_step(next(batches) for _ in range(accumulation))
+                stop = self.run_step(next(batches) for _ in range(accumulation))
                 step = self.progress.global_step
                 bar.update(1)
+                if stop:
+                    self.save(step)
+                    raise Preempted(f"preempted by {self.stop_request.received or 'a signal on another process'} "
+                                    f"at step {step}; checkpoint-{step} saved, rerun with "
+                                    "--resume_from_checkpoint latest to continue")
                 if step % s.logging_steps == 0 or step == s.max_train_steps:
                     bar.set_postfix(self.log(step))
                 if step % s.checkpointing_steps == 0 or step == s.max_train_steps:
@@ -149,7 +209,7 @@ class Trainer:
     # -- logging, checkpoints, artefacts -----------------------------------------------------------------------
     def log(self, step: int) -> dict:
         acc = self.accelerator
-        loss = acc.reduce(self._loss_sum / max(self._loss_count, 1), reduction="mean").item()  # the only sync
+        loss = acc.reduce(self._loss_sum / max(self._loss_count, 1), reduction="mean").item()
         self._loss_sum.zero_()
         self._loss_count = 0
         now, seen = time.perf_counter(), self.progress.images_seen
@@ -159,17 +219,48 @@ class Trainer:
                   "images_per_sec": (seen - seen_then) / max(now - then, 1e-9)}
         if self.ema is not None:
             values["ema_decay"] = self.ema.cur_decay_value
+        values["nonfinite_steps"] = self.nonfinite_steps
         acc.log(values, step=step)
         return {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.2e}"}
 
     def save(self, step: int) -> None:
         path = checkpointing.save_checkpoint(self.accelerator, self.settings.output_dir, step,
-                                             self.batches.state_dict(), self.settings.checkpoints_total_limit)
+                                             self.batches.state_dict(), self._write_trainer_state,
+                                             self.settings.run_settings, self.settings.checkpoints_total_limit)
         if self.accelerator.is_main_process:
             logger.info("saved checkpoint %s", path)
 
+    def _write_trainer_state(self, folder: Path) -> None:
+        """Counters, LR schedule and EMA settings as JSON; EMA weights as safetensors (keyed by parameter name)."""
+        state = {"progress": self.progress.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                 "nonfinite_steps": self.nonfinite_steps}
+        if self.ema is not None:
+            from safetensors.torch import save_file
+
+            ema_state = self.ema.state_dict()
+            shadow = ema_state.pop("shadow_params")
+            names = [name for name, _ in self._unwrapped().named_parameters()]
+            save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, shadow)}, str(folder / EMA_FILE))
+            state["ema"] = ema_state
+        checkpointing.dump_json(state, folder / TRAINER_STATE_FILE)
+
+    def _read_trainer_state(self, folder: Path) -> None:
+        state = checkpointing.load_json(folder / TRAINER_STATE_FILE)
+        self.progress.load_state_dict(state["progress"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        if self.ema is not None:
+            from safetensors.torch import load_file
+
+            weights = load_file(str(folder / EMA_FILE))
+            names = [name for name, _ in self._unwrapped().named_parameters()]
+            devices = [p.device for p in self.ema.shadow_params]
+            self.ema.load_state_dict({**state["ema"], "shadow_params": [
+                weights[n].to(d) for n, d in zip(names, devices)]})
+
     def load(self, path: Path) -> None:
         data_state = checkpointing.load_checkpoint(self.accelerator, path)
+        self._read_trainer_state(path)
         if data_state is None:
             logger.warning("checkpoint %s has no data position for %d processes; the data stream restarts",
                            path, self.accelerator.num_processes)
@@ -223,6 +314,9 @@ class Trainer:
         if self._data_log is None:
             folder = Path(self.settings.output_dir) / "data_order"
             folder.mkdir(parents=True, exist_ok=True)
-            self._data_log = open(folder / f"rank{self.accelerator.process_index}.jsonl", "a")
+            path = folder / f"rank{self.accelerator.process_index}.jsonl"
+            self._data_log = open(path, "a")
+            if path.stat().st_size and not path.read_bytes().endswith(b"\n"):  # a killed run's last line
+                self._data_log.write("\n")
         self._data_log.write(json.dumps({"step": self.progress.global_step + 1, "ids": batch.get("ids", [])}) + "\n")
         self._data_log.flush()

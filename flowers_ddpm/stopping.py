@@ -1,0 +1,62 @@
+"""Reasons a run stops early, and the signal handling that turns SIGTERM/SIGINT into a clean stop.
+
+Exit codes (documented in the README, returned by the CLI): 75 = preempted by a signal, a checkpoint of the stop
+step was written, rerun with `--resume_from_checkpoint latest` (75 is EX_TEMPFAIL: "try again later");
+3 = stopped after too many consecutive non-finite losses or gradients (the checkpoints on disk are intact).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+logger = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75
+EXIT_NONFINITE = 3
+
+
+class TrainingStopped(Exception):
+    """The run stopped before max_train_steps for a reason the CLI reports with its own exit code."""
+
+    exit_code = 1
+
+
+class Preempted(TrainingStopped):
+    exit_code = EXIT_PREEMPTED
+
+
+class NonFiniteLoss(TrainingStopped):
+    exit_code = EXIT_NONFINITE
+
+
+class StopRequest:
+    """While active, SIGTERM and SIGINT only set `received`; the trainer stops at the next step boundary.
+
+    A second SIGINT (Ctrl-C twice) interrupts at once. Handlers can only be installed from the main thread; in
+    other threads this is inert.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning("received %s: finishing the current step, then saving a checkpoint", self.received)

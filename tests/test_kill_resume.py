@@ -1,0 +1,49 @@
+"""Crash safety: a run interrupted by SIGKILL (also during a save), SIGTERM and SIGINT, resumed each time with the
+same command, ends with exactly the weights, optimizer state and data order of an uninterrupted run."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from flowers_ddpm.checkpointing import verify_checkpoint
+from flowers_ddpm.cli import main
+
+from .conftest import tiny_train_args
+from .kill_harness import interrupt_and_resume, read_data_order
+
+FLAGS = dict(max_train_steps=12, checkpointing_steps=1, checkpoints_total_limit=2, log_data_order=True,
+             random_flip=True, shuffle_buffer_size=10, train_batch_size=3, dataloader_num_workers=2)
+
+
+def assert_same_final_state(a, b):
+    verify_checkpoint(a)
+    verify_checkpoint(b)
+    for name in ("model.safetensors", "ema.safetensors"):
+        weights_a, weights_b = load_file(a / name), load_file(b / name)
+        assert weights_a.keys() == weights_b.keys()
+        assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), name
+    opt_a, opt_b = torch.load(a / "optimizer.bin", weights_only=True), torch.load(b / "optimizer.bin", weights_only=True)
+    for key, state in opt_a["state"].items():
+        assert all(torch.equal(state[n], opt_b["state"][key][n]) for n in state)
+    assert (a / "trainer_state.json").read_text() == (b / "trainer_state.json").read_text()
+
+
+def test_kills_and_signals_at_random_moments_then_resume_gives_the_uninterrupted_result(image_folder, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(["train", *tiny_train_args(image_folder, straight, **FLAGS)]) == 0
+
+    args = tiny_train_args(image_folder, interrupted, resume_from_checkpoint="latest", **FLAGS)
+    modes = ["during_save", "random", "startup", "during_save", "random", "sigterm", "sigint"]
+    report = interrupt_and_resume(args, interrupted, modes, seed=1)
+    log = interrupted.with_suffix(".log").read_text()
+    assert report.kills == 5 and report.kills_during_save >= 1, (report, log[-3000:])
+    assert report.signals == 2 and report.clean_stops == 2, (report, log[-3000:])  # exit 75, checkpoint of that step
+    assert max(report.stop_seconds) < 60
+    assert report.resumes >= 5
+
+    final = interrupted / "checkpoints" / "checkpoint-12"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["checkpoint-11", "checkpoint-12"]  # rotation, no .tmp
+    assert_same_final_state(straight / "checkpoints" / "checkpoint-12", final)
+    order = read_data_order(interrupted / "data_order" / "rank0.jsonl")
+    assert order == read_data_order(straight / "data_order" / "rank0.jsonl")
