@@ -10,6 +10,7 @@ It must therefore import nothing but torch and diffusers.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence, Union
 
 import torch
@@ -71,7 +72,8 @@ class GuidedDDPMPipeline(DiffusionPipeline):
         """Keep the variance channels only for schedulers that use them (DDPM / DPM-Solver with learned variance)."""
         if output.shape[1] == image.shape[1]:
             return output
-        if getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range"):
+        uses_variance = "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters
+        if uses_variance and self.scheduler.config.variance_type in ("learned", "learned_range"):
             return output
         return output[:, : image.shape[1]]
 
