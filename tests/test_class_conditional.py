@@ -83,9 +83,10 @@ def test_sample_command_takes_class_names_and_rejects_wrong_labels(trained, tmp_
                  "--output", str(tmp_path / "x.png")]) == 2
 
 
-def test_class_conditional_needs_labelled_data(image_folder, tmp_path):
+def test_class_conditional_needs_labelled_data(image_folder, tmp_path, capsys):
     flat = tmp_path / "flat"
     flat.mkdir()
     for path in sorted((image_folder / "red").iterdir())[:4]:
         (flat / path.name).write_bytes(path.read_bytes())
     assert main(["train", *tiny_train_args(flat, tmp_path / "run", class_conditional=True)]) == 2
+    assert "class_conditional needs class labels" in capsys.readouterr().err
