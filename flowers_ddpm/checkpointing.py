@@ -38,7 +38,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # Settings that change what the weights mean; resuming with a different value is refused. Everything else
 # (logging, checkpoint interval, max steps, learning rate ...) may change on resume.
 RESUME_SENSITIVE_SETTINGS = ("model_preset", "unet_config", "resolution", "prediction_type", "ddpm_num_steps",
-                             "ddpm_beta_schedule", "use_ema")
+                             "ddpm_beta_schedule", "use_ema", "learn_sigma", "class_conditional")
 
 
 class CorruptCheckpoint(Exception):

@@ -26,14 +26,18 @@ def _train(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
-    from .pipeline import generate, image_grid, load_pipeline
+    from .pipeline import generate, image_grid, load_pipeline, resolve_class_labels
 
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else None
     pipe = load_pipeline(args.model, device, dtype)
-    images = generate(pipe, args.num_images, args.steps, args.seed, args.scheduler, args.batch_size)
+    labels = resolve_class_labels(pipe, args.class_labels)
+    if args.guidance_scale is not None and labels is None:
+        raise UserError("--guidance_scale needs --class_labels (classifier-free guidance of a class-conditional model)")
+    images = generate(pipe, args.num_images, args.steps, args.seed, args.scheduler, args.batch_size,
+                      class_labels=labels, guidance_scale=args.guidance_scale)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(args.output)
     if args.output_dir:
@@ -110,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch_size", type=int, default=16)
     sample.add_argument("--output", default="samples.png", help="grid PNG to write")
     sample.add_argument("--output_dir", default=None, help="also write each image as a PNG here")
+    sample.add_argument("--class_labels", nargs="+", default=None, metavar="LABEL",
+                        help="classes to draw (indices or names, e.g. sunflower 'pink primrose'); image i gets label "
+                             "i mod the number given (class-conditional models)")
+    sample.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance scale: 1 = conditional model, 0 = unconditional, >1 stronger "
+                             "(default 1)")
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     sample.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sample.set_defaults(func=_sample)

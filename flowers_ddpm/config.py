@@ -103,6 +103,14 @@ class TrainConfig:
     # -- fault tolerance (issue 3)
     max_consecutive_nonfinite: int = _opt(10, "stop after this many consecutive steps with a non-finite loss or "
                                           "gradient (each such update is skipped)", minimum=1)
+    # -- the paper's model: ADM, loss weighting, learned variances, class conditioning and guidance (issue 5)
+    dropout: Optional[float] = _opt(None, "UNet dropout; unset = the preset's (adm: 0.1, others: 0)", minimum=0.0)
+    snr_gamma: Optional[float] = _opt(None, "Min-SNR-gamma loss weighting (5.0 recommended); unset = plain MSE", minimum=0.0)
+    learn_sigma: bool = _opt(False, "learn the variances (6-channel UNet) with the hybrid loss L_simple + vlb_weight * L_vlb")
+    vlb_weight: float = _opt(0.001, "weight of L_vlb in the hybrid loss (with --learn_sigma)", minimum=0.0)
+    class_conditional: bool = _opt(False, "condition the UNet on the dataset's class labels (sub-folders of a local folder)")
+    class_dropout_prob: float = _opt(0.1, "probability of training a label as 'no class' (classifier-free guidance)", minimum=0.0)
+    sample_guidance_scale: float = _opt(3.0, "classifier-free guidance scale of the sample grids of class-conditional runs", minimum=0.0)
     debug: bool = _opt(False, "show tracebacks for user errors")
 
     def to_dict(self) -> dict:
@@ -219,6 +227,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {cfg.train_data_dir} does not exist or is not a directory")
     _validate_evaluation(cfg)
+    validate_paper_model(cfg)
 
 
 def _validate_evaluation(cfg: TrainConfig) -> None:
@@ -227,6 +236,16 @@ def _validate_evaluation(cfg: TrainConfig) -> None:
                         "weights-inception-2015-12-05-6726825d.pth")
     if cfg.eval_feature_network is not None and ":" not in cfg.eval_feature_network:
         raise UserError(f"eval_feature_network must be module:function; got {cfg.eval_feature_network!r}")
+
+
+def validate_paper_model(cfg: TrainConfig) -> None:
+    """Checks of the issue-5 settings (loss weighting, learned variances, class conditioning)."""
+    if cfg.class_dropout_prob > 1:
+        raise UserError(f"class_dropout_prob must be between 0 and 1; got {cfg.class_dropout_prob}")
+    if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
+        raise UserError(f"snr_gamma must be > 0 (or unset); got {cfg.snr_gamma}")
+    if cfg.dropout is not None and cfg.dropout >= 1:
+        raise UserError(f"dropout must be in [0, 1); got {cfg.dropout}")
 
 
 def parse_train_config(args: argparse.Namespace) -> TrainConfig:

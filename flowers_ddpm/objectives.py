@@ -1,21 +1,33 @@
 """The diffusion training objective: noise the batch, predict, and return the loss.
 
-The trainer only calls ``objective(model, batch)``; everything about noise, timesteps and targets lives here.
+The trainer only calls ``objective(model, batch)``; everything about noise, timesteps, targets, loss weighting,
+class-label dropout and the hybrid VLB term lives here.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
+
+from .vlb import VariationalBound
 
 
 class DiffusionObjective:
-    """MSE between the UNet output and the target chosen by the scheduler's `prediction_type`."""
+    """MSE between the UNet output and the target chosen by the scheduler's `prediction_type`, optionally
+    Min-SNR-gamma weighted, plus `vlb_weight * L_vlb` when the UNet learns its variances (Improved DDPM's hybrid
+    loss). With `num_classes`, the batch's class labels condition the UNet and are replaced by the "no class" token
+    `num_classes` with probability `class_dropout_prob` (classifier-free guidance training).
+    """
 
-    def __init__(self, noise_scheduler):
+    def __init__(self, noise_scheduler, snr_gamma: Optional[float] = None, learn_sigma: bool = False,
+                 vlb_weight: float = 0.001, num_classes: Optional[int] = None, class_dropout_prob: float = 0.0):
         self.scheduler = noise_scheduler
         self.prediction_type = noise_scheduler.config.prediction_type
         self.num_timesteps = noise_scheduler.config.num_train_timesteps
+        self.snr_gamma, self.vlb_weight = snr_gamma, vlb_weight
+        self.vlb = VariationalBound(noise_scheduler) if learn_sigma else None
+        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
 
     def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The regression target for each prediction type (epsilon, v_prediction, sample)."""
@@ -27,10 +39,45 @@ class DiffusionObjective:
             return clean
         raise ValueError(f"unsupported prediction_type {self.prediction_type}")
 
+    def mse_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-example MSE weights: 1, or Min-SNR-gamma (Hang et al. 2023) expressed for the prediction type."""
+        if self.snr_gamma is None:
+            return torch.ones(timesteps.shape, device=timesteps.device)
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler, timesteps).float()
+        clipped = torch.clamp(snr, max=self.snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped  # sample (x0) prediction
+
+    def conditioning(self, batch: dict) -> Optional[torch.Tensor]:
+        """The class labels fed to the UNet, with labels dropped to "no class" at `class_dropout_prob`."""
+        if self.num_classes is None:
+            return None
+        labels = batch["class_labels"].to(batch["pixel_values"].device)
+        dropped = torch.rand(labels.shape, device=labels.device) < self.class_dropout_prob
+        return torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+
+    def loss(self, output, clean, noise, timesteps, noisy) -> torch.Tensor:
+        """The loss of one UNet output (3 channels, or 6 when it learns its variances)."""
+        prediction, variance_values = (output.split(clean.shape[1], dim=1) if self.vlb else (output, None))
+        target = self.target(clean, noise, timesteps)
+        mse = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, clean.ndim)))
+        loss = (self.mse_weights(timesteps) * mse).mean()
+        if self.vlb is not None:
+            # L_vlb = sum_t L_t, estimated as T * L_t at the sampled t; the mean is stopped (detach) so this term
+            # trains only the variance. With T = 1000 and vlb_weight = 0.001 this is improved-diffusion's mse + vb.
+            terms = self.vlb.terms(clean, noisy, timesteps, prediction.detach(), variance_values)
+            loss = loss + self.vlb_weight * self.num_timesteps * terms.mean()
+        return loss
+
     def __call__(self, model, batch: dict) -> torch.Tensor:
         clean = batch["pixel_values"]
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, self.num_timesteps, (clean.shape[0],), device=clean.device)
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
-        prediction = model(noisy, timesteps).sample
-        return F.mse_loss(prediction.float(), self.target(clean, noise, timesteps).float())
+        output = model(noisy, timesteps, class_labels=self.conditioning(batch)).sample
+        return self.loss(output, clean, noise, timesteps, noisy)

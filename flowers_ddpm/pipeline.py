@@ -5,6 +5,8 @@ Nothing here imports the trainer: sampling works on pipelines made elsewhere too
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
 import shutil
 from pathlib import Path
@@ -35,19 +37,47 @@ def make_scheduler(name: str, config):
     return classes[name].from_config(config)
 
 
-def build_pipeline(unet, noise_scheduler):
-    """The standard diffusers pipeline for an unconditional UNet."""
+GUIDED_PIPELINE_MODULE = "guided_ddpm_pipeline"  # the file name of guided_pipeline.py inside exported folders
+
+
+def needs_guided_pipeline(unet) -> bool:
+    """Class-conditional or learned-variance UNets need GuidedDDPMPipeline; the rest are plain DDPMPipelines."""
+    return unet.config.num_class_embeds is not None or unet.config.out_channels != unet.config.in_channels
+
+
+def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None):
+    """A plain diffusers DDPMPipeline for an unconditional UNet, a GuidedDDPMPipeline otherwise."""
     from diffusers import DDPMPipeline
 
+    if needs_guided_pipeline(unet):
+        from .guided_pipeline import GuidedDDPMPipeline
+
+        return GuidedDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
     return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
 
 
-def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None) -> Path:
+def _ship_pipeline_code(folder: Path) -> None:
+    """Make a GuidedDDPMPipeline folder loadable by plain diffusers: copy the class's source file into it and name
+    it in model_index.json, diffusers' convention for custom pipelines (loaded with trust_remote_code=True)."""
+    from . import guided_pipeline
+
+    shutil.copyfile(guided_pipeline.__file__, folder / f"{GUIDED_PIPELINE_MODULE}.py")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["_class_name"] = [GUIDED_PIPELINE_MODULE, "GuidedDDPMPipeline"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None,
+                    class_names: Optional[list] = None) -> Path:
     """Write a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_pipeline(unet, noise_scheduler).save_pretrained(str(tmp), safe_serialization=True)
+    pipe = build_pipeline(unet, noise_scheduler, class_names)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    if needs_guided_pipeline(unet):
+        _ship_pipeline_code(tmp)
     if training_config_yaml is not None:
         (tmp / TRAINING_CONFIG_NAME).write_text(training_config_yaml)
     shutil.rmtree(old, ignore_errors=True)
@@ -56,6 +86,19 @@ def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yam
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _load_guided(model: str, dtype):
+    """Build a GuidedDDPMPipeline from our own class (no remote code is executed) and the folder's components."""
+    from diffusers import DiffusionPipeline, UNet2DModel
+
+    from .guided_pipeline import GuidedDDPMPipeline
+
+    index = DiffusionPipeline.load_config(model)
+    unet = UNet2DModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
+    scheduler_class = getattr(importlib.import_module("diffusers"), index["scheduler"][1])
+    scheduler = scheduler_class.from_pretrained(model, subfolder="scheduler")
+    return GuidedDDPMPipeline(unet=unet, scheduler=scheduler, class_names=index.get("class_names"))
 
 
 def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype] = None):
@@ -67,24 +110,48 @@ def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype]
     if looks_local and not (local / "model_index.json").is_file():
         raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        class_name = DiffusionPipeline.load_config(model).get("_class_name")
+        if isinstance(class_name, list) and class_name[1] == "GuidedDDPMPipeline":
+            pipe = _load_guided(model, dtype)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
     except OSError as e:  # huggingface_hub's not-found and connection errors are OSErrors
         raise UserError(f"cannot load pipeline {model}: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(device)
 
 
+def resolve_class_labels(pipe, class_labels: Optional[list]) -> Optional[list[int]]:
+    """Class indices for labels given as indices or names; one-sentence errors for a wrong label or model."""
+    if not class_labels:
+        return None
+    if getattr(pipe, "num_classes", None) is None:
+        raise UserError("--class_labels needs a class-conditional pipeline; this model is unconditional")
+    try:
+        return pipe.label_ids(class_labels)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 @torch.inference_mode()
 def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[str] = None,
-             batch_size: int = 16) -> list[Image.Image]:
-    """Generate images; image i uses its own generator seeded with seed + i, so batch size does not change them."""
+             batch_size: int = 16, class_labels: Optional[list[int]] = None,
+             guidance_scale: Optional[float] = None) -> list[Image.Image]:
+    """Generate images; image i uses its own generator seeded with seed + i, so batch size does not change them.
+
+    With `class_labels` (class-conditional pipelines) image i is of class `class_labels[i % len(class_labels)]`.
+    """
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     images: list[Image.Image] = []
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
-        images += pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="pil").images
+        extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        if class_labels:
+            extra["class_labels"] = [class_labels[(start + i) % len(class_labels)] for i in range(count)]
+        images += pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="pil",
+                       **extra).images
     return images
 
 

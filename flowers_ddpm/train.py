@@ -20,19 +20,27 @@ logger = logging.getLogger(__name__)
 class PipelinePublisher:
     """Sample grids (PNG under <output_dir>/samples/) and pipeline exports (<output_dir>/pipeline/)."""
 
-    def __init__(self, cfg: TrainConfig, noise_scheduler):
-        self.cfg, self.noise_scheduler = cfg, noise_scheduler
+    def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None):
+        self.cfg, self.noise_scheduler, self.class_names = cfg, noise_scheduler, class_names
         self.output_dir = Path(cfg.output_dir)
+
+    def _guidance(self, model) -> dict:
+        """Class-conditional grids cycle through the classes with the configured classifier-free guidance."""
+        if model.config.num_class_embeds is None:
+            return {}
+        labels = list(range(model.config.num_class_embeds - 1))
+        return {"class_labels": labels, "guidance_scale": self.cfg.sample_guidance_scale}
 
     def sample_grid(self, model, step: int):
         from .pipeline import build_pipeline, generate, image_grid
 
-        pipe = build_pipeline(model, self.noise_scheduler)
+        pipe = build_pipeline(model, self.noise_scheduler, self.class_names)
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
         images = generate(pipe, self.cfg.eval_batch_size, self.cfg.ddpm_num_inference_steps, seed=self.cfg.seed,
-                          scheduler=self.cfg.sample_scheduler, batch_size=self.cfg.eval_batch_size)
+                          scheduler=self.cfg.sample_scheduler, batch_size=self.cfg.eval_batch_size,
+                          **self._guidance(model))
         model.train(was_training)
         grid = image_grid(images)
         path = self.output_dir / "samples" / f"step-{step:07d}.png"
@@ -44,7 +52,7 @@ class PipelinePublisher:
         from .pipeline import export_pipeline
 
         path = export_pipeline(model, self.noise_scheduler, self.output_dir / "pipeline",
-                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names)
         logger.info("exported pipeline at step %d to %s", step, path)
 
 
@@ -119,6 +127,24 @@ def _tracker_config(cfg: TrainConfig) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
 
 
+def model_classes(cfg: TrainConfig, source):
+    """The class names the UNet is conditioned on (None for an unconditional model)."""
+    if not cfg.class_conditional:
+        return None
+    if not source.class_names:
+        raise UserError(f"class_conditional needs class labels, but {source.description} has none "
+                        "(a local folder needs one sub-folder per class)")
+    return list(source.class_names)
+
+
+def unet_overrides(cfg: TrainConfig) -> dict:
+    """--unet_config with --dropout merged over it."""
+    overrides = dict(cfg.unet_config or {})
+    if cfg.dropout is not None:
+        overrides["dropout"] = cfg.dropout
+    return overrides
+
+
 def run_training(cfg: TrainConfig) -> Path:
     """Train as configured and return the exported pipeline folder."""
     import torch
@@ -137,6 +163,8 @@ def run_training(cfg: TrainConfig) -> Path:
         checkpointing.check_compatible(resume_from, cfg.to_dict())
     accelerator = make_accelerator(cfg)
     source = open_source(cfg)
+    class_names = model_classes(cfg, source)
+    num_classes = len(class_names) if class_names else None
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)
     if accelerator.is_main_process:
         logger.info("training on %s (%s examples) for %d steps on %d process(es)", source.description,
@@ -144,8 +172,11 @@ def run_training(cfg: TrainConfig) -> Path:
         cfg.save_yaml(Path(cfg.output_dir) / "training_config.yaml")
 
     set_seed(cfg.seed)  # identical initial weights on every process
-    model = build_unet(cfg.model_preset, cfg.resolution, cfg.unet_config)
-    noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
+    model = build_unet(cfg.model_preset, cfg.resolution, unet_overrides(cfg), num_classes, cfg.learn_sigma)
+    noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type,
+                                            cfg.learn_sigma)
+    objective = DiffusionObjective(noise_scheduler, cfg.snr_gamma, cfg.learn_sigma, cfg.vlb_weight, num_classes,
+                                   cfg.class_dropout_prob)
     evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler) if cfg.eval_steps else None
     set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -171,8 +202,8 @@ def run_training(cfg: TrainConfig) -> Path:
         save_model_steps=cfg.save_model_steps, log_data_order=cfg.log_data_order, eval_steps=cfg.eval_steps,
         max_consecutive_nonfinite=cfg.max_consecutive_nonfinite, run_settings=cfg.to_dict(),
     )
-    trainer = Trainer(accelerator, model, DiffusionObjective(noise_scheduler), optimizer, lr_scheduler, ema, batches,
-                      PipelinePublisher(cfg, noise_scheduler), settings, evaluator)
+    trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
+                      PipelinePublisher(cfg, noise_scheduler, class_names), settings, evaluator)
     try:
         trainer.train(resume_from)
     finally:
