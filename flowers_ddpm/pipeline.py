@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -42,14 +42,18 @@ def build_pipeline(unet, noise_scheduler):
     return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
 
 
-def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None) -> Path:
-    """Write a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`."""
+def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None,
+                    write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`;
+    `write_extra(folder)` adds more files before the folder is moved into place."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     build_pipeline(unet, noise_scheduler).save_pretrained(str(tmp), safe_serialization=True)
     if training_config_yaml is not None:
         (tmp / TRAINING_CONFIG_NAME).write_text(training_config_yaml)
+    if write_extra is not None:
+        write_extra(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         path.rename(old)

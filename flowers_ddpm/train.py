@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import yaml
@@ -18,14 +19,16 @@ logger = logging.getLogger(__name__)
 class PipelinePublisher:
     """Sample grids (PNG under <output_dir>/samples/) and pipeline exports (<output_dir>/pipeline/)."""
 
-    def __init__(self, cfg: TrainConfig, noise_scheduler):
+    def __init__(self, cfg: TrainConfig, noise_scheduler, hardware: str = "unknown"):
         self.cfg, self.noise_scheduler = cfg, noise_scheduler
         self.output_dir = Path(cfg.output_dir)
+        self.hardware, self.started = hardware, time.time()
 
     def sample_grid(self, model, step: int):
+        from .finetune import sampling_unet
         from .pipeline import build_pipeline, generate, image_grid
 
-        pipe = build_pipeline(model, self.noise_scheduler)
+        pipe = build_pipeline(sampling_unet(model), self.noise_scheduler)
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
@@ -39,10 +42,16 @@ class PipelinePublisher:
         return grid
 
     def export(self, model, step: int) -> None:
+        from .finetune import ADAPTER_DIR, merged_unet, save_adapter
         from .pipeline import export_pipeline
+        from .report import write_training_info
 
-        path = export_pipeline(model, self.noise_scheduler, self.output_dir / "pipeline",
-                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        def write_extra(folder: Path) -> None:
+            save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.init_from)  # only for LoRA
+            write_training_info(folder, step=step, seconds=time.time() - self.started, hardware=self.hardware)
+
+        path = export_pipeline(merged_unet(model), self.noise_scheduler, self.output_dir / "pipeline",
+                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), write_extra)
         logger.info("exported pipeline at step %d to %s", step, path)
 
 
@@ -82,12 +91,17 @@ def run_training(cfg: TrainConfig) -> Path:
     from diffusers.training_utils import EMAModel
 
     from .data import build_train_batches, open_source
+    from .finetune import load_for_finetuning, select_trainable, trainable_parameters
     from .models import build_noise_scheduler, build_unet
     from .objectives import DiffusionObjective
     from .trainer import LoopSettings, Trainer
 
     # cheap checks first: nothing expensive happens before these pass
     resume_from = checkpointing.resolve_resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
+    if cfg.push_to_hub:
+        from .hub import require_token
+
+        require_token()
     accelerator = make_accelerator(cfg)
     source = open_source(cfg)
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)
@@ -95,12 +109,17 @@ def run_training(cfg: TrainConfig) -> Path:
         logger.info("training on %s (%s examples) for %d steps on %d process(es)", source.description,
                     source.num_examples or "unknown", max_steps, accelerator.num_processes)
         cfg.save_yaml(Path(cfg.output_dir) / "training_config.yaml")
+        (Path(cfg.output_dir) / "report").mkdir(exist_ok=True)  # the trainer appends report/loss.jsonl
 
     set_seed(cfg.seed)  # identical initial weights on every process
-    model = build_unet(cfg.model_preset, cfg.resolution, cfg.unet_config)
-    noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
+    if cfg.init_from:
+        model, noise_scheduler = load_for_finetuning(cfg)
+    else:
+        model = build_unet(cfg.model_preset, cfg.resolution, cfg.unet_config)
+        noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
+    model = select_trainable(model, cfg)  # everything, --train_only parts, or LoRA adapters
     set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     # Not passed to accelerator.prepare: prepared schedulers step once per process per call, which makes the
     # schedule depend on the number of processes. We step it once per optimizer step instead.
@@ -123,9 +142,36 @@ def run_training(cfg: TrainConfig) -> Path:
         save_model_steps=cfg.save_model_steps, log_data_order=cfg.log_data_order,
     )
     trainer = Trainer(accelerator, model, DiffusionObjective(noise_scheduler), optimizer, lr_scheduler, ema, batches,
-                      PipelinePublisher(cfg, noise_scheduler), settings)
+                      PipelinePublisher(cfg, noise_scheduler, describe_hardware(accelerator)), settings)
     trainer.train(resume_from)
     if batches.skipped and accelerator.is_main_process:
         logger.warning("skipped %d unreadable images", batches.skipped)
     accelerator.end_training()
+    if accelerator.is_main_process:
+        finish_run(cfg)
     return Path(cfg.output_dir) / "pipeline"
+
+
+def describe_hardware(accelerator) -> str:
+    """E.g. '2 x NVIDIA H100 80GB HBM3' or '1 x CPU (x86_64)', for the model card."""
+    import platform
+
+    import torch
+
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type.upper()} ({platform.machine()})"
+    return f"{accelerator.num_processes} x {name}"
+
+
+def finish_run(cfg: TrainConfig) -> None:
+    """Write the training report, then push the pipeline when --push_to_hub (main process only)."""
+    from .report import write_report
+
+    output_dir = Path(cfg.output_dir)
+    write_report(output_dir, steps=cfg.ddpm_num_inference_steps, scheduler=cfg.sample_scheduler, seed=cfg.seed)
+    if cfg.push_to_hub:
+        from .hub import push_pipeline
+
+        repo_id = cfg.hub_model_id or output_dir.resolve().name
+        url = push_pipeline(output_dir / "pipeline", repo_id, private=cfg.hub_private_repo)
+        logger.info("pushed %s to %s", output_dir / "pipeline", url)
