@@ -115,6 +115,18 @@ def freeze_except(unet, parts: str) -> None:
     unet.requires_grad_(False)
     for name in names:
         children[name].requires_grad_(True)
+        for module in children[name].modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.register_forward_pre_hook(_contiguous_frozen_input)
+
+
+def _contiguous_frozen_input(module, args):
+    # Works around a crash in PyTorch 2.13's CPU GroupNorm backward (segfault) when a channels-last input does not
+    # require grad but the norm's weight does, which is the case at the boundary between frozen and trained parts.
+    x = args[0]
+    if not x.requires_grad and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -151,7 +163,8 @@ def save_adapter(model, folder: str | Path, base_model: Optional[str] = None) ->
     folder = Path(folder)
     if base_model is not None:
         model.peft_config["default"].base_model_name_or_path = base_model
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    (folder / "README.md").unlink(missing_ok=True)  # peft's placeholder card; the pipeline's card describes it
     return folder
 
 
