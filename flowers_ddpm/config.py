@@ -92,10 +92,12 @@ class TrainConfig:
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
     # -- fine-tuning and publishing (issue 7)
     init_from: Optional[str] = _opt(None, "pipeline folder, Hub id or bare UNet2DModel folder to fine-tune from")
-    lora_rank: Optional[int] = _opt(None, "train LoRA adapters of this rank instead of all weights (needs init_from)", minimum=1)
+    lora_rank: Optional[int] = _opt(None, "train LoRA adapters of this rank instead of all weights (needs init_from)",
+                                    minimum=1)
     lora_alpha: Optional[float] = _opt(None, "LoRA scale numerator (default: lora_rank, i.e. scale 1)", minimum=0.0)
     lora_target_modules: str = _opt(LORA_TARGETS, "comma-separated UNet module names that get LoRA adapters")
-    train_only: Optional[str] = _opt(None, "comma-separated UNet parts to train, e.g. up_blocks,mid_block; the rest is frozen")
+    train_only: Optional[str] = _opt(None, "comma-separated UNet parts to train (e.g. up_blocks,mid_block); "
+                                           "the rest is frozen")
     push_to_hub: bool = _opt(False, "push the pipeline (with a model card) to the Hub at the end of training")
     hub_model_id: Optional[str] = _opt(None, "Hub repo id to push to (default: the name of output_dir)")
     hub_private_repo: bool = _opt(False, "create the Hub repo as private")

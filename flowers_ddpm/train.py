@@ -119,8 +119,9 @@ def run_training(cfg: TrainConfig) -> Path:
         noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
     model = select_trainable(model, cfg)  # everything, --train_only parts, or LoRA adapters
     set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                                  eps=cfg.adam_epsilon)
     # Not passed to accelerator.prepare: prepared schedulers step once per process per call, which makes the
     # schedule depend on the number of processes. We step it once per optimizer step instead.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -159,7 +160,10 @@ def describe_hardware(accelerator) -> str:
     import torch
 
     device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type.upper()} ({platform.machine()})"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type.upper()} ({platform.machine()})"
     return f"{accelerator.num_processes} x {name}"
 
 
