@@ -227,8 +227,6 @@ def validate_finetune(cfg: TrainConfig) -> None:
         raise UserError("train_only and lora_rank cannot be combined (LoRA already trains only its adapters)")
     if cfg.lora_rank is None and cfg.lora_alpha is not None:
         raise UserError("lora_alpha needs lora_rank")
-    if cfg.hub_model_id is not None and not cfg.push_to_hub:
-        raise UserError("hub_model_id needs push_to_hub")
 
 
 def _finetune_defaults(merged: dict) -> None:

@@ -131,7 +131,10 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
         datasets=datasets or None, base_model=init_from if _is_hub_id(init_from) else None,
     )
     size = unet.get("sample_size", "?")
-    origin = f"fine-tuned from `{init_from}` " if init_from else ""
+    origin = ""
+    if init_from:  # local paths stay out of the prose (they are in the configuration below)
+        origin = (f"fine-tuned from [{init_from}](https://huggingface.co/{init_from}) " if _is_hub_id(init_from)
+                  else "fine-tuned from a local pretrained model ")
     lora = ""
     if config.get("lora_rank"):
         lora = (f" Trained as a rank-{config['lora_rank']} LoRA; the weights here have the adapter merged in, and the "
@@ -199,16 +202,20 @@ def push_pipeline(model: str | Path, repo_id: str, private: bool = False, revisi
                   staging_dir: Optional[str | Path] = None) -> str:
     """Stage the pipeline with its card and upload it with `create_repo` + `upload_folder`; returns the commit URL."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     require_token()
     with tempfile.TemporaryDirectory(prefix="flowers-ddpm-push-") as tmp:
         staging = Path(staging_dir) if staging_dir else Path(tmp) / "upload"
         files = stage_upload(model, staging, repo_id, license)
         api = HfApi()  # token: HF_TOKEN or the stored login, resolved by huggingface_hub itself
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision and revision != "main":
-            api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
-        logger.info("uploading %d files to %s", len(files), repo_url.repo_id)
-        commit = api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(staging), revision=revision,
-                                   commit_message=commit_message or "Upload DDPM pipeline with flowers_ddpm")
+        try:
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
+            logger.info("uploading %d files to %s", len(files), repo_url.repo_id)
+            commit = api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(staging), revision=revision,
+                                       commit_message=commit_message or "Upload DDPM pipeline with flowers_ddpm")
+        except (HfHubHTTPError, OSError) as e:  # refused, no access, offline
+            raise UserError(f"pushing to {repo_id} failed: {str(e).splitlines()[0]}") from None
     return commit.commit_url

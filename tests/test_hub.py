@@ -178,3 +178,21 @@ def test_push_without_token_is_a_user_error(tmp_path):
                           env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf_home")})
     assert result.returncode == 2
     assert "needs a token" in result.stderr
+
+
+def test_card_of_a_flowers_fine_tune_has_base_model_dataset_and_metrics(tmp_path):
+    from flowers_ddpm.hub import build_model_card
+
+    pipeline = tmp_path / "run" / "pipeline"
+    (pipeline / "unet").mkdir(parents=True)
+    (pipeline / "model_index.json").write_text("{}")
+    (pipeline / "unet" / "config.json").write_text(json.dumps({"sample_size": 64}))
+    (pipeline / "training_config.yaml").write_text(yaml.safe_dump(
+        {"dataset_name": "nelorth/oxford-flowers", "train_data_dir": None, "init_from": "google/ddpm-cifar10-32",
+         "lora_rank": 8}))
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"fid": 23.456789, "num_images": 10000}))
+    card = build_model_card(pipeline, REPO_ID, ["samples.png"], license="mit")
+    assert card.data.base_model == "google/ddpm-cifar10-32" and card.data.license == "mit"
+    assert card.data.datasets == ["nelorth/oxford-flowers"] and "flowers102" in card.data.tags
+    assert "| fid | 23.46 |" in card.text and "| num_images | 10000 |" in card.text
+    assert "rank-8 LoRA" in card.text and "64x64" in card.text
