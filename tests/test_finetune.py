@@ -4,6 +4,7 @@ parts, with LoRA adapters (merged export and adapter), and adding class conditio
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -106,12 +107,20 @@ def test_lora_trains_only_adapters_and_exports_a_merged_pipeline(example_pipelin
     from diffusers import DDPMPipeline, DiffusionPipeline
     from peft import PeftModel
 
-    out = tmp_path / "lora"
+    out, resumed = tmp_path / "lora", tmp_path / "resumed"
+    flags = dict(init_from=str(example_pipeline), lora_rank=4, learning_rate=0.01, max_train_steps=2,
+                 checkpointing_steps=1, use_ema=False)
     with caplog.at_level(logging.INFO, logger="flowers_ddpm"):
-        assert main(["train", *tiny_train_args(image_folder, out, init_from=str(example_pipeline), lora_rank=4,
-                                               learning_rate=0.01, max_train_steps=2, checkpointing_steps=2,
-                                               use_ema=False)]) == 0
+        assert main(["train", *tiny_train_args(image_folder, out, **flags)]) == 0
     assert "47,232 of 749,731 parameters train" in caplog.text  # rank-4 adapters of the tiny UNet
+
+    # resuming from a LoRA checkpoint continues the same run
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "checkpoint-1", resumed / "checkpoints" / "checkpoint-1")
+    assert main(["train", *tiny_train_args(image_folder, resumed, resume_from_checkpoint="latest", **flags)]) == 0
+    straight = load_file(out / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    again = load_file(resumed / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
 
     # only the adapter weights moved (the checkpoint holds the peft-wrapped model)
     before = pretrained_unet(example_pipeline).state_dict()
