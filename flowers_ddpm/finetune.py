@@ -130,6 +130,7 @@ def _contiguous_frozen_input(module, args):
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer updates (frozen ones left out)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -139,6 +140,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def is_lora(model) -> bool:
+    """Whether the model is a peft-wrapped UNet with LoRA adapters."""
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
