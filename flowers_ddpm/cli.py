@@ -1,4 +1,4 @@
-"""The `flowers-ddpm` command: `train`, `sample` and `evaluate`. Thin: parse, then call the module that does the work."""
+"""The `flowers-ddpm` command: `train`, `sample`, `evaluate` and `push`. Thin: parse, then call the module that does the work."""
 
 from __future__ import annotations
 
@@ -96,6 +96,21 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
 
 
+def _push(args: argparse.Namespace) -> None:
+    from .hub import push_pipeline, stage_upload
+
+    if args.dry_run:
+        if not args.staging_dir:
+            raise UserError("--dry_run needs --staging_dir (the folder to stage the upload in)")
+        files = stage_upload(args.model, args.staging_dir, args.repo_id, args.license)
+        print(f"dry run: would upload {len(files)} files from {args.staging_dir} to {args.repo_id}:")
+        print("\n".join(f"  {name}" for name in files))
+        return
+    url = push_pipeline(args.model, args.repo_id, private=args.private, revision=args.revision,
+                        commit_message=args.commit_message, license=args.license, staging_dir=args.staging_dir)
+    print(f"pushed to {url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowers-ddpm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(run under `accelerate launch` for several processes)")
     _add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=_evaluate)
+
+    push = sub.add_parser("push", help="upload a pipeline folder with a model card to the Hugging Face Hub")
+    push.add_argument("--model", required=True, help="pipeline folder (or a run's output_dir)")
+    push.add_argument("--repo_id", required=True, help="user/name on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--revision", default=None, help="branch to push to (created if missing; default: main)")
+    push.add_argument("--commit_message", default=None)
+    push.add_argument("--license", default="apache-2.0", help="license in the card's metadata")
+    push.add_argument("--dry_run", action="store_true", help="only stage the upload in --staging_dir and list it")
+    push.add_argument("--staging_dir", default=None, help="empty folder to stage the upload in")
+    push.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    push.set_defaults(func=_push)
     return parser
 
 

@@ -25,6 +25,8 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOGGERS = ("tensorboard", "wandb", "none")
 SAMPLE_SCHEDULERS = ("ddpm", "ddim", "dpmsolver++")
+LORA_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2"  # attention projections and ResNet convolutions
+FINETUNE_LEARNING_RATE = 2e-5  # default LR when fine-tuning all (or --train_only) weights of a pretrained UNet
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, minimum: float | None = None, cli: bool = True):
@@ -111,6 +113,17 @@ class TrainConfig:
     class_conditional: bool = _opt(False, "condition the UNet on the dataset's class labels (sub-folders of a local folder)")
     class_dropout_prob: float = _opt(0.1, "probability of training a label as 'no class' (classifier-free guidance)", minimum=0.0)
     sample_guidance_scale: float = _opt(3.0, "classifier-free guidance scale of the sample grids of class-conditional runs", minimum=0.0)
+    # -- fine-tuning and publishing (issue 7)
+    init_from: Optional[str] = _opt(None, "pipeline folder, Hub id or bare UNet2DModel folder to fine-tune from")
+    lora_rank: Optional[int] = _opt(None, "train LoRA adapters of this rank instead of all weights (needs init_from)",
+                                    minimum=1)
+    lora_alpha: Optional[float] = _opt(None, "LoRA scale numerator (default: lora_rank, i.e. scale 1)", minimum=0.0)
+    lora_target_modules: str = _opt(LORA_TARGETS, "comma-separated UNet module names that get LoRA adapters")
+    train_only: Optional[str] = _opt(None, "comma-separated UNet parts to train (e.g. up_blocks,mid_block); "
+                                           "the rest is frozen")
+    push_to_hub: bool = _opt(False, "push the pipeline (with a model card) to the Hub at the end of training")
+    hub_model_id: Optional[str] = _opt(None, "Hub repo id to push to (default: the name of output_dir)")
+    hub_private_repo: bool = _opt(False, "create the Hub repo as private")
     debug: bool = _opt(False, "show tracebacks for user errors")
 
     def to_dict(self) -> dict:
@@ -199,6 +212,7 @@ def build_config(file_values: dict, cli_values: dict) -> TrainConfig:
             if key not in _FIELDS:
                 raise UserError(f"unknown setting {key!r}; see `flowers-ddpm train --help` for the allowed settings")
             merged[key] = _coerce(key, value)
+    _finetune_defaults(merged)
     cfg = TrainConfig(**merged)
     validate(cfg)
     return cfg
@@ -218,7 +232,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model_preset not in PRESETS:
         raise UserError(f"model_preset must be one of {', '.join(PRESETS)}; got {cfg.model_preset!r}")
     factor = downsample_factor(cfg.model_preset, cfg.unet_config)
-    if cfg.resolution % factor:
+    if cfg.init_from is None and cfg.resolution % factor:
         raise UserError(
             f"resolution must be divisible by {factor} (the {cfg.model_preset} UNet's downsampling factor); got {cfg.resolution}"
         )
@@ -228,6 +242,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"train_data_dir {cfg.train_data_dir} does not exist or is not a directory")
     _validate_evaluation(cfg)
     validate_paper_model(cfg)
+    validate_finetune(cfg)
 
 
 def _validate_evaluation(cfg: TrainConfig) -> None:
@@ -246,6 +261,24 @@ def validate_paper_model(cfg: TrainConfig) -> None:
         raise UserError(f"snr_gamma must be > 0 (or unset); got {cfg.snr_gamma}")
     if cfg.dropout is not None and cfg.dropout >= 1:
         raise UserError(f"dropout must be in [0, 1); got {cfg.dropout}")
+
+
+def validate_finetune(cfg: TrainConfig) -> None:
+    """Checks of the fine-tuning and publishing settings (issue 7)."""
+    if cfg.lora_rank is not None and cfg.init_from is None:
+        raise UserError("lora_rank needs init_from (LoRA adapts a pretrained UNet)")
+    if cfg.lora_rank is not None and cfg.train_only:
+        raise UserError("train_only and lora_rank cannot be combined (LoRA already trains only its adapters)")
+    if cfg.lora_rank is None and cfg.lora_alpha is not None:
+        raise UserError("lora_alpha needs lora_rank")
+    if cfg.init_from and cfg.learn_sigma:
+        raise UserError("learn_sigma cannot be combined with init_from (the pretrained UNet's output channels are fixed)")
+
+
+def _finetune_defaults(merged: dict) -> None:
+    """Full fine-tuning of a pretrained UNet defaults to a lower learning rate than training from scratch."""
+    if merged.get("init_from") and merged.get("lora_rank") is None and "learning_rate" not in merged:
+        merged["learning_rate"] = FINETUNE_LEARNING_RATE
 
 
 def parse_train_config(args: argparse.Namespace) -> TrainConfig:

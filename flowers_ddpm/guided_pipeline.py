@@ -77,6 +77,13 @@ class GuidedDDPMPipeline(DiffusionPipeline):
             return output
         return output[:, : image.shape[1]]
 
+    def scheduler_input(self, image, t, labels: Optional[torch.Tensor] = None, guidance_scale: float = 1.0):
+        """The model output of one denoising step, shaped for `self.scheduler.step`; a class-conditional model
+        without `labels` runs unconditionally through the "no class" token."""
+        if labels is None and self.num_classes is not None:
+            labels = torch.full((image.shape[0],), self.num_classes, device=image.device, dtype=torch.long)
+        return self._for_scheduler(self._model_output(image, t, labels, guidance_scale), image)
+
     @torch.no_grad()
     def __call__(self, class_labels: Optional[Sequence[Label]] = None, batch_size: Optional[int] = None,
                  guidance_scale: float = 1.0, generator=None, num_inference_steps: int = 1000,
@@ -103,8 +110,8 @@ class GuidedDDPMPipeline(DiffusionPipeline):
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
-            output = self._model_output(image, t, labels, guidance_scale)
-            image = self.scheduler.step(self._for_scheduler(output, image), t, image, generator=generator).prev_sample
+            output = self.scheduler_input(image, t, labels, guidance_scale)
+            image = self.scheduler.step(output, t, image, generator=generator).prev_sample
         image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
         if output_type == "pil":
             image = self.numpy_to_pil(image)

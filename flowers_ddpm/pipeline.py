@@ -10,7 +10,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -69,8 +69,9 @@ def _ship_pipeline_code(folder: Path) -> None:
 
 
 def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None,
-                    class_names: Optional[list] = None) -> Path:
-    """Write a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`."""
+                    class_names: Optional[list] = None, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`;
+    `write_extra(folder)` adds more files before the folder is moved into place."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -80,6 +81,8 @@ def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yam
         _ship_pipeline_code(tmp)
     if training_config_yaml is not None:
         (tmp / TRAINING_CONFIG_NAME).write_text(training_config_yaml)
+    if write_extra is not None:
+        write_extra(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         path.rename(old)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import yaml
@@ -20,9 +21,10 @@ logger = logging.getLogger(__name__)
 class PipelinePublisher:
     """Sample grids (PNG under <output_dir>/samples/) and pipeline exports (<output_dir>/pipeline/)."""
 
-    def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None):
+    def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None, hardware: str = "unknown"):
         self.cfg, self.noise_scheduler, self.class_names = cfg, noise_scheduler, class_names
         self.output_dir = Path(cfg.output_dir)
+        self.hardware, self.started = hardware, time.time()
 
     def _guidance(self, model) -> dict:
         """Class-conditional grids cycle through the classes with the configured classifier-free guidance."""
@@ -32,9 +34,10 @@ class PipelinePublisher:
         return {"class_labels": labels, "guidance_scale": self.cfg.sample_guidance_scale}
 
     def sample_grid(self, model, step: int):
+        from .finetune import sampling_unet
         from .pipeline import build_pipeline, generate, image_grid
 
-        pipe = build_pipeline(model, self.noise_scheduler, self.class_names)
+        pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names)
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
@@ -49,10 +52,16 @@ class PipelinePublisher:
         return grid
 
     def export(self, model, step: int) -> None:
+        from .finetune import ADAPTER_DIR, merged_unet, save_adapter
         from .pipeline import export_pipeline
+        from .report import write_training_info
 
-        path = export_pipeline(model, self.noise_scheduler, self.output_dir / "pipeline",
-                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names)
+        def write_extra(folder: Path) -> None:
+            save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.init_from)  # only for LoRA
+            write_training_info(folder, step=step, seconds=time.time() - self.started, hardware=self.hardware)
+
+        path = export_pipeline(merged_unet(model), self.noise_scheduler, self.output_dir / "pipeline",
+                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra)
         logger.info("exported pipeline at step %d to %s", step, path)
 
 
@@ -153,6 +162,7 @@ def run_training(cfg: TrainConfig) -> Path:
     from diffusers.training_utils import EMAModel
 
     from .data import build_train_batches, open_source
+    from .finetune import add_class_conditioning, load_for_finetuning, select_trainable, trainable_parameters
     from .models import build_noise_scheduler, build_unet
     from .objectives import DiffusionObjective
     from .trainer import LoopSettings, Trainer
@@ -161,6 +171,10 @@ def run_training(cfg: TrainConfig) -> Path:
     resume_from = checkpointing.resolve_resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
     if resume_from is not None:
         checkpointing.check_compatible(resume_from, cfg.to_dict())
+    if cfg.push_to_hub:
+        from .hub import require_token
+
+        require_token()
     accelerator = make_accelerator(cfg)
     source = open_source(cfg)
     class_names = model_classes(cfg, source)
@@ -170,17 +184,25 @@ def run_training(cfg: TrainConfig) -> Path:
         logger.info("training on %s (%s examples) for %d steps on %d process(es)", source.description,
                     source.num_examples or "unknown", max_steps, accelerator.num_processes)
         cfg.save_yaml(Path(cfg.output_dir) / "training_config.yaml")
+        (Path(cfg.output_dir) / "report").mkdir(exist_ok=True)  # the trainer appends report/loss.jsonl
 
     set_seed(cfg.seed)  # identical initial weights on every process
-    model = build_unet(cfg.model_preset, cfg.resolution, unet_overrides(cfg), num_classes, cfg.learn_sigma)
-    noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type,
-                                            cfg.learn_sigma)
+    if cfg.init_from:
+        model, noise_scheduler = load_for_finetuning(cfg)
+        if num_classes:
+            model = add_class_conditioning(model, num_classes + 1)  # zero-initialised: starts as the pretrained model
+    else:
+        model = build_unet(cfg.model_preset, cfg.resolution, unet_overrides(cfg), num_classes, cfg.learn_sigma)
+        noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type,
+                                                cfg.learn_sigma)
+    model = select_trainable(model, cfg)  # everything, --train_only parts, or LoRA adapters
     objective = DiffusionObjective(noise_scheduler, cfg.snr_gamma, cfg.learn_sigma, cfg.vlb_weight, num_classes,
                                    cfg.class_dropout_prob)
     evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler) if cfg.eval_steps else None
     set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                                  eps=cfg.adam_epsilon)
     # Not passed to accelerator.prepare: prepared schedulers step once per process per call, which makes the
     # schedule depend on the number of processes. We step it once per optimizer step instead.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -203,11 +225,42 @@ def run_training(cfg: TrainConfig) -> Path:
         max_consecutive_nonfinite=cfg.max_consecutive_nonfinite, run_settings=cfg.to_dict(),
     )
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
-                      PipelinePublisher(cfg, noise_scheduler, class_names), settings, evaluator)
+                      PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator)), settings,
+                      evaluator)
     try:
         trainer.train(resume_from)
     finally:
         if batches.skipped:
             logger.warning("process %d skipped %d unreadable images", accelerator.process_index, batches.skipped)
         accelerator.end_training()
+    if accelerator.is_main_process:
+        finish_run(cfg)
     return Path(cfg.output_dir) / "pipeline"
+
+
+def describe_hardware(accelerator) -> str:
+    """E.g. '2 x NVIDIA H100 80GB HBM3' or '1 x CPU (x86_64)', for the model card."""
+    import platform
+
+    import torch
+
+    device = accelerator.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type.upper()} ({platform.machine()})"
+    return f"{accelerator.num_processes} x {name}"
+
+
+def finish_run(cfg: TrainConfig) -> None:
+    """Write the training report, then push the pipeline when --push_to_hub (main process only)."""
+    from .report import write_report
+
+    output_dir = Path(cfg.output_dir)
+    write_report(output_dir, steps=cfg.ddpm_num_inference_steps, scheduler=cfg.sample_scheduler, seed=cfg.seed)
+    if cfg.push_to_hub:
+        from .hub import push_pipeline
+
+        repo_id = cfg.hub_model_id or output_dir.resolve().name
+        url = push_pipeline(output_dir / "pipeline", repo_id, private=cfg.hub_private_repo)
+        logger.info("pushed %s to %s", output_dir / "pipeline", url)

@@ -1,0 +1,221 @@
+"""Publishing an exported pipeline folder to the Hugging Face Hub with a model card.
+
+What is uploaded is a staged copy of the pipeline folder plus README.md (the card) and images/: never checkpoints,
+optimizer state, logs or caches. The token comes from HF_TOKEN or the user's `hf auth login`; we never write it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .config import FLOWERS_DATASET
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def require_token() -> None:
+    """Fail early, with one sentence, when no Hub token is available."""
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise UserError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login`")
+
+
+def resolve_pipeline_dir(model: str | Path) -> Path:
+    """The pipeline folder given directly or as a run's output_dir (which holds pipeline/)."""
+    path = Path(model)
+    if (path / "model_index.json").is_file():
+        return path
+    if (path / "pipeline" / "model_index.json").is_file():
+        return path / "pipeline"
+    raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json) nor a run folder with pipeline/")
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_run(pipeline_dir: Path) -> dict:
+    """What the card reports, from files in and next to the pipeline folder (each may be missing)."""
+    config_file = pipeline_dir / "training_config.yaml"
+    return {
+        "config_yaml": config_file.read_text() if config_file.is_file() else None,
+        "config": yaml.safe_load(config_file.read_text()) if config_file.is_file() else {},
+        "info": _read_json(pipeline_dir / "training_info.json") or {},
+        "metrics": _read_json(pipeline_dir / "metrics.json") or _read_json(pipeline_dir.parent / "metrics.json"),
+        "unet": _read_json(pipeline_dir / "unet" / "config.json") or {},
+        "scheduler": _read_json(pipeline_dir / "scheduler" / "scheduler_config.json") or {},
+    }
+
+
+def _card_images(pipeline_dir: Path) -> dict[str, Path]:
+    """Card images (name in the repo -> file): the run's report when it is there, else a grid sampled now."""
+    report, samples = pipeline_dir.parent / "report", pipeline_dir.parent / "samples"
+    images = {}
+    grids = sorted(samples.glob("step-*.png")) if samples.is_dir() else []
+    if (report / "final_samples.png").is_file():
+        images["samples.png"] = report / "final_samples.png"
+    elif grids:
+        images["samples.png"] = grids[-1]
+    for name in ("loss_curve.png", "denoising.png", "samples_over_training.png"):
+        if (report / name).is_file():
+            images[name] = report / name
+    return images
+
+
+def _sample_grid_now(pipeline_dir: Path, out: Path) -> Path:
+    """For pipelines made elsewhere: 4 images with 25 DDIM steps."""
+    import torch
+
+    from .pipeline import generate, image_grid, load_pipeline
+
+    pipe = load_pipeline(str(pipeline_dir), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    image_grid(generate(pipe, 4, 25, seed=0, scheduler="ddim", batch_size=4)).save(out)
+    return out
+
+
+def _dataset(config: dict) -> tuple[str, list[str], list[str]]:
+    """(description, Hub dataset ids, tags) of the training data."""
+    if config.get("train_data_dir"):
+        return "a local image folder", [], ["custom-images"]
+    name = config.get("dataset_name")
+    if not name:
+        return "unknown data", [], []
+    if name == FLOWERS_DATASET:
+        return f"Oxford Flowers102 ([{name}](https://huggingface.co/datasets/{name}))", [name], ["flowers102"]
+    return f"[{name}](https://huggingface.co/datasets/{name})", [name], [name.split("/")[-1].lower()]
+
+
+def _is_hub_id(value: Optional[str]) -> bool:
+    return bool(value) and value.count("/") == 1 and not Path(value).exists() and not value.startswith((".", "/", "~"))
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "unknown"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
+
+
+def _metrics_section(metrics: Optional[dict]) -> str:
+    if not metrics:
+        return ""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    rest = {k: v for k, v in metrics.items() if k not in scalars}
+    lines = ["## Metrics", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()]
+    if rest:
+        lines += ["", "```json", json.dumps(rest, indent=2), "```"]
+    return "\n".join(lines) + "\n\n"
+
+
+def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], license: str = "apache-2.0"):
+    """A `huggingface_hub.ModelCard` with Hub metadata, the sample grid, a usage snippet and the training facts."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    run = _read_run(pipeline_dir)
+    config, info, unet = run["config"], run["info"], run["unet"]
+    data_text, datasets, data_tags = _dataset(config)
+    init_from = config.get("init_from")
+    metadata = ModelCardData(
+        library_name="diffusers", pipeline_tag="unconditional-image-generation", license=license,
+        tags=["diffusers", "ddpm", "unconditional-image-generation", "pytorch", *data_tags],
+        datasets=datasets or None, base_model=init_from if _is_hub_id(init_from) else None,
+    )
+    size = unet.get("sample_size", "?")
+    origin = ""
+    if init_from:  # local paths stay out of the prose (they are in the configuration below)
+        origin = (f"fine-tuned from [{init_from}](https://huggingface.co/{init_from}) " if _is_hub_id(init_from)
+                  else "fine-tuned from a local pretrained model ")
+    lora = ""
+    if config.get("lora_rank"):
+        lora = (f" Trained as a rank-{config['lora_rank']} LoRA; the weights here have the adapter merged in, and the "
+                "adapter alone is in `lora_adapter/` (peft format).")
+    sched = run["scheduler"]
+    rows = [
+        ("dataset", data_text),
+        ("resolution", f"{size} x {size}"),
+        ("optimizer steps", info.get("global_step", config.get("max_train_steps", "unknown"))),
+        ("batch size per process x accumulation",
+         f"{config.get('train_batch_size', '?')} x {config.get('gradient_accumulation_steps', '?')}"),
+        ("learning rate", config.get("learning_rate", "unknown")),
+        ("EMA", "yes" if config.get("use_ema") else "no"),
+        ("noise schedule", f"{sched.get('num_train_timesteps', '?')} steps, {sched.get('beta_schedule', '?')} betas, "
+                           f"predicts {sched.get('prediction_type', '?')}"),
+        ("UNet", f"blocks {unet.get('block_out_channels', '?')}"),
+        ("hardware", info.get("hardware", "unknown")),
+        ("training time", _duration(info.get("training_seconds"))),
+    ]
+    body = [f"# {repo_id.split('/')[-1]}", ""]
+    if "samples.png" in image_names:
+        body += ["![Samples](images/samples.png)", ""]
+    body += [
+        f"A denoising diffusion probabilistic model (DDPM) {origin}on {data_text}, generating {size}x{size} RGB "
+        f"images, trained with flowers_ddpm (diffusers + accelerate).{lora}", "",
+        "## Usage", "", "```python", "from diffusers import DiffusionPipeline", "",
+        f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")',
+        "images = pipe(batch_size=4, num_inference_steps=50).images",
+        'images[0].save("sample.png")', "```", "",
+        "## Training", "", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], "",
+    ]
+    for name, title in (("loss_curve.png", "Loss"), ("samples_over_training.png", "Samples during training"),
+                        ("denoising.png", "Denoising progression")):
+        if name in image_names:
+            body += [f"![{title}](images/{name})", ""]
+    text = "\n".join(body) + "\n" + _metrics_section(run["metrics"])
+    if run["config_yaml"]:
+        text += ("<details><summary>Training configuration</summary>\n\n```yaml\n" + run["config_yaml"].strip()
+                 + "\n```\n\n</details>\n")
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{text}")
+
+
+def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, license: str = "apache-2.0") -> list[str]:
+    """Write exactly what would be uploaded into `staging_dir` (which must be empty): the pipeline folder, README.md
+    and images/. Returns the staged files, relative and sorted."""
+    pipeline_dir = resolve_pipeline_dir(model)
+    staging = Path(staging_dir)
+    if staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
+        raise UserError(f"staging_dir {staging} must be an empty or new folder")
+    shutil.copytree(pipeline_dir, staging, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".cache", "__pycache__", ".git", "*.tmp", "*.old"))
+    (staging / "images").mkdir(exist_ok=True)
+    images = _card_images(pipeline_dir)
+    for name, path in images.items():
+        shutil.copyfile(path, staging / "images" / name)
+    if "samples.png" not in images:
+        _sample_grid_now(pipeline_dir, staging / "images" / "samples.png")
+    names = sorted(p.name for p in (staging / "images").iterdir())
+    build_model_card(pipeline_dir, repo_id, names, license).save(staging / "README.md")
+    return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+
+
+def push_pipeline(model: str | Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
+                  commit_message: Optional[str] = None, license: str = "apache-2.0",
+                  staging_dir: Optional[str | Path] = None) -> str:
+    """Stage the pipeline with its card and upload it with `create_repo` + `upload_folder`; returns the commit URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    require_token()
+    with tempfile.TemporaryDirectory(prefix="flowers-ddpm-push-") as tmp:
+        staging = Path(staging_dir) if staging_dir else Path(tmp) / "upload"
+        files = stage_upload(model, staging, repo_id, license)
+        api = HfApi()  # token: HF_TOKEN or the stored login, resolved by huggingface_hub itself
+        try:
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
+            logger.info("uploading %d files to %s", len(files), repo_url.repo_id)
+            commit = api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(staging), revision=revision,
+                                       commit_message=commit_message or "Upload DDPM pipeline with flowers_ddpm")
+        except (HfHubHTTPError, OSError) as e:  # refused, no access, offline
+            raise UserError(f"pushing to {repo_id} failed: {str(e).splitlines()[0]}") from None
+    return commit.commit_url

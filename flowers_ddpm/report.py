@@ -1,0 +1,148 @@
+"""The training report in <output_dir>/report/: loss curve, sample grids over training, a denoising progression.
+
+Reads only what a run wrote (report/loss.jsonl, samples/, the exported pipeline/), never the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+LOSS_LOG = "loss.jsonl"
+TRAINING_INFO = "training_info.json"
+FINAL_SAMPLES, SAMPLES_OVER_TRAINING = "final_samples.png", "samples_over_training.png"
+LOSS_CURVE, DENOISING = "loss_curve.png", "denoising.png"
+
+
+def write_training_info(pipeline_dir: Path, step: int, seconds: float, hardware: str) -> None:
+    """Facts about the run that the model card reports (steps, wall-clock time, hardware)."""
+    info = {"global_step": step, "training_seconds": round(seconds, 1), "hardware": hardware}
+    (Path(pipeline_dir) / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_loss_log(path: Path) -> tuple[list[int], list[float]]:
+    """(steps, losses) from the trainer's JSON lines; a resumed run's later entry for a step wins."""
+    by_step: dict[int, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                by_step[entry["step"]] = entry["loss"]
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot_loss_curve(loss_log: Path, out: Path) -> Optional[Path]:
+    """Loss against optimizer step as a PNG; None when nothing was logged."""
+    steps, losses = read_loss_log(loss_log)
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, marker="." if len(steps) < 50 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    if min(losses) > 0 and max(losses) / min(losses) > 20:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
+    """Tiles side by side, each with a caption strip above it; tiny tiles are enlarged so captions fit."""
+    caption = 14
+    scale = max(1, -(-64 // min(t.width for t in tiles)))
+    tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles] if scale > 1 else tiles
+    width, height = max(t.width for t in tiles), max(t.height for t in tiles)
+    row = Image.new("RGB", (width * len(tiles), height + caption), "white")
+    draw = ImageDraw.Draw(row)
+    for i, (tile, label) in enumerate(zip(tiles, labels)):
+        row.paste(tile, (i * width, caption))
+        draw.text((i * width + 2, 1), label, fill="black")
+    return row
+
+
+def samples_over_training(samples_dir: Path, out: Path, max_columns: int = 6) -> Optional[Path]:
+    """The sample grids at (up to) `max_columns` evenly spaced steps, labelled with their step."""
+    grids = sorted(samples_dir.glob("step-*.png"))
+    if not grids:
+        return None
+    picks = sorted({round(i * (len(grids) - 1) / max(max_columns - 1, 1)) for i in range(min(max_columns, len(grids)))})
+    chosen = [grids[i] for i in picks]
+    _labelled_row([Image.open(p).convert("RGB") for p in chosen],
+                  [f"step {int(p.stem.split('-')[1])}" for p in chosen]).save(out)
+    return out
+
+
+@torch.inference_mode()
+def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: int = 6, steps: int = 50,
+                    scheduler: Optional[str] = None) -> Path:
+    """One row per seed: x_t at `columns` evenly spaced points of sampling, from pure noise to the image.
+
+    This repeats DDPMPipeline's sampling loop because the pipeline returns only the final image, not x_t.
+    """
+    from .pipeline import make_scheduler
+
+    unet = pipe.unet
+    sched = make_scheduler(scheduler, pipe.scheduler.config) if scheduler else pipe.scheduler
+    sched.set_timesteps(steps)
+    pipe.scheduler = sched
+    # GuidedDDPMPipeline (class-conditional / learned variances) knows how to feed its UNet; plain UNets take (x, t)
+    model_output = getattr(pipe, "scheduler_input", lambda x, t: unet(x, t).sample)
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    keep = {round(i * steps / (columns - 1)) for i in range(columns)}  # indices into the steps taken, 0 = noise
+    rows, labels = [], []
+    for seed in seeds:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        x = torch.randn((1, unet.config.in_channels, *size), generator=generator).to(unet.device, unet.dtype)
+        tiles, labels = [], []
+        for i, t in enumerate(list(sched.timesteps) + [None]):
+            if i in keep:
+                tiles.append(_to_image(x))
+                labels.append("noise" if i == 0 else f"t={int(t)}" if t is not None else "t=0")
+            if t is not None:
+                x = sched.step(model_output(x, t), t, x, generator=generator).prev_sample
+        rows.append(tiles)
+    grid = [_labelled_row(tiles, labels if r == 0 else [""] * len(tiles)) for r, tiles in enumerate(rows)]
+    strip = Image.new("RGB", (grid[0].width, sum(g.height for g in grid)), "white")
+    for r, row in enumerate(grid):
+        strip.paste(row, (0, sum(g.height for g in grid[:r])))
+    strip.save(out)
+    return out
+
+
+def _to_image(x: torch.Tensor) -> Image.Image:
+    array = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def write_report(output_dir: str | Path, steps: int = 50, scheduler: Optional[str] = None, seed: int = 0) -> Path:
+    """Write loss_curve.png, samples_over_training.png, final_samples.png and denoising.png under report/."""
+    from .pipeline import load_pipeline
+
+    output_dir = Path(output_dir)
+    folder = output_dir / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    plot_loss_curve(folder / LOSS_LOG, folder / LOSS_CURVE)
+    if samples_over_training(output_dir / "samples", folder / SAMPLES_OVER_TRAINING):
+        shutil.copyfile(sorted((output_dir / "samples").glob("step-*.png"))[-1], folder / FINAL_SAMPLES)
+    if (output_dir / "pipeline" / "model_index.json").is_file():
+        pipe = load_pipeline(str(output_dir / "pipeline"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        denoising_strip(pipe, folder / DENOISING, seeds=(seed, seed + 1, seed + 2), steps=steps, scheduler=scheduler)
+    logger.info("training report written to %s", folder)
+    return folder
