@@ -246,7 +246,8 @@ def test_two_processes_stop_together_on_sigterm_and_resume_exactly(image_folder,
     assert {who for who, _ in stops} == {"SIGTERM", "a signal on another process"}
     steps = {step for _, step in stops}
     assert len(steps) == 1, stops  # both ranks stopped after the same step
-    assert err.count(f"exitcode  : {EXIT_PREEMPTED}") == 2 and run.returncode != 0  # the launcher reports both
+    # the launcher reports the first rank's exit code; it may terminate the other rank before that one exits
+    assert f"exitcode  : {EXIT_PREEMPTED}" in err and run.returncode != 0
     stop_step = int(steps.pop())
     assert checkpointing.complete_checkpoints(preempted)[-1][0] == stop_step < 8
     assert_no_secret(preempted)
