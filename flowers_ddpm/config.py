@@ -88,6 +88,15 @@ class TrainConfig:
     ddpm_num_inference_steps: int = _opt(50, "sampler steps for the sample grids", minimum=1)
     sample_scheduler: str = _opt("ddim", "sampler for the sample grids", SAMPLE_SCHEDULERS)
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
+    # -- speed (issue 4)
+    decode_cache: bool = _opt(False, "decode every image once into a uint8 cache at training resolution and train "
+                              "from it (only the random crop/flip is done per step)")
+    decode_cache_dir: Optional[str] = _opt(None, "where decode caches live (default: ~/.cache/flowers_ddpm/decoded)")
+    decode_cache_ram_mb: int = _opt(4096, "load a decode cache up to this size into RAM, else memory-map it", minimum=0)
+    channels_last: bool = _opt(True, "feed the UNet channels-last (NHWC) batches")
+    allow_tf32: bool = _opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs")
+    compile: bool = _opt(False, "torch.compile the UNet (inductor, through accelerate)")
+    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory")
     debug: bool = _opt(False, "show tracebacks for user errors")
 
     def to_dict(self) -> dict:
