@@ -177,8 +177,9 @@ def open_cache(cfg: TrainConfig, source: DataSource, build: bool = True) -> Deco
         logger.info("building the decode cache %s from %s", folder, source.description)
         settings = TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip)
         build_cache(source, settings, folder, identity, cfg.dataloader_num_workers or min(8, os.cpu_count() or 1))
+        logger.info("decode cache complete: %s", folder)
     images = DecodedImages(folder, cfg.decode_cache_ram_mb * 2**20)
-    logger.info("decode cache %s: %d images, %.1f MB %s", folder, len(images), images.nbytes / 2**20,
+    logger.debug("decode cache %s: %d images, %.1f MB %s", folder, len(images), images.nbytes / 2**20,
                 "in RAM" if images.in_ram else "memory-mapped")
     return images
 
