@@ -95,7 +95,7 @@ class TrainConfig:
     decode_cache_ram_mb: int = _opt(4096, "load a decode cache up to this size into RAM, else memory-map it", minimum=0)
     channels_last: bool = _opt(True, "feed the UNet channels-last (NHWC) batches")
     allow_tf32: bool = _opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs")
-    compile: bool = _opt(False, "torch.compile the UNet (inductor, through accelerate)")
+    compile: bool = _opt(False, "torch.compile the UNet in place (the first steps compile)")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory")
     debug: bool = _opt(False, "show tracebacks for user errors")
 
