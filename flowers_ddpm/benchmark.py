@@ -235,7 +235,9 @@ def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> di
         start = time.perf_counter()
         _timed_steps(mode["trainer"], mode["batches"], args.warmup_steps, device)
         mode["warmup_sec"] = time.perf_counter() - start
-    for _ in range(args.rounds):
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(args.rounds), desc="train rounds", dynamic_ncols=True):
         for name, mode in modes.items():
             configure_backends(allow_tf32=name == "optimized")
             if device.type == "cuda":
@@ -274,6 +276,7 @@ def parse_samplers(text: str) -> dict[str, int]:
 def benchmark_sample(args, device: torch.device) -> dict:
     """Images/s of each sampler on a freshly initialised UNet (speed does not depend on the weights)."""
     import torch
+    from tqdm.auto import tqdm
 
     from .models import build_noise_scheduler, build_unet
     from .pipeline import build_pipeline, generate, prepare_for_sampling
@@ -286,7 +289,7 @@ def benchmark_sample(args, device: torch.device) -> dict:
     batch = args.sample_batch_size
     generate(pipe, batch, 1, seed=0, scheduler="ddim", batch_size=batch)  # warm-up
     result = {"batch_size": batch, "precision": str(dtype).replace("torch.", "")}
-    for name, steps in parse_samplers(args.samplers).items():
+    for name, steps in tqdm(parse_samplers(args.samplers).items(), desc="samplers", dynamic_ncols=True):
         _sync(device)
         start = time.perf_counter()
         generate(pipe, batch, steps, seed=0, scheduler=name, batch_size=batch)
