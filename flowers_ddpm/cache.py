@@ -32,7 +32,7 @@ import numpy as np
 from .config import TrainConfig
 from .data import DataSource, example_id
 from .errors import UserError
-from .imaging import TransformSettings, crop_and_flip, decode_resized
+from .imaging import TransformSettings, crop_and_flip_view, decode_resized
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -184,6 +184,15 @@ def open_cache(cfg: TrainConfig, source: DataSource, build: bool = True) -> Deco
     return images
 
 
+def _unit_range_table() -> np.ndarray:
+    import torch
+
+    return torch.arange(256).float().div_(127.5).sub_(1.0).numpy()
+
+
+_TO_UNIT_RANGE = _unit_range_table()
+
+
 class CachedBatches:
     """Batches for one process read from a decode cache, in the DataStream protocol of the trainer.
 
@@ -231,7 +240,16 @@ class CachedBatches:
         image = self.images.image(i)
         if self.settings.center_crop and not self.settings.random_flip:
             return image
-        return crop_and_flip(image, self.settings, np.random.default_rng([self.seed, epoch, i]))
+        return crop_and_flip_view(image, self.settings, np.random.default_rng([self.seed, epoch, i]))
+
+    def _pixels(self, chunk: list[tuple[int, int]]) -> np.ndarray:
+        size = self.settings.resolution
+        stacked = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
+        for k, (epoch, i) in enumerate(chunk):
+            stacked[k] = self._augmented(epoch, i)
+        # one single-threaded table lookup maps uint8 to [-1, 1] (the same floats as the streaming path's
+        # x.float() / 127.5 - 1); the NHWC result viewed as NCHW is already channels-last, without a copy
+        return _TO_UNIT_RANGE[stacked]
 
     def __iter__(self):
         import torch
@@ -242,9 +260,8 @@ class CachedBatches:
             if len(chunk) < self.batch_size:
                 continue
             indices = [i for _, i in chunk]
-            pixels = torch.from_numpy(np.stack([self._augmented(e, i) for e, i in chunk])).permute(0, 3, 1, 2)
             batch = {
-                "pixel_values": pixels.float().div_(127.5).sub_(1.0),
+                "pixel_values": torch.from_numpy(self._pixels(chunk)).permute(0, 3, 1, 2),
                 "class_labels": torch.from_numpy(self.images.labels[indices]),
                 "ids": [self.images.ids[i] for i in indices] if self.record_ids else [],
             }

@@ -84,6 +84,11 @@ def decode_resized(record, settings: TransformSettings) -> np.ndarray:
 def crop_and_flip(array: np.ndarray, settings: TransformSettings, rng: np.random.Generator) -> np.ndarray:
     """The random part of `decode_and_transform`: a random square crop (unless already center-cropped) and an
     optional horizontal flip of a `decode_resized` array, drawn from `rng` in a fixed order."""
+    return np.ascontiguousarray(crop_and_flip_view(array, settings, rng))
+
+
+def crop_and_flip_view(array: np.ndarray, settings: TransformSettings, rng: np.random.Generator) -> np.ndarray:
+    """`crop_and_flip` as a view of `array` (no copy)."""
     size = settings.resolution
     new_h, new_w = array.shape[:2]
     if not settings.center_crop:
@@ -91,7 +96,7 @@ def crop_and_flip(array: np.ndarray, settings: TransformSettings, rng: np.random
         array = array[top:top + size, left:left + size]
     if settings.random_flip and rng.random() < 0.5:
         array = array[:, ::-1]
-    return np.ascontiguousarray(array)
+    return array
 
 
 def try_decode(record, settings: TransformSettings, seed: tuple) -> tuple[Optional[np.ndarray], Optional[str]]:

@@ -135,6 +135,11 @@ def test_device_batches_are_channels_last_and_keep_the_data_position(image_folde
     assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
     assert batch["pixel_values"].shape == (4, 3, 16, 16) and -1 <= batch["pixel_values"].min()
     assert batches.state_dict() == inner.state_dict() and batches.state_dict()["position"] == 4
+    settings = TransformSettings(16, False, False)
+    expected = [crop_and_flip(inner.images.image(i), settings, np.random.default_rng([0, 0, i]))
+                for i in inner.epoch_order(0)[:4]]  # the same floats as the streaming path's conversion
+    as_floats = torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert torch.equal(batch["pixel_values"], as_floats)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
