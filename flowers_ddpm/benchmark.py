@@ -283,7 +283,8 @@ def benchmark_sample(args, device: torch.device) -> dict:
 
     torch.manual_seed(0)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = build_pipeline(build_unet(args.model_preset, args.resolution), build_noise_scheduler(1000, "linear", "epsilon"))
+    unet = build_unet(args.model_preset, args.resolution)
+    pipe = build_pipeline(unet, build_noise_scheduler(1000, "linear", "epsilon"))
     pipe = prepare_for_sampling(pipe.to(device, dtype) if dtype == torch.float16 else pipe.to(device))
     pipe.set_progress_bar_config(disable=True)
     batch = args.sample_batch_size
@@ -325,8 +326,8 @@ def format_table(results: dict) -> str:
     if "train" in results:
         t = results["train"]
         lines.append(f"train  baseline {t['baseline']['images_per_sec']:8.1f} img/s   optimized"
-                     f" {t['optimized']['images_per_sec']:8.1f} img/s   speedup {t['speedup']:6.2f}x   ({t['model_preset']}"
-                     f" {t['resolution']}px batch {t['batch_size']}, {t['model_gflops_per_image']:.2f} GFLOP/img)")
+                     f" {t['optimized']['images_per_sec']:8.1f} img/s   speedup {t['speedup']:6.2f}x"
+                     f"   ({t['model_preset']} {t['resolution']}px batch {t['batch_size']}, {t['model_gflops_per_image']:.2f} GFLOP/img)")
         if t["optimized"]["mfu"] is not None:
             lines.append(f"       MFU optimized {100 * t['optimized']['mfu']:.1f}%")
     if "sample" in results:
