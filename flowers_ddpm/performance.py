@@ -74,8 +74,8 @@ class DeviceBatches:
                 if cuda:
                     tensor = tensor.pin_memory()
                 moved[name] = tensor.to(self.device, non_blocking=cuda)
-            if self.channels_last:
-                moved["pixel_values"] = moved["pixel_values"].contiguous(memory_format=torch.channels_last)
+            layout = torch.channels_last if self.channels_last else torch.contiguous_format
+            moved["pixel_values"] = moved["pixel_values"].contiguous(memory_format=layout)  # no copy when it is
             yield moved
 
     def state_dict(self) -> dict:
