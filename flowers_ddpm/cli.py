@@ -1,4 +1,5 @@
-"""The `flowers-ddpm` command: `train`, `sample`, `evaluate` and `push`. Thin: parse, then call the module that does the work."""
+"""The `flowers-ddpm` command: `train`, `sample`, `evaluate`, `push`, `prepare` and `benchmark`. Thin: parse, then
+call the module that does the work."""
 
 from __future__ import annotations
 
@@ -111,6 +112,30 @@ def _push(args: argparse.Namespace) -> None:
     print(f"pushed to {url}")
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from .cache import open_cache
+    from .config import build_config, load_yaml
+    from .data import open_source
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    file_values = load_yaml(args.config) if args.config else {}
+    if not {"max_train_steps", "num_epochs"} & (set(values) | set(file_values)):
+        values["max_train_steps"] = 1  # the length of training does not matter for the cache
+    cfg = build_config(file_values, values)
+    images = open_cache(cfg, open_source(cfg))
+    print(f"decode cache ready: {len(images)} images ({images.nbytes / 2**20:.1f} MB, {images.skipped} unreadable "
+          f"skipped) in {images.folder}")
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    from .benchmark import format_table, run_benchmark
+
+    results = run_benchmark(args)
+    print(format_table(results))
+    if args.json:
+        print(f"results written to {args.json}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowers-ddpm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--staging_dir", default=None, help="empty folder to stage the upload in")
     push.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     push.set_defaults(func=_push)
+
+    prepare = sub.add_parser("prepare", help="build the decode-once cache for a training config (see --decode_cache)")
+    add_train_arguments(prepare)
+    prepare.set_defaults(func=_prepare)
+
+    from .benchmark import add_benchmark_arguments
+
+    benchmark = sub.add_parser("benchmark", help="measure data-path, training-step and sampling speed")
+    add_benchmark_arguments(benchmark)
+    benchmark.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    benchmark.set_defaults(func=_benchmark)
     return parser
 
 

@@ -124,6 +124,15 @@ class TrainConfig:
     push_to_hub: bool = _opt(False, "push the pipeline (with a model card) to the Hub at the end of training")
     hub_model_id: Optional[str] = _opt(None, "Hub repo id to push to (default: the name of output_dir)")
     hub_private_repo: bool = _opt(False, "create the Hub repo as private")
+    # -- speed (issue 4)
+    decode_cache: bool = _opt(False, "decode every image once into a uint8 cache at training resolution and train "
+                              "from it (only the random crop/flip is done per step)")
+    decode_cache_dir: Optional[str] = _opt(None, "where decode caches live (default: ~/.cache/flowers_ddpm/decoded)")
+    decode_cache_ram_mb: int = _opt(4096, "load a decode cache up to this size into RAM, else memory-map it", minimum=0)
+    channels_last: bool = _opt(True, "feed the UNet channels-last (NHWC) batches")
+    allow_tf32: bool = _opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs")
+    compile: bool = _opt(False, "torch.compile the UNet in place (the first steps compile)")
+    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory")
     debug: bool = _opt(False, "show tracebacks for user errors")
 
     def to_dict(self) -> dict:

@@ -224,6 +224,9 @@ class TrainBatches:
         return self.consumed_state
 
     def load_state_dict(self, state: dict) -> None:
+        if "dataset" not in state:  # written by the decode-cache path (flowers_ddpm.cache)
+            logger.warning("the checkpoint's data position belongs to the decode cache; the data stream restarts")
+            return
         self.stream.load_state_dict(state)
         self.consumed_state = state
 

@@ -73,6 +73,12 @@ def decode_and_transform(record, settings: TransformSettings, rng: np.random.Gen
 
     `rng` supplies the crop offset and flip so augmentation is a pure function of the example's key.
     """
+    return crop_and_flip(decode_resized(record, settings), settings, rng)
+
+
+def decode_resized(record, settings: TransformSettings) -> np.ndarray:
+    """The deterministic part of `decode_and_transform` (what the decode-once cache stores): decode, RGB, resize
+    the short side to the resolution, and center-crop when `settings.center_crop`. Returns HxWx3 uint8."""
     size = settings.resolution
     with open_image(record) as image:
         check_pixel_count(image)
@@ -86,12 +92,26 @@ def decode_and_transform(record, settings: TransformSettings, rng: np.random.Gen
     image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
     if settings.center_crop:
         left, top = (new_w - size) // 2, (new_h - size) // 2
-    else:
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def crop_and_flip(array: np.ndarray, settings: TransformSettings, rng: np.random.Generator) -> np.ndarray:
+    """The random part of `decode_and_transform`: a random square crop (unless already center-cropped) and an
+    optional horizontal flip of a `decode_resized` array, drawn from `rng` in a fixed order."""
+    return np.ascontiguousarray(crop_and_flip_view(array, settings, rng))
+
+
+def crop_and_flip_view(array: np.ndarray, settings: TransformSettings, rng: np.random.Generator) -> np.ndarray:
+    """`crop_and_flip` as a view of `array` (no copy)."""
+    size = settings.resolution
+    new_h, new_w = array.shape[:2]
+    if not settings.center_crop:
         left, top = int(rng.integers(0, new_w - size + 1)), int(rng.integers(0, new_h - size + 1))
-    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        array = array[top:top + size, left:left + size]
     if settings.random_flip and rng.random() < 0.5:
         array = array[:, ::-1]
-    return np.ascontiguousarray(array)
+    return array
 
 
 def try_decode(record, settings: TransformSettings, seed: tuple) -> tuple[Optional[np.ndarray], Optional[str]]:

@@ -121,7 +121,16 @@ def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype]
     except OSError as e:  # huggingface_hub's not-found and connection errors are OSErrors
         raise UserError(f"cannot load pipeline {model}: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(leave=False)
-    return pipe.to(device)
+    return prepare_for_sampling(pipe.to(device))
+
+
+def prepare_for_sampling(pipe):
+    """Channels-last UNet weights, so convolutions run NHWC kernels. Only for pipelines that are used for sampling
+    (safetensors cannot save channels-last weights; training keeps them contiguous)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        unet.to(memory_format=torch.channels_last)
+    return pipe
 
 
 def resolve_class_labels(pipe, class_labels: Optional[list]) -> Optional[list[int]]:

@@ -154,17 +154,31 @@ def unet_overrides(cfg: TrainConfig) -> dict:
     return overrides
 
 
+def _train_batches(cfg: TrainConfig, source, accelerator):
+    """Batches from the decode-once cache (built first by one process per machine) or decoded from the stream."""
+    from .data import build_train_batches
+
+    if not cfg.decode_cache:
+        return build_train_batches(cfg, source, accelerator.process_index, accelerator.num_processes)
+    from .cache import build_cached_batches, open_cache
+
+    with accelerator.local_main_process_first():
+        if accelerator.is_local_main_process:
+            open_cache(cfg, source)
+    return build_cached_batches(cfg, source, accelerator.process_index, accelerator.num_processes)
+
+
 def run_training(cfg: TrainConfig) -> Path:
     """Train as configured and return the exported pipeline folder."""
-    import torch
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from .data import build_train_batches, open_source
+    from .data import open_source
     from .finetune import add_class_conditioning, load_for_finetuning, select_trainable, trainable_parameters
     from .models import build_noise_scheduler, build_unet
     from .objectives import DiffusionObjective
+    from .performance import DeviceBatches, build_optimizer, configure_backends, prepare_model
     from .trainer import LoopSettings, Trainer
 
     # cheap checks first: nothing expensive happens before these pass
@@ -186,6 +200,7 @@ def run_training(cfg: TrainConfig) -> Path:
         cfg.save_yaml(Path(cfg.output_dir) / "training_config.yaml")
         (Path(cfg.output_dir) / "report").mkdir(exist_ok=True)  # the trainer appends report/loss.jsonl
 
+    configure_backends(cfg.allow_tf32)
     set_seed(cfg.seed)  # identical initial weights on every process
     if cfg.init_from:
         model, noise_scheduler = load_for_finetuning(cfg)
@@ -200,9 +215,9 @@ def run_training(cfg: TrainConfig) -> Path:
                                    cfg.class_dropout_prob)
     evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler) if cfg.eval_steps else None
     set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                  eps=cfg.adam_epsilon)
+    optimizer = build_optimizer(trainable_parameters(model), lr=cfg.learning_rate,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                                eps=cfg.adam_epsilon)
     # Not passed to accelerator.prepare: prepared schedulers step once per process per call, which makes the
     # schedule depend on the number of processes. We step it once per optimizer step instead.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -212,8 +227,9 @@ def run_training(cfg: TrainConfig) -> Path:
         ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
                        power=cfg.ema_power, model_cls=type(model), model_config=model.config, foreach=True)
         ema.to(accelerator.device)
+    model = prepare_model(model, cfg.gradient_checkpointing, cfg.compile)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batches = build_train_batches(cfg, source, accelerator.process_index, accelerator.num_processes)
+    batches = DeviceBatches(_train_batches(cfg, source, accelerator), accelerator.device, cfg.channels_last)
     if accelerator.is_main_process:
         accelerator.init_trackers(cfg.tracker_project_name, config=_tracker_config(cfg))
 

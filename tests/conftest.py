@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
+
+# Tiny test models run faster on one thread, and two-process tests put two processes on the two cores; without
+# this, intra-op threads of concurrent processes oversubscribe the CPU and runs get many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import subprocess  # noqa: E402
 import sys
 from pathlib import Path
 

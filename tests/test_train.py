@@ -14,7 +14,11 @@ from .conftest import REPO, run_command, tiny_train_args
 
 
 def read_order(path):
-    return {entry["step"]: entry["ids"] for entry in map(json.loads, path.read_text().splitlines())}
+    """{step: ids of every micro-batch of that step, in order}."""
+    order: dict[int, list] = {}
+    for entry in map(json.loads, path.read_text().splitlines()):
+        order.setdefault(entry["step"], []).extend(entry["ids"])
+    return order
 
 
 def test_train_checkpoints_rotate_and_pipeline_loads_in_plain_diffusers(image_folder, tmp_path):

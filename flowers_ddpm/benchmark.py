@@ -1,0 +1,368 @@
+"""`flowers-ddpm benchmark`: data path, training step and sampling speed, measured in one run on one machine.
+
+* data: images/s of the streaming decode path vs the decode-once cache over the same JPEG folder.
+* train: steady-state images/s of a `baseline` step (what diffusers' example does: fp32, contiguous NCHW batches,
+  decode + transform every step, PyTorch's default AdamW, EMA without foreach) and of the `optimized` step
+  (decode cache, channels-last batches, fused AdamW, foreach EMA, bf16 autocast where the device has it, optional
+  torch.compile), both through the real `Trainer.run_step`. The two modes run in alternating rounds so that load
+  from other programs on a shared machine affects both alike.
+* sample: images/s of DDPM, DDIM and DPM-Solver++ at a given batch.
+
+It measures; it asserts nothing. Compile and warm-up steps are excluded from the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .config import SAMPLE_SCHEDULERS, build_config
+from .errors import UserError
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, for model FLOPs utilisation.
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
+                   "H100": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+DEFAULT_SAMPLERS = "ddpm=1000,ddim=50,dpmsolver++=20"
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train_data_dir", default=None,
+                        help="folder of images (default: a generated folder of --image_size JPEGs)")
+    parser.add_argument("--num_images", type=int, default=256, help="images to generate without --train_data_dir")
+    parser.add_argument("--image_size", type=int, default=500, help="side of the generated JPEGs")
+    parser.add_argument("--data_resolution", type=int, default=64, help="training resolution of the data benchmark")
+    parser.add_argument("--model_preset", default="tiny")
+    parser.add_argument("--resolution", type=int, default=32, help="training and sampling resolution")
+    parser.add_argument("--train_batch_size", type=int, default=32)
+    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps per mode (and compile)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/optimized rounds")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="decode threads of the stream path")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the optimized model")
+    parser.add_argument("--mixed_precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                        help="optimized mode's precision (auto: bf16 where the device supports it)")
+    parser.add_argument("--sample_batch_size", type=int, default=16)
+    parser.add_argument("--samplers", default=DEFAULT_SAMPLERS, help="name=steps,... of the samplers to time")
+    parser.add_argument("--parts", default="data,train,sample", help="which of data,train,sample to run")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the GPU for MFU")
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    parser.add_argument("--work_dir", default=None, help="where generated images and caches go (default: temp)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+def generate_jpeg_folder(folder: Path, count: int, size: int, seed: int = 0) -> Path:
+    """`count` size x size JPEGs (smooth gradients plus noise, two class sub-folders) in `folder`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, size, dtype=np.float32)
+    for i in range(count):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        colour = rng.uniform(40, 215, 3).astype(np.float32)
+        base = colour * (0.5 + ramp[:, None, None] * ramp[None, :, None])
+        pixels = np.clip(base + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"c{i % 2}" / f"{i:05d}.jpg", quality=90)
+    return folder
+
+
+def _config(args, data_dir: str, work: Path, resolution: int, **overrides):
+    values = dict(train_data_dir=data_dir, model_preset=args.model_preset, resolution=resolution, center_crop=True,
+                  random_flip=True, train_batch_size=args.train_batch_size, max_train_steps=1,
+                  shuffle_buffer_size=64, dataloader_num_workers=args.dataloader_num_workers,
+                  decode_cache_dir=str(work / "caches"), logger="none", output_dir=str(work / "out"))
+    values.update(overrides)
+    return build_config({}, values)
+
+
+def _take(batches, images: int) -> tuple[float, int]:
+    """Seconds to draw at least `images` images from `batches`, and how many were drawn."""
+    seen, start = 0, time.perf_counter()
+    for batch in batches:
+        seen += batch["pixel_values"].shape[0]
+        if seen >= images:
+            break
+    return time.perf_counter() - start, seen
+
+
+# -- data -----------------------------------------------------------------------------------------------------
+def benchmark_data(args, data_dir: str, work: Path) -> dict:
+    """Streaming decode vs decode-once cache over one folder at --data_resolution."""
+    from .cache import CachedBatches, open_cache
+    from .data import build_train_batches, open_source
+    from .imaging import TransformSettings
+
+    cfg = _config(args, data_dir, work, args.data_resolution)
+    source = open_source(cfg)
+    total = source.num_examples
+    stream_s, stream_n = _take(build_train_batches(cfg, source, 0, 1), total)
+    start = time.perf_counter()
+    images = open_cache(cfg, source)
+    build_s = time.perf_counter() - start
+    cached = CachedBatches(images, TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip),
+                           cfg.train_batch_size, cfg.seed)
+    cache_s, cache_n = _take(cached, 5 * total)  # several epochs: one is too short to time
+    stream_ips, cache_ips = stream_n / stream_s, cache_n / cache_s
+    return {"images": total, "resolution": cfg.resolution, "stream_images_per_sec": stream_ips,
+            "cache_images_per_sec": cache_ips, "cache_build_sec": build_s, "cache_mb": images.nbytes / 2**20,
+            "speedup": cache_ips / stream_ips}
+
+
+# -- train ----------------------------------------------------------------------------------------------------
+class _NoPublisher:
+    def sample_grid(self, model, step):
+        return None
+
+    def export(self, model, step):
+        return None
+
+
+def _trainer(accelerator, cfg, optimized: bool, device: torch.device):
+    """A Trainer for one benchmark mode, built the way `flowers_ddpm.train` builds it."""
+    import torch
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from .cache import build_cached_batches
+    from .data import build_train_batches, open_source
+    from .models import build_noise_scheduler, build_unet
+    from .objectives import DiffusionObjective
+    from .performance import DeviceBatches, build_optimizer, prepare_model
+    from .trainer import LoopSettings, Trainer
+
+    torch.manual_seed(cfg.seed)
+    model = build_unet(cfg.model_preset, cfg.resolution)
+    scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
+    optimizer = build_optimizer(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=optimized)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, foreach=optimized)
+    ema.to(device)
+    source = open_source(cfg)
+    if optimized:
+        model = prepare_model(model, compile=cfg.compile)
+        model, optimizer = accelerator.prepare(model, optimizer)  # bf16 autocast when the accelerator has it
+        batches = build_cached_batches(cfg, source, 0, 1)
+    else:  # fp32, as diffusers' example with --mixed_precision no: not prepared, so no autocast
+        model = model.to(device)
+        batches = build_train_batches(cfg, source, 0, 1)
+    batches = DeviceBatches(batches, device, channels_last=optimized)
+    settings = LoopSettings(max_train_steps=10**9, output_dir=cfg.output_dir, logging_steps=10**9,
+                            checkpointing_steps=10**9, save_images_steps=10**9)
+    trainer = Trainer(accelerator, model, DiffusionObjective(scheduler), optimizer, lr_scheduler, ema, batches,
+                      _NoPublisher(), settings)
+    return trainer, iter(batches)
+
+
+def _sync(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_steps(trainer, batches, steps: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.run_step([next(batches)])
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def model_flops_per_image(trainer, batches) -> float:
+    """Forward + backward FLOPs of one training micro-batch per image (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = next(batches)
+    with FlopCounterMode(display=False) as counter:
+        loss = trainer.objective(trainer.model, batch)
+        loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch["pixel_values"].shape[0]
+
+
+def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Optional[float]:
+    """The device's dense bf16 peak in FLOP/s (None on CPUs and unknown GPUs)."""
+    import torch
+
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
+
+
+def _precision(args, device: torch.device) -> str:
+    from .performance import bf16_supported
+
+    if args.mixed_precision != "auto":
+        return args.mixed_precision
+    return "bf16" if bf16_supported(device) else "no"
+
+
+def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> dict:
+    """Baseline vs optimized training step, alternating rounds, steady state."""
+    import torch
+
+    from accelerate import Accelerator
+
+    from .cache import open_cache
+    from .data import open_source
+    from .performance import configure_backends
+
+    precision = _precision(args, device)
+    cfg = _config(args, data_dir, work, args.resolution, compile=args.compile)
+    open_cache(cfg, open_source(cfg))  # built before timing; the data section times the build
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    modes = {}
+    for name in ("baseline", "optimized"):
+        configure_backends(allow_tf32=name == "optimized")
+        trainer, batches = _trainer(accelerator, cfg, name == "optimized", device)
+        modes[name] = {"trainer": trainer, "batches": batches, "seconds": 0.0, "peak": 0}
+    flops = model_flops_per_image(modes["baseline"]["trainer"], modes["baseline"]["batches"])
+    for name, mode in modes.items():  # warm-up (and compile) outside the timings
+        configure_backends(allow_tf32=name == "optimized")
+        start = time.perf_counter()
+        _timed_steps(mode["trainer"], mode["batches"], args.warmup_steps, device)
+        mode["warmup_sec"] = time.perf_counter() - start
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(args.rounds), desc="train rounds", dynamic_ncols=True):
+        for name, mode in modes.items():
+            configure_backends(allow_tf32=name == "optimized")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            mode["seconds"] += _timed_steps(mode["trainer"], mode["batches"], args.steps, device)
+            if device.type == "cuda":
+                mode["peak"] = max(mode["peak"], torch.cuda.max_memory_allocated(device))
+    images = args.rounds * args.steps * cfg.train_batch_size
+    peak = peak_flops(device, args.peak_tflops)
+    result = {"model_preset": cfg.model_preset, "resolution": cfg.resolution, "batch_size": cfg.train_batch_size,
+              "timed_steps_per_mode": args.rounds * args.steps, "model_gflops_per_image": flops / 1e9}
+    for name, mode in modes.items():
+        ips = images / mode["seconds"]
+        result[name] = {
+            "images_per_sec": ips, "warmup_sec": mode["warmup_sec"],
+            "precision": precision if name == "optimized" else "no",
+            "peak_memory_mb": mode["peak"] / 2**20 if device.type == "cuda" else None,
+            "mfu": flops * ips / peak if peak else None,
+        }
+    result["speedup"] = result["optimized"]["images_per_sec"] / result["baseline"]["images_per_sec"]
+    return result
+
+
+# -- sample ---------------------------------------------------------------------------------------------------
+def parse_samplers(text: str) -> dict[str, int]:
+    """'ddpm=1000,ddim=50' -> {'ddpm': 1000, 'ddim': 50}."""
+    samplers = {}
+    for item in filter(None, text.split(",")):
+        name, _, steps = item.partition("=")
+        if name not in SAMPLE_SCHEDULERS or not steps.isdigit() or int(steps) < 1:
+            raise UserError(f"samplers must be name=steps with names from {', '.join(SAMPLE_SCHEDULERS)}; got {item!r}")
+        samplers[name] = int(steps)
+    return samplers
+
+
+def benchmark_sample(args, device: torch.device) -> dict:
+    """Images/s of each sampler on a freshly initialised UNet (speed does not depend on the weights)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .models import build_noise_scheduler, build_unet
+    from .pipeline import build_pipeline, generate, prepare_for_sampling
+
+    torch.manual_seed(0)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    unet = build_unet(args.model_preset, args.resolution)
+    pipe = build_pipeline(unet, build_noise_scheduler(1000, "linear", "epsilon"))
+    pipe = prepare_for_sampling(pipe.to(device, dtype) if dtype == torch.float16 else pipe.to(device))
+    pipe.set_progress_bar_config(disable=True)
+    batch = args.sample_batch_size
+    generate(pipe, batch, 1, seed=0, scheduler="ddim", batch_size=batch)  # warm-up
+    result = {"batch_size": batch, "precision": str(dtype).replace("torch.", "")}
+    for name, steps in tqdm(parse_samplers(args.samplers).items(), desc="samplers", dynamic_ncols=True):
+        _sync(device)
+        start = time.perf_counter()
+        generate(pipe, batch, steps, seed=0, scheduler=name, batch_size=batch)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        result[name] = {"steps": steps, "images_per_sec": batch / seconds, "seconds": seconds}
+    return result
+
+
+# -- the command ----------------------------------------------------------------------------------------------
+def machine_description(device: torch.device) -> dict:
+    """What the numbers were measured on, including the load from other programs."""
+    import torch
+
+    import platform
+
+    info = {"device": str(device), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "load_average_start": list(os.getloadavg())}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def format_table(results: dict) -> str:
+    """The results as a short human-readable table."""
+    lines = []
+    if "data" in results:
+        d = results["data"]
+        lines.append(f"data   stream {d['stream_images_per_sec']:10.1f} img/s   cache {d['cache_images_per_sec']:10.1f}"
+                     f" img/s   speedup {d['speedup']:6.1f}x   ({d['images']} images at {d['resolution']}px,"
+                     f" cache built in {d['cache_build_sec']:.1f}s)")
+    if "train" in results:
+        t = results["train"]
+        lines.append(f"train  baseline {t['baseline']['images_per_sec']:8.1f} img/s   optimized"
+                     f" {t['optimized']['images_per_sec']:8.1f} img/s   speedup {t['speedup']:6.2f}x"
+                     f"   ({t['model_preset']} {t['resolution']}px batch {t['batch_size']}, {t['model_gflops_per_image']:.2f} GFLOP/img)")
+        if t["optimized"]["mfu"] is not None:
+            lines.append(f"       MFU optimized {100 * t['optimized']['mfu']:.1f}%")
+    if "sample" in results:
+        s = results["sample"]
+        for name in SAMPLE_SCHEDULERS:
+            if name in s:
+                lines.append(f"sample {name:12s} {s[name]['steps']:5d} steps {s[name]['images_per_sec']:10.2f} img/s"
+                             f"   (batch {s['batch_size']}, {s['precision']})")
+    return "\n".join(lines)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Run the requested parts and return (and optionally write) the results."""
+    import torch
+
+    parts = set(filter(None, args.parts.split(",")))
+    if parts - {"data", "train", "sample"} or not parts:
+        raise UserError(f"parts must be a comma-separated subset of data,train,sample; got {args.parts!r}")
+    if args.train_data_dir and not Path(args.train_data_dir).is_dir():
+        raise UserError(f"train_data_dir {args.train_data_dir} does not exist or is not a directory")
+    samplers_ok = parse_samplers(args.samplers)  # noqa: F841  (fail before any work)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory(prefix="flowers-ddpm-bench-", dir=args.work_dir) as tmp:
+        work = Path(tmp)
+        data_dir = args.train_data_dir or str(generate_jpeg_folder(work / "images", args.num_images, args.image_size))
+        results = {"machine": machine_description(device)}
+        if "data" in parts:
+            results["data"] = benchmark_data(args, data_dir, work)
+        if "train" in parts:
+            results["train"] = benchmark_train(args, data_dir, work, device)
+        if "sample" in parts:
+            results["sample"] = benchmark_sample(args, device)
+    results["machine"]["load_average_end"] = list(os.getloadavg())
+    results["machine"]["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
