@@ -125,10 +125,11 @@ def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype]
 
 
 def prepare_for_sampling(pipe):
-    """Channels-last UNet weights, so convolutions run NHWC kernels. Only for pipelines that are used for sampling
-    (safetensors cannot save channels-last weights; training keeps them contiguous)."""
+    """Channels-last UNet weights on GPUs, so convolutions run NHWC kernels. Only for pipelines that are used for
+    sampling (safetensors cannot save channels-last weights; training keeps them contiguous). Not on the CPU, where
+    NHWC kernels gain little and make results depend on the batch size."""
     unet = getattr(pipe, "unet", None)
-    if unet is not None:
+    if unet is not None and unet.device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     return pipe
 
