@@ -348,7 +348,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         raise UserError(f"parts must be a comma-separated subset of data,train,sample; got {args.parts!r}")
     if args.train_data_dir and not Path(args.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {args.train_data_dir} does not exist or is not a directory")
-    samplers_ok = parse_samplers(args.samplers)  # noqa: F841  (fail before any work)
+    parse_samplers(args.samplers)  # fail on a bad --samplers before any work
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory(prefix="flowers-ddpm-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)

@@ -12,7 +12,6 @@ import subprocess  # noqa: E402
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
