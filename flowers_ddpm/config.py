@@ -133,6 +133,8 @@ class TrainConfig:
     allow_tf32: bool = _opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs")
     compile: bool = _opt(False, "torch.compile the UNet in place (the first steps compile)")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory")
+    # -- recipes (issue 8)
+    recipe: Optional[str] = _opt(None, "tuned defaults applied under your YAML and flags (see RECIPES.md)", ("small-data",))
     debug: bool = _opt(False, "show tracebacks for user errors")
 
     def to_dict(self) -> dict:
@@ -221,6 +223,7 @@ def build_config(file_values: dict, cli_values: dict) -> TrainConfig:
             if key not in _FIELDS:
                 raise UserError(f"unknown setting {key!r}; see `flowers-ddpm train --help` for the allowed settings")
             merged[key] = _coerce(key, value)
+    _recipe_defaults(merged)
     _finetune_defaults(merged)
     cfg = TrainConfig(**merged)
     validate(cfg)
@@ -282,6 +285,19 @@ def validate_finetune(cfg: TrainConfig) -> None:
         raise UserError("lora_alpha needs lora_rank")
     if cfg.init_from and cfg.learn_sigma:
         raise UserError("learn_sigma cannot be combined with init_from (the pretrained UNet's output channels are fixed)")
+
+
+def _recipe_defaults(merged: dict) -> None:
+    """Fill the settings the user did not give from the named recipe: defaults < recipe < YAML < flags."""
+    if merged.get("recipe") is None:
+        return
+    from .recipes import RECIPES, recipe_settings
+
+    if merged["recipe"] not in RECIPES:
+        raise UserError(f"recipe must be one of {', '.join(RECIPES)}; got {merged['recipe']!r}")
+    model_preset = merged.get("model_preset", _FIELDS["model_preset"].default)
+    for key, value in recipe_settings(merged["recipe"], model_preset).items():
+        merged.setdefault(key, value)
 
 
 def _finetune_defaults(merged: dict) -> None:

@@ -99,7 +99,6 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
 
     unet = pipe.unet
     sched = make_scheduler(scheduler, pipe.scheduler.config) if scheduler else pipe.scheduler
-    sched.set_timesteps(steps)
     pipe.scheduler = sched
     # GuidedDDPMPipeline (class-conditional / learned variances) knows how to feed its UNet; plain UNets take (x, t)
     model_output = getattr(pipe, "scheduler_input", lambda x, t: unet(x, t).sample)
@@ -108,6 +107,7 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
     keep = {round(i * steps / (columns - 1)) for i in range(columns)}  # indices into the steps taken, 0 = noise
     rows, labels = [], []
     for seed in seeds:
+        sched.set_timesteps(steps)  # also resets multistep solvers' state (DPM-Solver++ fails without it)
         generator = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((1, unet.config.in_channels, *size), generator=generator).to(unet.device, unet.dtype)
         tiles, labels = [], []

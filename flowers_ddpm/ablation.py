@@ -1,0 +1,302 @@
+"""Recipe ablation: train recipe variants for the same wall-clock budget on real data and score their samples.
+
+Each variant is a real `flowers-ddpm train` run (a subprocess, so every variant starts from a clean process and
+the runs cannot leak state into each other) on scikit-learn's digits written as class folders (flowers_ddpm.digits).
+The budget becomes a step count from a short probe run of the same variant, so the LR schedule and EMA warm-up
+end where they would in a planned run of that length. Samples are class-conditional, the same count, sampler and
+seeds for every variant, and are scored with the digits classifier: Frechet distance in its feature space
+(against the training images, beside a real-vs-real baseline of held-out images) and its accuracy on the
+requested digits.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from . import digits
+from .errors import UserError
+from .recipes import recipe_settings
+
+logger = logging.getLogger(__name__)
+
+# diffusers' examples/unconditional_image_generation/train_unconditional.py defaults (the baseline row).
+DIFFUSERS_DEFAULTS = {
+    "learning_rate": 1e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 500, "train_batch_size": 16,
+    "use_ema": True, "ema_inv_gamma": 1.0, "ema_power": 0.75, "ema_max_decay": 0.9999,
+    "prediction_type": "epsilon", "ddpm_beta_schedule": "linear", "snr_gamma": None, "dropout": 0.0,
+}
+
+# The screening base: one factor is changed at a time from here (the diffusers defaults are the other reference).
+CANDIDATE = {**DIFFUSERS_DEFAULTS, **recipe_settings("small-data", "tiny"), "dropout": 0.0}
+
+# name -> overrides of CANDIDATE. Model variants keep the compute budget, so a bigger model gets fewer steps.
+VARIANTS: dict[str, dict] = {
+    "candidate": {},
+    "lr-3e-4": {"learning_rate": 3e-4},
+    "lr-2e-3": {"learning_rate": 2e-3},
+    "warmup-500": {"lr_warmup_steps": 500},
+    "lr-constant": {"lr_scheduler": "constant_with_warmup"},
+    "ema-off": {"use_ema": False},
+    "ema-diffusers": {"ema_power": 0.75, "ema_max_decay": 0.9999},
+    "epsilon": {"prediction_type": "epsilon"},
+    "no-min-snr": {"snr_gamma": None},
+    "linear-schedule": {"ddpm_beta_schedule": "linear"},
+    "batch-16": {"train_batch_size": 16},
+    "batch-64": {"train_batch_size": 64},
+    "dropout-0.1": {"dropout": 0.1},
+    "wide": {"unet_config": {"block_out_channels": [48, 96]}},
+    "deep": {"unet_config": {"layers_per_block": 2}},
+}
+
+
+def variant_settings(name: str) -> dict:
+    """Full recipe of a variant: the diffusers defaults, the current small-data recipe, or CANDIDATE + overrides."""
+    if name == "diffusers-defaults":
+        return dict(DIFFUSERS_DEFAULTS)
+    if name == "small-data":
+        return {**DIFFUSERS_DEFAULTS, **recipe_settings("small-data", "tiny")}
+    if name not in VARIANTS:
+        known = ", ".join(["diffusers-defaults", "small-data", *VARIANTS])
+        raise UserError(f"unknown variant {name!r}; known variants: {known}")
+    return {**CANDIDATE, **VARIANTS[name]}
+
+
+def describe(name: str) -> str:
+    """What a variant changes, for the table."""
+    if name in ("diffusers-defaults", "small-data"):
+        return "the recipe itself"
+    overrides = VARIANTS[name]
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(screening base)"
+
+
+@dataclass
+class AblationSettings:
+    """Everything that is the same for every variant."""
+
+    output_dir: Path
+    budget_minutes: float = 10.0
+    budget_images: Optional[int] = None  # instead of minutes: training images at the candidate model's FLOPs
+    variants: tuple = ("diffusers-defaults", "small-data")
+    num_samples: int = 200
+    sampler: str = "dpmsolver++"
+    sampler_steps: int = 20
+    guidance_scale: float = 2.0
+    model_preset: str = "tiny"
+    resolution: int = 32
+    probe_steps: int = 12
+    classifier_epochs: int = 15
+    seed: int = 0
+    cache_dir: Optional[Path] = None
+
+    def validate(self) -> None:
+        """One-sentence errors before any work."""
+        for name in self.variants:
+            variant_settings(name)
+        if self.budget_minutes <= 0:
+            raise UserError(f"budget_minutes must be > 0; got {self.budget_minutes}")
+        if self.budget_images is not None and self.budget_images < 1:
+            raise UserError(f"budget_images must be >= 1; got {self.budget_images}")
+        if self.num_samples < 20:
+            raise UserError(f"num_samples must be >= 20 (two per digit at least); got {self.num_samples}")
+
+
+def _run_train(config: Path, extra: list[str], log: Path) -> float:
+    """Run `flowers-ddpm train --config config` in a fresh process; wall-clock seconds."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        result = subprocess.run([sys.executable, "-m", "flowers_ddpm.cli", "train", "--config", str(config), *extra],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"training failed (exit {result.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def _logged_images_per_sec(run_dir: Path) -> float:
+    """Steady-state images/s from report/loss.jsonl, skipping the first interval (it holds the warm-up)."""
+    rows = [json.loads(line) for line in (run_dir / "report" / "loss.jsonl").read_text().splitlines() if line]
+    rates = [r["images_per_sec"] for r in rows[1:]] or [rows[-1]["images_per_sec"]]
+    return sum(rates) / len(rates)
+
+
+def _write_config(folder: Path, recipe: dict, data: digits.DigitsData, settings: AblationSettings) -> Path:
+    values = {
+        **{k: v for k, v in recipe.items() if v is not None},
+        "train_data_dir": str(data.train_dir), "model_preset": settings.model_preset,
+        "resolution": settings.resolution, "class_conditional": True, "center_crop": True, "random_flip": False,
+        "decode_cache": True, "decode_cache_dir": str(settings.output_dir / "decode_cache"),
+        "shuffle_buffer_size": 2048, "seed": settings.seed, "logger": "none", "logging_steps": 4,
+        "output_dir": str(folder / "run"), "sample_scheduler": settings.sampler,
+        "ddpm_num_inference_steps": settings.sampler_steps, "eval_batch_size": 10,
+    }
+    if recipe.get("snr_gamma") is None:
+        values.pop("snr_gamma", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def training_flops_per_image(recipe: dict, settings: AblationSettings) -> float:
+    """Forward + backward FLOPs per training image of a variant's UNet (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import build_unet
+
+    overrides = dict(recipe.get("unet_config") or {})
+    model = build_unet(settings.model_preset, settings.resolution, overrides, digits.NUM_CLASSES + 1)
+    x = torch.randn(2, 3, settings.resolution, settings.resolution)
+    with FlopCounterMode(display=False) as counter:
+        model(x, torch.tensor([10, 500]), class_labels=torch.tensor([0, 1])).sample.square().mean().backward()
+    return counter.get_total_flops() / 2
+
+
+def plan_steps(config: Path, folder: Path, recipe: dict, settings: AblationSettings) -> tuple[int, Optional[float]]:
+    """Optimizer steps that fit the budget; and the probe's images/s (None for a compute budget).
+
+    A wall-clock budget is sized by a probe run of the same variant on this machine. A compute budget
+    (`budget_images`) gives every variant the training FLOPs of `budget_images` images of the candidate's UNet,
+    which does not depend on how busy the machine is.
+    """
+    if settings.budget_images is not None:
+        ratio = training_flops_per_image(CANDIDATE, settings) / training_flops_per_image(recipe, settings)
+        return max(int(settings.budget_images * ratio / recipe["train_batch_size"]), 1), None
+    probe = folder / "probe"
+    _run_train(config, ["--max_train_steps", str(settings.probe_steps), "--output_dir", str(probe),
+                        "--checkpointing_steps", "100000", "--save_images_steps", "100000"], folder / "probe.log")
+    rate = _logged_images_per_sec(probe)
+    steps = int(settings.budget_minutes * 60 * rate / recipe["train_batch_size"])
+    return max(steps, 1), rate
+
+
+class Scorer:
+    """Scores a pipeline's class-conditional samples with the digits classifier."""
+
+    def __init__(self, data: digits.DigitsData, settings: AblationSettings):
+        cache = settings.cache_dir or settings.output_dir / "classifier"
+        self.classifier, self.classifier_accuracy = digits.train_classifier(data, cache, settings.classifier_epochs,
+                                                                                 settings.seed)
+        train, _ = digits.load_folder(data.train_dir)
+        test, _ = digits.load_folder(data.test_dir)
+        self.reference = digits.predict(self.classifier, train)[0]
+        held_out = digits.predict(self.classifier, test[: settings.num_samples])[0]
+        from .metrics import frechet_distance
+
+        self.real_vs_real = frechet_distance(self.reference, held_out)
+        self.settings = settings
+
+    def score(self, pipeline_dir: Path, grid_path: Path) -> dict:
+        """Frechet distance and class accuracy of `num_samples` samples (image i asks for digit i % 10)."""
+        from .metrics import frechet_distance
+        from .pipeline import generate, image_grid, load_pipeline
+
+        s = self.settings
+        pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
+        start = time.perf_counter()
+        images = generate(pipe, s.num_samples, s.sampler_steps, s.seed, s.sampler, batch_size=100,
+                          class_labels=list(range(digits.NUM_CLASSES)), guidance_scale=s.guidance_scale)
+        sample_sec = time.perf_counter() - start
+        image_grid(images[:100]).save(grid_path)
+        from .evaluation import images_to_tensor
+
+        features, predicted = digits.predict(self.classifier, images_to_tensor(images))
+        requested = torch.arange(len(images)) % digits.NUM_CLASSES
+        return {"frechet": frechet_distance(self.reference, features),
+                "class_accuracy": float((predicted == requested).float().mean()),
+                "sample_images_per_sec": len(images) / sample_sec}
+
+
+def run_variant(name: str, data: digits.DigitsData, scorer: Scorer, settings: AblationSettings) -> dict:
+    """Probe, train for the budget, score; the result is kept in <output_dir>/<name>/result.json."""
+    folder = settings.output_dir / name
+    result_path = folder / "result.json"
+    if result_path.is_file():  # finished in an earlier, interrupted run of the ablation
+        return json.loads(result_path.read_text())
+    for leftover in ("run", "probe"):  # an unfinished variant starts over: its budget must be spent in one go
+        shutil.rmtree(folder / leftover, ignore_errors=True)
+    recipe = variant_settings(name)
+    config = _write_config(folder, recipe, data, settings)
+    steps, probe_rate = plan_steps(config, folder, recipe, settings)
+    logger.info("%s: %d steps planned (probe: %s images/s)", name, steps, probe_rate)
+    seconds = _run_train(config, ["--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
+                                  "--save_images_steps", str(steps)], folder / "train.log")
+    run_dir = folder / "run"
+    losses = [json.loads(line) for line in (run_dir / "report" / "loss.jsonl").read_text().splitlines() if line]
+    row = {"variant": name, "changes": describe(name), "steps": steps,
+           "train_images": steps * recipe["train_batch_size"],
+           "images_per_sec": _logged_images_per_sec(run_dir), "train_sec": seconds,
+           "final_loss": losses[-1]["loss"], "real_vs_real": scorer.real_vs_real,
+           **scorer.score(run_dir / "pipeline", folder / "grid.png")}
+    row["frechet_ratio"] = row["frechet"] / scorer.real_vs_real
+    result_path.write_text(json.dumps(row, indent=2))
+    return row
+
+
+COLUMNS = ("variant", "changes", "steps", "train_images", "images_per_sec", "train_sec", "final_loss", "frechet", "real_vs_real",
+           "frechet_ratio", "class_accuracy")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def write_table(rows: list[dict], output_dir: Path) -> Path:
+    """results.md (markdown) and results.csv with one row per variant."""
+    with open(output_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    path = output_dir / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _comparable(settings: AblationSettings) -> dict:
+    """The settings every row of one table must share (the variant list may grow between runs)."""
+    return {k: v for k, v in json.loads(json.dumps(asdict(settings), default=str)).items() if k != "variants"}
+
+
+def _check_same_settings(settings: AblationSettings) -> None:
+    path = settings.output_dir / "settings.json"
+    if path.is_file() and json.loads(path.read_text()) != _comparable(settings):
+        old = json.loads(path.read_text())
+        changed = sorted(k for k, v in _comparable(settings).items() if old.get(k) != v)
+        raise UserError(f"{settings.output_dir} holds an ablation with other settings ({', '.join(changed)}); "
+                        "use another --output_dir")
+
+
+def run_ablation(settings: AblationSettings) -> list[dict]:
+    """Run every variant (skipping finished ones), write the table and per-variant grids; return the rows."""
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    _check_same_settings(settings)
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    (settings.output_dir / "settings.json").write_text(json.dumps(_comparable(settings), indent=2))
+    data = digits.write_digits(settings.output_dir / "digits", settings.resolution, seed=settings.seed)
+    scorer = Scorer(data, settings)
+    logger.info("digits classifier test accuracy %.3f; real-vs-real Frechet %.3f", scorer.classifier_accuracy,
+                scorer.real_vs_real)
+    rows = []
+    for name in tqdm(settings.variants, desc="variants", dynamic_ncols=True):
+        rows.append(run_variant(name, data, scorer, settings))
+        write_table(rows, settings.output_dir)
+    return rows

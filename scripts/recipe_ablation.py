@@ -1,0 +1,58 @@
+"""Train recipe variants for the same wall-clock budget on scikit-learn's digits and compare their samples.
+
+    python scripts/recipe_ablation.py --budget_minutes 10 --variants diffusers-defaults small-data
+    python scripts/recipe_ablation.py --budget_minutes 3 --variants all --output_dir runs/screen
+
+Writes <output_dir>/results.md, results.csv and <output_dir>/<variant>/grid.png; rerunning with the same
+output_dir skips the variants that already finished. See RECIPES.md for the measured results.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from flowers_ddpm.ablation import VARIANTS, AblationSettings, run_ablation
+from flowers_ddpm.errors import UserError
+
+
+def parse_args(argv=None) -> AblationSettings:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="recipe-ablation", type=Path)
+    parser.add_argument("--budget_minutes", type=float, default=10.0, help="training wall-clock budget per variant")
+    parser.add_argument("--budget_images", type=int,
+                        help="instead of minutes: a compute budget, the training FLOPs of this many images of the "
+                             "screening base's UNet (independent of machine load)")
+    parser.add_argument("--variants", nargs="+", default=["diffusers-defaults", "small-data"],
+                        help=f"'all', or names among diffusers-defaults, small-data, {', '.join(VARIANTS)}")
+    parser.add_argument("--num_samples", type=int, default=200, help="class-conditional samples scored per variant")
+    parser.add_argument("--sampler", default="dpmsolver++", choices=("ddpm", "ddim", "dpmsolver++"))
+    parser.add_argument("--sampler_steps", type=int, default=20)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--model_preset", default="tiny")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--probe_steps", type=int, default=12, help="steps of the probe run that sizes the budget")
+    parser.add_argument("--classifier_epochs", type=int, default=15, help="epochs of the digits classifier")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache_dir", type=Path, help="where the digits classifier is cached (default: output_dir)")
+    args = parser.parse_args(argv)
+    variants = args.variants
+    if variants == ["all"]:
+        variants = ["diffusers-defaults", *VARIANTS]
+    return AblationSettings(**{**vars(args), "variants": tuple(variants)})
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = parse_args(argv)
+        rows = run_ablation(settings)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((settings.output_dir / "results.md").read_text())
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The small-data recipe preset and the recipe ablation script (issue 8); the measured numbers live in RECIPES.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flowers_ddpm.config import build_config, load_yaml
+from flowers_ddpm.recipes import recipe_settings
+
+from .conftest import REPO, run_command
+
+
+def test_recipe_fills_only_unset_settings():
+    cfg = build_config({"recipe": "small-data", "max_train_steps": 5, "model_preset": "tiny",
+                        "prediction_type": "epsilon"}, {"learning_rate": "3e-4"})
+    recipe = recipe_settings("small-data", "tiny")
+    assert cfg.prediction_type == "epsilon"  # YAML beats the recipe
+    assert cfg.learning_rate == 3e-4  # flags beat the recipe
+    assert cfg.ema_max_decay == recipe["ema_max_decay"] and cfg.snr_gamma == recipe["snr_gamma"]
+    assert cfg.ddpm_beta_schedule == recipe["ddpm_beta_schedule"]
+    plain = build_config({"max_train_steps": 5}, {})
+    assert (plain.prediction_type, plain.snr_gamma) == ("epsilon", None)  # no recipe: diffusers' defaults
+
+
+def test_recipe_learning_rate_depends_on_model_size():
+    assert recipe_settings("small-data", "tiny")["learning_rate"] > recipe_settings("small-data", "ddpm")["learning_rate"]
+
+
+def test_flowers_config_uses_the_recipe():
+    """configs/flowers64.yaml spells out the small-data recipe for its model (so the file reads on its own)."""
+    values = load_yaml(str(REPO / "configs" / "flowers64.yaml"))
+    for key, value in recipe_settings("small-data", values["model_preset"]).items():
+        assert values.get(key) == pytest.approx(value), key
+
+
+def test_unknown_recipe_is_a_user_error(tmp_path):
+    result = run_command([sys.executable, "-m", "flowers_ddpm.cli", "train", "--recipe", "big-data",
+                          "--max_train_steps", "1", "--output_dir", str(tmp_path)])
+    assert result.returncode == 2 and "recipe must be one of small-data" in result.stderr
+
+
+def test_ablation_runs_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "ablation"
+    args = [sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(out), "--budget_images", "48",
+            "--variants", "diffusers-defaults", "wide", "--num_samples", "20", "--sampler_steps", "2",
+            "--resolution", "16", "--classifier_epochs", "1"]
+    result = run_command(args, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["diffusers-defaults", "wide"]
+    for row in rows:
+        assert 0.0 <= float(row["class_accuracy"]) <= 1.0 and float(row["frechet"]) > 0
+        assert float(row["real_vs_real"]) > 0
+    # the same compute: the wider UNet costs more FLOPs per image, so it gets fewer images (and steps)
+    assert int(rows[1]["train_images"]) < int(rows[0]["train_images"])
+    assert (out / "wide" / "grid.png").is_file() and (out / "results.md").read_text().count("\n") == 4
+    config = yaml.safe_load((out / "wide" / "config.yaml").read_text())
+    assert config["unet_config"] == {"block_out_channels": [48, 96]} and config["class_conditional"]
+
+    first = json.loads((out / "wide" / "result.json").read_text())
+    (out / "diffusers-defaults" / "result.json").unlink()  # as if interrupted during the second-to-last variant
+    again = run_command(args, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "wide" / "result.json").read_text()) == first  # finished variants are not rerun
+    assert (out / "diffusers-defaults" / "result.json").is_file()
+
+
+def test_ablation_rejects_unknown_variant(tmp_path):
+    result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(tmp_path),
+                          "--variants", "magic"])
+    assert result.returncode == 2 and "unknown variant 'magic'" in result.stderr
+
+
+def test_ablation_refuses_to_mix_settings(tmp_path):
+    from flowers_ddpm.ablation import AblationSettings
+    from flowers_ddpm.errors import UserError
+
+    (tmp_path / "settings.json").write_text(json.dumps({"budget_minutes": 3}))
+    from flowers_ddpm import ablation
+
+    with pytest.raises(UserError, match="other settings"):
+        ablation.run_ablation(AblationSettings(output_dir=tmp_path, budget_minutes=10))
