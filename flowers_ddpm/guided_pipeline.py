@@ -164,6 +164,12 @@ class GuidedDDPMPipeline(DiffusionPipeline):
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
         ancestral = isinstance(self.scheduler, DDPMScheduler)
+        step_options = {}
+        if classifier is not None and "use_clipped_model_output" in inspect.signature(self.scheduler.step).parameters:
+            # DDIM: as in guided-diffusion, re-derive eps from the clipped x0. The guided eps moves x0 by
+            # (1 - a) / sqrt(a) * s * grad, which clip_sample cuts off at large t; eps itself would then carry the
+            # guidance into the direction term with the opposite sign.
+            step_options["use_clipped_model_output"] = True
         for t in self.progress_bar(self.scheduler.timesteps):
             output = self.scheduler_input(image, t, labels, guidance_scale)
             shift = None
@@ -173,7 +179,7 @@ class GuidedDDPMPipeline(DiffusionPipeline):
                     shift = self._ancestral_shift(output, image, t, gradient)
                 else:
                     output = self._score_guided(output, image, t, gradient)
-            image = self.scheduler.step(output, t, image, generator=generator).prev_sample
+            image = self.scheduler.step(output, t, image, generator=generator, **step_options).prev_sample
             if shift is not None:
                 image = image + shift.to(image.dtype)
         image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
