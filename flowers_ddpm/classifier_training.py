@@ -141,6 +141,9 @@ def run_classifier_training(cfg: TrainConfig) -> Path:
     if cfg.init_from or cfg.lora_rank or cfg.class_conditional:
         raise UserError("train-classifier trains a classifier from scratch; init_from, lora_rank and "
                         "class_conditional apply to the diffusion model (train)")
+    if (Path(cfg.output_dir) / "pipeline").exists():
+        raise UserError(f"output_dir {cfg.output_dir} holds a diffusion training run; give train-classifier its own "
+                        "--output_dir")
     accelerator, source, class_names, max_steps, resume_from = start_run(cfg, classifier_classes)
     configure_backends(cfg.allow_tf32)
     set_seed(cfg.seed)  # identical initial weights on every process

@@ -122,3 +122,5 @@ def test_sample_command_with_classifier_and_its_user_errors(unconditional_model,
                              tmp_path / "cosine")
     base[2] = str(cosine)
     assert "noise schedule" in error("--classifier", str(classifier_dir), "--class_labels", "0")
+    base = classifier_args(classifier_dir, unconditional_model.parent)  # a diffusion run's folder
+    assert "holds a diffusion training run" in error()
