@@ -1,4 +1,4 @@
-"""The `flowers-ddpm` command: `train`, `sample`, `evaluate`, `push`, `prepare` and `benchmark`. Thin: parse, then
+"""The `flowers-ddpm` command: `train`, `train-classifier`, `sample`, `evaluate`, `push`, `prepare` and `benchmark`. Thin: parse, then
 call the module that does the work."""
 
 from __future__ import annotations
@@ -24,21 +24,40 @@ def _train(args: argparse.Namespace) -> None:
         print(f"pipeline written to {path}")
 
 
+def _train_classifier(args: argparse.Namespace) -> None:
+    from .classifier_training import run_classifier_training
+
+    cfg = parse_train_config(args)
+    path = run_classifier_training(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"classifier written to {path}")
+
+
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
-    from .pipeline import generate, image_grid, load_pipeline, resolve_class_labels
+    from .pipeline import generate, image_grid, load_classifier, load_pipeline, resolve_class_labels, with_classifier
 
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
+    if args.classifier_scale is not None and not args.classifier:
+        raise UserError("--classifier_scale needs --classifier (the folder written by train-classifier)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else None
+    classifier = load_classifier(args.classifier, device) if args.classifier else None
     pipe = load_pipeline(args.model, device, dtype)
-    labels = resolve_class_labels(pipe, args.class_labels)
-    if args.guidance_scale is not None and labels is None:
-        raise UserError("--guidance_scale needs --class_labels (classifier-free guidance of a class-conditional model)")
+    if classifier is not None:
+        pipe = with_classifier(pipe, classifier)
+    labels = resolve_class_labels(pipe, args.class_labels, classifier)
+    if classifier is not None and labels is None:
+        raise UserError("--classifier needs --class_labels (the classes to guide the samples towards)")
+    if args.guidance_scale is not None and (labels is None or getattr(pipe, "num_classes", None) is None):
+        raise UserError("--guidance_scale needs --class_labels and a class-conditional model (classifier-free "
+                        "guidance); use --classifier_scale to guide an unconditional model")
+    scale = 1.0 if args.classifier_scale is None else args.classifier_scale
     images = generate(pipe, args.num_images, args.steps, args.seed, args.scheduler, args.batch_size,
-                      class_labels=labels, guidance_scale=args.guidance_scale)
+                      class_labels=labels, guidance_scale=args.guidance_scale, classifier=classifier,
+                      classifier_scale=scale)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(args.output)
     if args.output_dir:
@@ -144,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     train.set_defaults(func=_train)
 
+    train_classifier = sub.add_parser(
+        "train-classifier", help="train a noise-aware classifier for classifier guidance (same data, model preset "
+                                 "and noise-schedule flags as train; run under `accelerate launch` for several "
+                                 "processes)")
+    add_train_arguments(train_classifier)
+    train_classifier.set_defaults(func=_train_classifier)
+
     sample = sub.add_parser("sample", help="generate images from a pipeline folder or Hub id")
     sample.add_argument("--model", required=True, help="pipeline folder or Hub id")
     sample.add_argument("--num_images", type=int, default=16)
@@ -160,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance_scale", type=float, default=None,
                         help="classifier-free guidance scale: 1 = conditional model, 0 = unconditional, >1 stronger "
                              "(default 1)")
+    sample.add_argument("--classifier", default=None, metavar="DIR",
+                        help="noise-aware classifier (the --output_dir of train-classifier) for classifier guidance "
+                             "towards --class_labels; works for unconditional and class-conditional models")
+    sample.add_argument("--classifier_scale", type=float, default=None,
+                        help="classifier guidance scale s (default 1; the paper uses 1-10)")
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     sample.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sample.set_defaults(func=_sample)

@@ -133,6 +133,15 @@ class TrainConfig:
     allow_tf32: bool = _opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs")
     compile: bool = _opt(False, "torch.compile the UNet in place (the first steps compile)")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory")
+    # -- noise-aware classifier for classifier guidance: train-classifier (issue 5)
+    classifier_eval_images: int = _opt(256, "train-classifier: images on which accuracy is reported per noise level",
+                                       minimum=1)
+    classifier_eval_split: Optional[str] = _opt(None, "train-classifier: dataset split of the accuracy report "
+                                                "(unset = the training split)")
+    classifier_eval_timesteps: Optional[str] = _opt(None, "train-classifier: comma-separated noise levels t of the "
+                                                    "accuracy report (unset = 0, T/4, T/2, 3T/4, T-1)")
+    classifier_eval_steps: Optional[int] = _opt(None, "train-classifier: report accuracy every N optimizer steps "
+                                                "(unset = at the end only)", minimum=1)
     # -- recipes (issue 8)
     recipe: Optional[str] = _opt(None, "tuned defaults applied under your YAML and flags (see RECIPES.md)", ("small-data",))
     debug: bool = _opt(False, "show tracebacks for user errors")
@@ -255,6 +264,27 @@ def validate(cfg: TrainConfig) -> None:
     _validate_evaluation(cfg)
     validate_paper_model(cfg)
     validate_finetune(cfg)
+    validate_classifier(cfg)
+
+
+def classifier_eval_timesteps(cfg: TrainConfig) -> list[int]:
+    """The noise levels of train-classifier's accuracy report."""
+    steps = cfg.ddpm_num_steps
+    if cfg.classifier_eval_timesteps is None:
+        return sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
+    try:
+        return [int(t) for t in cfg.classifier_eval_timesteps.split(",")]
+    except ValueError:
+        raise UserError("classifier_eval_timesteps must be comma-separated integers, e.g. 0,250,500,750,999; got "
+                        f"{cfg.classifier_eval_timesteps!r}") from None
+
+
+def validate_classifier(cfg: TrainConfig) -> None:
+    """Checks of the train-classifier settings (issue 5)."""
+    levels = classifier_eval_timesteps(cfg)
+    if not levels or not all(0 <= t < cfg.ddpm_num_steps for t in levels):
+        raise UserError(f"classifier_eval_timesteps must lie in [0, {cfg.ddpm_num_steps - 1}] (ddpm_num_steps - 1); "
+                        f"got {cfg.classifier_eval_timesteps!r}")
 
 
 def _validate_evaluation(cfg: TrainConfig) -> None:

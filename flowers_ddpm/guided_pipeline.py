@@ -1,11 +1,15 @@
-"""GuidedDDPMPipeline: DDPM-family sampling with class labels, classifier-free guidance and learned variances.
+"""GuidedDDPMPipeline: DDPM-family sampling with class labels, classifier-free guidance, classifier guidance and
+learned variances.
 
 This file is copied verbatim into every exported class-conditional (or learned-variance) pipeline folder, so a
 user with only diffusers installed can load it:
 
     DiffusionPipeline.from_pretrained("run/pipeline", trust_remote_code=True)
 
-It must therefore import nothing but torch and diffusers.
+It must therefore import nothing but torch and diffusers. That is why the noise-aware classifier of classifier
+guidance is not a saved component of the pipeline: it is passed to `__call__` as any torch module that maps
+(x_t, t) to class logits (flowers_ddpm's `NoiseAwareClassifier`, loaded from its own folder), so this file needs no
+classifier code and unconditional models guided by a classifier need no special export.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import inspect
 from typing import Optional, Sequence, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 Label = Union[int, str]
@@ -26,6 +30,12 @@ class GuidedDDPMPipeline(DiffusionPipeline):
 
     Classifier-free guidance follows diffusers' convention: eps = eps(no class) + s * (eps(y) - eps(no class)), so
     `guidance_scale` 1 is the plain conditional model, 0 the unconditional one, and > 1 guides harder.
+
+    Classifier guidance (Dhariwal & Nichol 2021) with a noise-aware `classifier` and `classifier_scale` s, for
+    conditional and unconditional UNets, combinable with classifier-free guidance: the ancestral DDPM sampler
+    shifts the mean of p(x_{t-1} | x_t) by s * Sigma_t * grad log p(y | x_t) (the paper's Algorithm 1); every other
+    scheduler gets the score-based form eps' = eps - sqrt(1 - alpha_bar_t) * s * grad log p(y | x_t) (Algorithm 2),
+    rewritten for v- and x0-predicting models.
     """
 
     model_cpu_offload_seq = "unet"
@@ -41,9 +51,13 @@ class GuidedDDPMPipeline(DiffusionPipeline):
         embeds = self.unet.config.num_class_embeds
         return None if embeds is None else embeds - 1
 
-    def label_ids(self, class_labels: Sequence[Label]) -> list[int]:
-        """Class indices from indices, digit strings or class names (case-insensitive)."""
-        names = [str(n).lower() for n in (self.config.class_names or [])]
+    def label_ids(self, class_labels: Sequence[Label], classifier=None) -> list[int]:
+        """Class indices from indices, digit strings or class names (case-insensitive); an unconditional UNet takes
+        the classes of the guiding `classifier`."""
+        classifier_config = getattr(classifier, "config", None)
+        num_classes = self.num_classes if self.num_classes is not None else getattr(classifier_config, "num_classes", 0)
+        names = self.config.class_names or getattr(classifier_config, "class_names", None) or []
+        names = [str(n).lower() for n in names]
         ids = []
         for label in class_labels:
             if isinstance(label, str) and label.strip().lower() in names:
@@ -52,8 +66,8 @@ class GuidedDDPMPipeline(DiffusionPipeline):
                 ids.append(int(label))
             else:
                 raise ValueError(f"unknown class {label!r}; classes are {', '.join(names) or 'indices'}")
-            if not 0 <= ids[-1] < (self.num_classes or 0):
-                raise ValueError(f"class index {ids[-1]} is out of range for {self.num_classes} classes")
+            if not 0 <= ids[-1] < (num_classes or 0):
+                raise ValueError(f"class index {ids[-1]} is out of range for {num_classes} classes")
         return ids
 
     def _model_output(self, image, t, labels, guidance_scale: float) -> torch.Tensor:
@@ -84,34 +98,90 @@ class GuidedDDPMPipeline(DiffusionPipeline):
             labels = torch.full((image.shape[0],), self.num_classes, device=image.device, dtype=torch.long)
         return self._for_scheduler(self._model_output(image, t, labels, guidance_scale), image)
 
+    def classifier_gradient(self, classifier, image, t, targets, scale: float) -> torch.Tensor:
+        """scale * grad_x log p(targets | x_t = image, t) of the noise-aware classifier (computed in float32)."""
+        with torch.enable_grad():
+            x = image.detach().float().requires_grad_(True)
+            log_probs = torch.log_softmax(classifier(x, t).float(), dim=-1)
+            chosen = log_probs[torch.arange(len(targets), device=x.device), targets].sum()
+            return scale * torch.autograd.grad(chosen, x)[0]
+
+    def _ancestral_shift(self, output, image, t, gradient) -> torch.Tensor:
+        """Sigma_t * gradient: the shift of the DDPM posterior mean, with the variance the scheduler samples with."""
+        channels = image.shape[1]
+        predicted = output[:, channels:] if output.shape[1] > channels else None
+        variance = self.scheduler._get_variance(t, predicted_variance=predicted)  # diffusers' own Sigma_t
+        kind = self.scheduler.config.variance_type
+        if kind in ("learned_range", "fixed_large_log"):  # these return log-variances
+            variance = variance.exp()
+        elif kind == "fixed_small_log":  # returns the standard deviation
+            variance = variance**2
+        return variance.to(gradient.device, gradient.dtype) * gradient
+
+    def _score_guided(self, output, image, t, gradient) -> torch.Tensor:
+        """Algorithm 2: eps' = eps - sqrt(1 - a) * gradient with a = alpha_bar_t, written for the prediction type
+        (x0' = x0 + (1 - a) / sqrt(a) * gradient, v' = v - sqrt((1 - a) / a) * gradient)."""
+        a = self.scheduler.alphas_cumprod[int(t)].to(gradient.device, torch.float32)
+        coefficient = {"epsilon": -(1 - a).sqrt(), "sample": (1 - a) / a.sqrt(),
+                       "v_prediction": -((1 - a) / a).sqrt()}[self.scheduler.config.prediction_type]
+        channels = image.shape[1]
+        guided = output[:, :channels] + (coefficient * gradient).to(output.dtype)
+        return torch.cat([guided, output[:, channels:]], dim=1)
+
+    def _labels(self, class_labels, batch_size: int, classifier, device):
+        """(UNet labels or None, classifier targets or None) for a batch."""
+        ids = self.label_ids(class_labels, classifier) if class_labels is not None else None
+        unet_labels = None
+        if self.num_classes is not None:
+            unet_labels = torch.tensor(ids or [self.num_classes] * batch_size, device=device, dtype=torch.long)
+        targets = torch.tensor(ids, device=device, dtype=torch.long) if classifier is not None else None
+        return unet_labels, targets
+
     @torch.no_grad()
     def __call__(self, class_labels: Optional[Sequence[Label]] = None, batch_size: Optional[int] = None,
                  guidance_scale: float = 1.0, generator=None, num_inference_steps: int = 1000,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, classifier=None, classifier_scale: float = 1.0):
         """Generate one image per class label (or `batch_size` unconditional images).
 
         Class-conditional models need `class_labels` (indices or names from `config.class_names`); without them
-        they sample unconditionally through the "no class" token.
+        they sample unconditionally through the "no class" token. With a noise-aware `classifier` (a module
+        mapping (x_t, t) to logits) the samples are also guided towards `class_labels` with `classifier_scale`.
         """
-        if class_labels is not None and self.num_classes is None:
+        if class_labels is not None and self.num_classes is None and classifier is None:
             raise ValueError("this pipeline's UNet is not class-conditional; call it without class_labels")
+        if classifier is not None and class_labels is None:
+            raise ValueError("classifier guidance needs class_labels (the classes to guide towards)")
         if class_labels is not None:
             batch_size = len(class_labels)
         batch_size = batch_size or 1
         device = self._execution_device
-        labels = None
-        if self.num_classes is not None:
-            ids = self.label_ids(class_labels) if class_labels is not None else [self.num_classes] * batch_size
-            labels = torch.tensor(ids, device=device, dtype=torch.long)
-            guidance_scale = guidance_scale if class_labels is not None else 1.0
+        labels, targets = self._labels(class_labels, batch_size, classifier, device)
+        if self.num_classes is not None and class_labels is None:
+            guidance_scale = 1.0
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
+        ancestral = isinstance(self.scheduler, DDPMScheduler)
+        step_options = {}
+        if classifier is not None and "use_clipped_model_output" in inspect.signature(self.scheduler.step).parameters:
+            # DDIM: as in guided-diffusion, re-derive eps from the clipped x0. The guided eps moves x0 by
+            # (1 - a) / sqrt(a) * s * grad, which clip_sample cuts off at large t; eps itself would then carry the
+            # guidance into the direction term with the opposite sign.
+            step_options["use_clipped_model_output"] = True
         for t in self.progress_bar(self.scheduler.timesteps):
             output = self.scheduler_input(image, t, labels, guidance_scale)
-            image = self.scheduler.step(output, t, image, generator=generator).prev_sample
+            shift = None
+            if classifier is not None:
+                gradient = self.classifier_gradient(classifier, image, t, targets, classifier_scale)
+                if ancestral:
+                    shift = self._ancestral_shift(output, image, t, gradient)
+                else:
+                    output = self._score_guided(output, image, t, gradient)
+            image = self.scheduler.step(output, t, image, generator=generator, **step_options).prev_sample
+            if shift is not None:
+                image = image + shift.to(image.dtype)
         image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
         if output_type == "pil":
             image = self.numpy_to_pil(image)

@@ -134,37 +134,81 @@ def prepare_for_sampling(pipe):
     return pipe
 
 
-def resolve_class_labels(pipe, class_labels: Optional[list]) -> Optional[list[int]]:
-    """Class indices for labels given as indices or names; one-sentence errors for a wrong label or model."""
+def resolve_class_labels(pipe, class_labels: Optional[list], classifier=None) -> Optional[list[int]]:
+    """Class indices for labels given as indices or names (of the pipeline's classes, or of the guiding
+    classifier's for an unconditional model); one-sentence errors for a wrong label or model."""
     if not class_labels:
         return None
-    if getattr(pipe, "num_classes", None) is None:
-        raise UserError("--class_labels needs a class-conditional pipeline; this model is unconditional")
+    if getattr(pipe, "num_classes", None) is None and classifier is None:
+        raise UserError("--class_labels needs a class-conditional pipeline or --classifier; this model is unconditional")
     try:
-        return pipe.label_ids(class_labels)
+        return pipe.label_ids(class_labels, classifier)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-@torch.inference_mode()
+def load_classifier(path: str, device: torch.device):
+    """A noise-aware classifier folder written by `train-classifier` (float32, eval mode)."""
+    from .classifier import NoiseAwareClassifier
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--classifier {path} is not a classifier folder (no config.json; pass the --output_dir "
+                        "of train-classifier)")
+    if json.loads(config_file.read_text()).get("_class_name") != NoiseAwareClassifier.__name__:
+        raise UserError(f"--classifier {path} does not hold a noise-aware classifier (written by train-classifier)")
+    return NoiseAwareClassifier.from_pretrained(path).to(device).eval().requires_grad_(False)
+
+
+def with_classifier(pipe, classifier):
+    """The pipeline as a GuidedDDPMPipeline (a plain DDPMPipeline is wrapped, sharing its UNet and scheduler),
+    after checking that the classifier fits it: same resolution, noise schedule and classes."""
+    from .guided_pipeline import GuidedDDPMPipeline
+
+    config, unet = classifier.config, pipe.unet
+    if config.sample_size != unet.config.sample_size:
+        raise UserError(f"the classifier works at {config.sample_size} px but the model generates "
+                        f"{unet.config.sample_size} px images")
+    schedule = {k: pipe.scheduler.config.get(k) for k in (config.noise_schedule or {})}
+    if schedule != (config.noise_schedule or {}):
+        raise UserError(f"the classifier was trained on the noise schedule {config.noise_schedule} but the model "
+                        f"uses {schedule}; train the classifier with the model's --ddpm_num_steps and "
+                        "--ddpm_beta_schedule")
+    num_classes = getattr(pipe, "num_classes", None)
+    if num_classes is not None and num_classes != config.num_classes:
+        raise UserError(f"the classifier knows {config.num_classes} classes but the model was trained on "
+                        f"{num_classes}")
+    if isinstance(pipe, GuidedDDPMPipeline):
+        return pipe
+    guided = GuidedDDPMPipeline(unet=unet, scheduler=pipe.scheduler)
+    guided.set_progress_bar_config(leave=False)
+    return guided
+
+
 def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[str] = None,
              batch_size: int = 16, class_labels: Optional[list[int]] = None,
-             guidance_scale: Optional[float] = None) -> list[Image.Image]:
+             guidance_scale: Optional[float] = None, classifier=None,
+             classifier_scale: float = 1.0) -> list[Image.Image]:
     """Generate images; image i uses its own generator seeded with seed + i, so batch size does not change them.
 
-    With `class_labels` (class-conditional pipelines) image i is of class `class_labels[i % len(class_labels)]`.
+    With `class_labels` image i is of class `class_labels[i % len(class_labels)]` (class-conditional pipelines, or
+    any GuidedDDPMPipeline with a noise-aware `classifier`, which guides with `classifier_scale`).
     """
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     images: list[Image.Image] = []
-    for start in range(0, num_images, batch_size):
-        count = min(batch_size, num_images - start)
-        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
-        extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-        if class_labels:
-            extra["class_labels"] = [class_labels[(start + i) % len(class_labels)] for i in range(count)]
-        images += pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="pil",
-                       **extra).images
+    # classifier guidance differentiates the classifier, which inference_mode tensors do not allow
+    with torch.no_grad() if classifier is not None else torch.inference_mode():
+        for start in range(0, num_images, batch_size):
+            count = min(batch_size, num_images - start)
+            generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
+            extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+            if classifier is not None:
+                extra.update(classifier=classifier, classifier_scale=classifier_scale)
+            if class_labels:
+                extra["class_labels"] = [class_labels[(start + i) % len(class_labels)] for i in range(count)]
+            images += pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="pil",
+                           **extra).images
     return images
 
 

@@ -63,7 +63,8 @@ def _cache_path(cache_dir: Path, key: dict) -> Path:
 
 
 def real_image_batches(cfg: TrainConfig, rank: int, world_size: int, batch_size: int, max_images: Optional[int]):
-    """Yield (ids, uint8 NCHW tensor) of this process's share of the real images; unreadable files are skipped."""
+    """Yield (ids, uint8 NCHW tensor, class labels (-1 without a label column)) of this process's share of the
+    real images; unreadable files are skipped."""
     from datasets.distributed import split_dataset_by_node
 
     from .data import example_id, open_source
@@ -73,7 +74,7 @@ def real_image_batches(cfg: TrainConfig, rank: int, world_size: int, batch_size:
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     settings = TransformSettings(cfg.resolution, cfg.center_crop, random_flip=False)
-    ids, arrays = [], []
+    ids, arrays, labels = [], [], []
     for example in dataset:
         record = example[source.image_column]
         name = example_id(record)
@@ -84,11 +85,12 @@ def real_image_batches(cfg: TrainConfig, rank: int, world_size: int, batch_size:
             continue
         ids.append(name)
         arrays.append(array)
+        labels.append(example[source.label_column] if source.label_column else -1)
         if len(arrays) == batch_size:
-            yield ids, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-            ids, arrays = [], []
+            yield ids, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), torch.tensor(labels)
+            ids, arrays, labels = [], [], []
     if arrays:
-        yield ids, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        yield ids, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), torch.tensor(labels)
 
 
 def compute_reference(accelerator, cfg: TrainConfig, networks: dict, batch_size: int,
@@ -97,7 +99,7 @@ def compute_reference(accelerator, cfg: TrainConfig, networks: dict, batch_size:
     outputs: dict[str, dict[str, list]] = {name: {} for name in networks}
     all_ids: list[str] = []
     with tqdm(desc="reference features", unit="img", disable=not accelerator.is_local_main_process) as bar:
-        for ids, images in real_image_batches(cfg, accelerator.process_index, accelerator.num_processes,
+        for ids, images, _ in real_image_batches(cfg, accelerator.process_index, accelerator.num_processes,
                                               batch_size, max_images):
             images = images.to(accelerator.device)
             for name, network in networks.items():

@@ -168,18 +168,11 @@ def _train_batches(cfg: TrainConfig, source, accelerator):
     return build_cached_batches(cfg, source, accelerator.process_index, accelerator.num_processes)
 
 
-def run_training(cfg: TrainConfig) -> Path:
-    """Train as configured and return the exported pipeline folder."""
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
+def start_run(cfg: TrainConfig, classes_of):
+    """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the
+    Accelerator, the data source, its classes (`classes_of(cfg, source)`, which may raise a UserError) and the
+    number of optimizer steps. Returns (accelerator, source, class_names, max_steps, resume_from)."""
     from .data import open_source
-    from .finetune import add_class_conditioning, load_for_finetuning, select_trainable, trainable_parameters
-    from .models import build_noise_scheduler, build_unet
-    from .objectives import DiffusionObjective
-    from .performance import DeviceBatches, build_optimizer, configure_backends, prepare_model
-    from .trainer import LoopSettings, Trainer
 
     # cheap checks first: nothing expensive happens before these pass
     resume_from = checkpointing.resolve_resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
@@ -191,14 +184,91 @@ def run_training(cfg: TrainConfig) -> Path:
         require_token()
     accelerator = make_accelerator(cfg)
     source = open_source(cfg)
-    class_names = model_classes(cfg, source)
-    num_classes = len(class_names) if class_names else None
+    class_names = classes_of(cfg, source)
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)
     if accelerator.is_main_process:
         logger.info("training on %s (%s examples) for %d steps on %d process(es)", source.description,
                     source.num_examples or "unknown", max_steps, accelerator.num_processes)
         cfg.save_yaml(Path(cfg.output_dir) / "training_config.yaml")
         (Path(cfg.output_dir) / "report").mkdir(exist_ok=True)  # the trainer appends report/loss.jsonl
+    return accelerator, source, class_names, max_steps, resume_from
+
+
+def build_optimization(cfg: TrainConfig, model, parameters, accelerator, max_steps: int):
+    """AdamW over `parameters`, the LR schedule and the EMA of `model`; returns (model, optimizer, lr_scheduler,
+    ema) with model and optimizer prepared by accelerate."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from .performance import build_optimizer, prepare_model
+
+    set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
+    optimizer = build_optimizer(parameters, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    # Not passed to accelerator.prepare: prepared schedulers step once per process per call, which makes the
+    # schedule depend on the number of processes. We step it once per optimizer step instead.
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    ema = None
+    if cfg.use_ema:
+        ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
+                       power=cfg.ema_power, model_cls=type(model), model_config=model.config, foreach=True)
+        ema.to(accelerator.device)
+    model = prepare_model(model, cfg.gradient_checkpointing, cfg.compile)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, lr_scheduler, ema
+
+
+def loop_settings(cfg: TrainConfig, max_steps: int):
+    """The trainer's LoopSettings from the config."""
+    from .trainer import LoopSettings
+
+    return LoopSettings(
+        max_train_steps=max_steps, output_dir=cfg.output_dir, max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps, checkpointing_steps=cfg.checkpointing_steps,
+        checkpoints_total_limit=cfg.checkpoints_total_limit, save_images_steps=cfg.save_images_steps,
+        save_model_steps=cfg.save_model_steps, log_data_order=cfg.log_data_order, eval_steps=cfg.eval_steps,
+        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite, run_settings=cfg.to_dict(),
+    )
+
+
+def init_trackers(cfg: TrainConfig, accelerator) -> None:
+    """Start the experiment tracker (main process) with the run's settings."""
+    if accelerator.is_main_process:
+        accelerator.init_trackers(cfg.tracker_project_name, config=_tracker_config(cfg))
+
+
+def device_batches(cfg: TrainConfig, source, accelerator):
+    """This process's training batches on the accelerator's device."""
+    from .performance import DeviceBatches
+
+    return DeviceBatches(_train_batches(cfg, source, accelerator), accelerator.device, cfg.channels_last)
+
+
+def run_trainer(trainer, accelerator, resume_from) -> None:
+    """Train (resuming from `resume_from` when given) and close the trackers whatever happens."""
+    try:
+        trainer.train(resume_from)
+    finally:
+        if trainer.batches.skipped:
+            logger.warning("process %d skipped %d unreadable images", accelerator.process_index,
+                           trainer.batches.skipped)
+        accelerator.end_training()
+
+
+def run_training(cfg: TrainConfig) -> Path:
+    """Train as configured and return the exported pipeline folder."""
+    from accelerate.utils import set_seed
+
+    from .finetune import add_class_conditioning, load_for_finetuning, select_trainable, trainable_parameters
+    from .models import build_noise_scheduler, build_unet
+    from .objectives import DiffusionObjective
+    from .performance import configure_backends
+    from .trainer import Trainer
+
+    accelerator, source, class_names, max_steps, resume_from = start_run(cfg, model_classes)
+    num_classes = len(class_names) if class_names else None
 
     configure_backends(cfg.allow_tf32)
     set_seed(cfg.seed)  # identical initial weights on every process
@@ -214,41 +284,14 @@ def run_training(cfg: TrainConfig) -> Path:
     objective = DiffusionObjective(noise_scheduler, cfg.snr_gamma, cfg.learn_sigma, cfg.vlb_weight, num_classes,
                                    cfg.class_dropout_prob)
     evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler) if cfg.eval_steps else None
-    set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
-    optimizer = build_optimizer(trainable_parameters(model), lr=cfg.learning_rate,
-                                betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                eps=cfg.adam_epsilon)
-    # Not passed to accelerator.prepare: prepared schedulers step once per process per call, which makes the
-    # schedule depend on the number of processes. We step it once per optimizer step instead.
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=max_steps)
-    ema = None
-    if cfg.use_ema:
-        ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
-                       power=cfg.ema_power, model_cls=type(model), model_config=model.config, foreach=True)
-        ema.to(accelerator.device)
-    model = prepare_model(model, cfg.gradient_checkpointing, cfg.compile)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    batches = DeviceBatches(_train_batches(cfg, source, accelerator), accelerator.device, cfg.channels_last)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(cfg.tracker_project_name, config=_tracker_config(cfg))
-
-    settings = LoopSettings(
-        max_train_steps=max_steps, output_dir=cfg.output_dir, max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps, checkpointing_steps=cfg.checkpointing_steps,
-        checkpoints_total_limit=cfg.checkpoints_total_limit, save_images_steps=cfg.save_images_steps,
-        save_model_steps=cfg.save_model_steps, log_data_order=cfg.log_data_order, eval_steps=cfg.eval_steps,
-        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite, run_settings=cfg.to_dict(),
-    )
+    model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, trainable_parameters(model), accelerator,
+                                                             max_steps)
+    batches = device_batches(cfg, source, accelerator)
+    init_trackers(cfg, accelerator)
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
-                      PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator)), settings,
-                      evaluator)
-    try:
-        trainer.train(resume_from)
-    finally:
-        if batches.skipped:
-            logger.warning("process %d skipped %d unreadable images", accelerator.process_index, batches.skipped)
-        accelerator.end_training()
+                      PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator)),
+                      loop_settings(cfg, max_steps), evaluator)
+    run_trainer(trainer, accelerator, resume_from)
     if accelerator.is_main_process:
         finish_run(cfg)
     return Path(cfg.output_dir) / "pipeline"

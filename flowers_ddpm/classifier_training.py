@@ -1,0 +1,163 @@
+"""The `train-classifier` command: a noise-aware classifier p(y | x_t, t) for classifier guidance.
+
+It reuses the diffusion training's parts unchanged: the data path (streaming or decode cache, resumable), the
+accelerate `Trainer` (EMA, checkpoints and resume, signals, logging) and the noise schedule flags
+(`--ddpm_num_steps`, `--ddpm_beta_schedule`: they must match the diffusion model it will guide). Only the
+objective (cross-entropy on x_t at a random t), the accuracy report and the export are specific to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, classifier_eval_timesteps
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+ACCURACY_FILE = "accuracy.json"
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+
+
+class ClassifierObjective:
+    """Cross-entropy of the classifier on x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at t uniform in [0, T)."""
+
+    def __init__(self, noise_scheduler):
+        self.scheduler = noise_scheduler
+        self.num_timesteps = noise_scheduler.config.num_train_timesteps
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        clean = batch["pixel_values"]
+        timesteps = torch.randint(0, self.num_timesteps, (clean.shape[0],), device=clean.device)
+        noisy = self.scheduler.add_noise(clean, torch.randn_like(clean), timesteps)
+        return torch.nn.functional.cross_entropy(model(noisy, timesteps).float(), batch["class_labels"])
+
+
+class AccuracyEvaluator:
+    """Top-1 accuracy at fixed noise levels on `classifier_eval_images` center-cropped images (each process scores
+    its share, counts are summed), with the same noise at every evaluation; the main process writes
+    <output_dir>/accuracy.json."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
+        from .reference import real_image_batches
+
+        self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.seed
+        self.levels = classifier_eval_timesteps(cfg)
+        self.split = cfg.classifier_eval_split or cfg.dataset_split
+        eval_cfg = dataclasses.replace(cfg, dataset_split=self.split, center_crop=True)
+        self.batches = [(images, labels) for _, images, labels in real_image_batches(
+            eval_cfg, accelerator.process_index, accelerator.num_processes, cfg.eval_batch_size,
+            cfg.classifier_eval_images)]
+        self.output = Path(cfg.output_dir) / ACCURACY_FILE
+
+    @torch.no_grad()
+    def accuracies(self, model) -> tuple[list[float], int]:
+        """(accuracy at each noise level, number of images) over all processes."""
+        device = self.accelerator.device
+        generator = torch.Generator().manual_seed(self.seed + self.accelerator.process_index)
+        correct = torch.zeros(len(self.levels) + 1, device=device)  # last entry: number of images
+        for images, labels in self.batches:
+            clean, labels = images.to(device).float() / 127.5 - 1, labels.to(device)
+            correct[-1] += len(labels)
+            for i, t in enumerate(self.levels):
+                timesteps = torch.full((len(labels),), t, device=device, dtype=torch.long)
+                noise = torch.randn(clean.shape, generator=generator).to(device)
+                logits = model(self.scheduler.add_noise(clean, noise, timesteps), timesteps)
+                correct[i] += (logits.argmax(-1) == labels).sum()
+        if self.accelerator.num_processes > 1:
+            correct = self.accelerator.reduce(correct, reduction="sum")
+        total = int(correct[-1].item())
+        return [c / max(total, 1) for c in correct[:-1].tolist()], total
+
+    def __call__(self, model, step: int) -> dict:
+        was_training = model.training
+        model.eval()
+        accuracy, total = self.accuracies(model)
+        model.train(was_training)
+        by_level = {str(t): round(a, 4) for t, a in zip(self.levels, accuracy)}
+        if self.accelerator.is_main_process:
+            report = {"step": step, "num_images": total, "split": self.split, "accuracy": by_level}
+            self.output.write_text(json.dumps(report, indent=2) + "\n")
+            logger.info("step %d: accuracy on %d images at t=%s", step, total,
+                        ", ".join(f"{t}: {a:.3f}" for t, a in by_level.items()))
+        return {f"accuracy/t={t}": a for t, a in by_level.items()}
+
+
+class ClassifierPublisher:
+    """Exports the classifier (config.json with class names and noise schedule + safetensors) into output_dir;
+    no sample grids."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = Path(output_dir)
+
+    def sample_grid(self, model, step: int):
+        return None
+
+    def export(self, model, step: int) -> None:
+        tmp = self.output_dir / "classifier.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for path in tmp.iterdir():  # file by file, each atomically, so a reader never sees a half-written file
+            os.replace(path, self.output_dir / path.name)
+        tmp.rmdir()
+        logger.info("exported the classifier at step %d to %s", step, self.output_dir)
+
+
+def classifier_classes(cfg: TrainConfig, source) -> list[str]:
+    """The class names to learn; a one-sentence error for data without labels."""
+    if not source.class_names or len(source.class_names) < 2:
+        raise UserError(f"train-classifier needs at least 2 classes, but {source.description} has "
+                        f"{len(source.class_names or [])} (a local folder needs one sub-folder per class)")
+    return list(source.class_names)
+
+
+def build_classifier(cfg: TrainConfig, class_names: list[str], noise_scheduler):
+    """The encoder half of the configured UNet preset with an attention-pooling head."""
+    from .classifier import classifier_for_unet
+    from .models import unet_kwargs
+    from .train import unet_overrides
+
+    schedule = {k: noise_scheduler.config[k] for k in SCHEDULE_KEYS}
+    return classifier_for_unet(unet_kwargs(cfg.model_preset, unet_overrides(cfg), cfg.resolution), cfg.resolution,
+                               class_names, schedule)
+
+
+def run_classifier_training(cfg: TrainConfig) -> Path:
+    """Train the noise-aware classifier as configured; returns the output folder (the exported classifier)."""
+    from accelerate.utils import set_seed
+
+    from .models import build_noise_scheduler
+    from .performance import configure_backends
+    from .report import LOSS_CURVE, LOSS_LOG, plot_loss_curve
+    from .train import build_optimization, device_batches, init_trackers, loop_settings, run_trainer, start_run
+    from .trainer import Trainer
+
+    if cfg.init_from or cfg.lora_rank or cfg.class_conditional:
+        raise UserError("train-classifier trains a classifier from scratch; init_from, lora_rank and "
+                        "class_conditional apply to the diffusion model (train)")
+    if (Path(cfg.output_dir) / "pipeline").exists():
+        raise UserError(f"output_dir {cfg.output_dir} holds a diffusion training run; give train-classifier its own "
+                        "--output_dir")
+    accelerator, source, class_names, max_steps, resume_from = start_run(cfg, classifier_classes)
+    configure_backends(cfg.allow_tf32)
+    set_seed(cfg.seed)  # identical initial weights on every process
+    noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
+    model = build_classifier(cfg, class_names, noise_scheduler)
+    evaluator = AccuracyEvaluator(cfg, accelerator, noise_scheduler)
+    model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, model.parameters(), accelerator, max_steps)
+    batches = device_batches(cfg, source, accelerator)
+    init_trackers(cfg, accelerator)
+    settings = dataclasses.replace(loop_settings(cfg, max_steps), eval_steps=cfg.classifier_eval_steps or max_steps)
+    trainer = Trainer(accelerator, model, ClassifierObjective(noise_scheduler), optimizer, lr_scheduler, ema,
+                      batches, ClassifierPublisher(cfg.output_dir), settings, evaluator)
+    run_trainer(trainer, accelerator, resume_from)
+    if accelerator.is_main_process:
+        report = Path(cfg.output_dir) / "report"
+        plot_loss_curve(report / LOSS_LOG, report / LOSS_CURVE)
+    return Path(cfg.output_dir)
