@@ -88,6 +88,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference_cache_dir", default=None,
                         help="where reference features are cached (default: ~/.cache/flowers_ddpm/reference)")
     parser.add_argument("--reference_num_images", type=int, default=None, help="use only the first N real images")
+    _add_conditioning_arguments(parser)
     data = parser.add_argument_group("reference data (default: the pipeline's training_config.yaml, else Flowers102)")
     for name in ("dataset_name", "dataset_config_name", "dataset_split", "train_data_dir", "image_column", "cache_dir"):
         data.add_argument(f"--{name}", default=None)
@@ -95,6 +96,15 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=None,
                       help="center crop (default) or a seeded random crop")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+
+
+def _add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--class_labels", nargs="+", default=None, metavar="LABEL",
+                        help="class-conditional models: classes to draw (indices or names), image i gets label i mod "
+                             "the number given (default: every class in turn)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance scale of class-conditional models (default 1: the "
+                             "conditional model)")
 
 
 def _push(args: argparse.Namespace) -> None:

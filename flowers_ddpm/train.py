@@ -18,6 +18,15 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 
+def class_guidance(model, cfg: TrainConfig) -> dict:
+    """Class-conditional models are sampled (grids, evaluation) cycling through all classes with the configured
+    classifier-free guidance; unconditional models take no extra arguments."""
+    if model.config.num_class_embeds is None:
+        return {}
+    labels = list(range(model.config.num_class_embeds - 1))  # the last embedding is the "no class" token
+    return {"class_labels": labels, "guidance_scale": cfg.sample_guidance_scale}
+
+
 class PipelinePublisher:
     """Sample grids (PNG under <output_dir>/samples/) and pipeline exports (<output_dir>/pipeline/)."""
 
@@ -27,11 +36,7 @@ class PipelinePublisher:
         self.hardware, self.started = hardware, time.time()
 
     def _guidance(self, model) -> dict:
-        """Class-conditional grids cycle through the classes with the configured classifier-free guidance."""
-        if model.config.num_class_embeds is None:
-            return {}
-        labels = list(range(model.config.num_class_embeds - 1))
-        return {"class_labels": labels, "guidance_scale": self.cfg.sample_guidance_scale}
+        return class_guidance(model, self.cfg)
 
     def sample_grid(self, model, step: int):
         from .finetune import sampling_unet
@@ -69,11 +74,12 @@ class TrainingEvaluator:
     """FID/KID of the weights it is given (the trainer passes the EMA weights) on all processes, every
     --eval_steps; keeps <output_dir>/best/ = the pipeline with the best FID so far (+ its metrics.json)."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
+    def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler, class_names=None):
         from .features import build_inception_network
         from .reference import load_or_compute_reference
 
         self.cfg, self.accelerator, self.noise_scheduler = cfg, accelerator, noise_scheduler
+        self.class_names = class_names
         self.best_dir = Path(cfg.output_dir) / "best"
         network = build_inception_network(cfg.inception_weights, cfg.eval_feature_network)
         self.networks = {"inception": network.to(accelerator.device)}
@@ -86,23 +92,27 @@ class TrainingEvaluator:
 
     def __call__(self, model, step: int) -> dict:
         from .evaluation import SamplingSettings, evaluate_pipeline
+        from .finetune import merged_unet, sampling_unet
         from .pipeline import build_pipeline, export_pipeline
 
         cfg = self.cfg
-        pipe = build_pipeline(model, self.noise_scheduler)
+        pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names)
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
+        guidance = class_guidance(pipe.unet, cfg)  # class-conditional: every class in turn, not "no class"
         sampling = SamplingSettings(cfg.eval_num_images, cfg.sample_scheduler, cfg.ddpm_num_inference_steps,
-                                    cfg.seed, cfg.eval_batch_size)
+                                    cfg.seed, cfg.eval_batch_size, **guidance)
         row = evaluate_pipeline(self.accelerator, pipe, self.networks, self.reference, sampling,
                                 with_precision_recall=False)
         model.train(was_training)
         if row["fid"] < self.best_fid:
             self.best_fid = row["fid"]
             if self.accelerator.is_main_process:
-                export_pipeline(model, self.noise_scheduler, self.best_dir, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-                (self.best_dir / "metrics.json").write_text(json.dumps({"step": step, **row}, indent=2) + "\n")
+                export_pipeline(merged_unet(model), self.noise_scheduler, self.best_dir,
+                                yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names)
+                (self.best_dir / "metrics.json").write_text(json.dumps({"step": step, **row, **guidance}, indent=2)
+                                                            + "\n")
                 logger.info("step %d: FID %.4f, the best so far; pipeline written to %s", step, row["fid"], self.best_dir)
         self.accelerator.wait_for_everyone()
         return {f"eval/{key}": row[key] for key in ("fid", "kid_mean", "kid_std", "is_mean") if key in row}
@@ -213,7 +223,8 @@ def run_training(cfg: TrainConfig) -> Path:
     model = select_trainable(model, cfg)  # everything, --train_only parts, or LoRA adapters
     objective = DiffusionObjective(noise_scheduler, cfg.snr_gamma, cfg.learn_sigma, cfg.vlb_weight, num_classes,
                                    cfg.class_dropout_prob)
-    evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler) if cfg.eval_steps else None
+    evaluator = (TrainingEvaluator(cfg, accelerator, noise_scheduler, class_names) if cfg.eval_steps
+                 else None)
     set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
     optimizer = build_optimizer(trainable_parameters(model), lr=cfg.learning_rate,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
