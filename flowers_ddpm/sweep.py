@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, build_config, load_yaml
 from .errors import UserError
+from .stopping import Preempted, TrainingStopped
 
 logger = logging.getLogger(__name__)
 MANIFEST, RESULT_FILE, TRIALS_DIR = "sweep.json", "result.json", "trials"
@@ -110,6 +111,14 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _end_process_group() -> None:
+    """What `accelerator.end_training()` does at the end of a training run, once for the whole sweep."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _write_json(path: Path, value: dict) -> None:
     """Write atomically, so a killed sweep never leaves a half-written result that counts as finished."""
     tmp = path.with_name(path.name + ".tmp")
@@ -164,7 +173,7 @@ def run_trial(trial: Trial, evaluation) -> Optional[dict]:
     from .evaluation import run_evaluation
     from .train import run_training
 
-    pipeline = run_training(trial.cfg)
+    pipeline = run_training(trial.cfg, keep_process_group=True)  # the next trial uses the same process group
     options = dataclasses.replace(evaluation, model=str(pipeline), output=str(trial.folder / "metrics.json"),
                                   compare_schedulers=False)
     report = run_evaluation(options, {})  # reference data: the trial's own training data (training_config.yaml)
@@ -215,9 +224,18 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
     if len(pending) < len(trials):
         logger.info("%d of %d trials already finished; running the other %d", len(trials) - len(pending),
                     len(trials), len(pending))
-    for trial in tqdm(pending, desc="sweep", unit="trial", disable=not _is_main_process()):
-        logger.info("trial %s", trial.name)
-        run_trial(trial, evaluation)
+    try:
+        for trial in tqdm(pending, desc="sweep", unit="trial", disable=not _is_main_process()):
+            logger.info("trial %s", trial.name)
+            try:
+                run_trial(trial, evaluation)
+            except Preempted as e:  # same exit code; the advice is the sweep's, not `train`'s
+                raise Preempted(f"trial {trial.name} {str(e).split('; ')[0]}; rerun the same sweep command to "
+                                "continue") from None
+            except TrainingStopped as e:
+                raise type(e)(f"trial {trial.name}: {e}") from None
+    finally:
+        _end_process_group()
     if not _is_main_process():
         return None
     results = [json.loads((trial.folder / RESULT_FILE).read_text()) for trial in trials]

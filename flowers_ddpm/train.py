@@ -178,8 +178,9 @@ def _train_batches(cfg: TrainConfig, source, accelerator):
     return build_cached_batches(cfg, source, accelerator.process_index, accelerator.num_processes)
 
 
-def run_training(cfg: TrainConfig) -> Path:
-    """Train as configured and return the exported pipeline folder."""
+def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
+    """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
+    process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -259,7 +260,11 @@ def run_training(cfg: TrainConfig) -> Path:
     finally:
         if batches.skipped:
             logger.warning("process %d skipped %d unreadable images", accelerator.process_index, batches.skipped)
-        accelerator.end_training()
+        if keep_process_group:
+            for tracker in accelerator.trackers:
+                tracker.finish()
+        else:
+            accelerator.end_training()  # finishes the trackers and destroys the process group
     if accelerator.is_main_process:
         finish_run(cfg)
     return Path(cfg.output_dir) / "pipeline"
