@@ -199,6 +199,24 @@ def check_evaluation(evaluation) -> None:
         resolve_inception_weights(evaluation.inception_weights)
 
 
+def check_conditioning(evaluation, trials: list[Trial]) -> None:
+    """--class_labels/--guidance_scale need class-conditional trials, and labels the training data has (checked
+    here, because a trial's evaluation would only find out after its training)."""
+    if not evaluation.class_labels and evaluation.guidance_scale is None:
+        return
+    if not all(trial.cfg.class_conditional for trial in trials):
+        raise UserError("--class_labels and --guidance_scale need class-conditional trials (class_conditional: true)")
+    if not evaluation.class_labels:
+        return
+    from .data import open_source
+
+    names = [str(name).lower() for name in open_source(trials[0].cfg).class_names or []]
+    for label in evaluation.class_labels:
+        known = str(label).strip().lower() in names or (str(label).isdigit() and int(label) < len(names))
+        if not known:
+            raise UserError(f"unknown class {label!r}; classes are {', '.join(names)} or their indices")
+
+
 def evaluation_settings(evaluation) -> dict:
     """The evaluation arguments that make results comparable (part of the manifest)."""
     return {k: v for k, v in dataclasses.asdict(evaluation).items()
@@ -218,6 +236,7 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
     sweep_dir = Path(output_dir or f"{base.get('output_dir', TrainConfig.output_dir)}-sweep")
     trials = plan_trials(base, grid, max_train_steps, sweep_dir)
     check_evaluation(evaluation)
+    check_conditioning(evaluation, trials)
     claim_folder(sweep_dir, {"base_config": base, "grid": grid, "max_train_steps": max_train_steps,
                              "evaluation": evaluation_settings(evaluation)})
     pending = [trial for trial in trials if not trial.finished]  # decided up front, identically on every process

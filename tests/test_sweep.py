@@ -118,15 +118,18 @@ def test_rerun_of_a_finished_sweep_trains_nothing_and_other_arguments_are_refuse
     assert "holds a sweep with a different base_config" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("grid, message", [
-    (["learning_rat=1e-4,2e-4"], "error: grid key 'learning_rat' is not a training setting"),
-    (["prediction_type=epsilon,eps"], "error: trial prediction_type=eps: prediction_type must be one of"),
-    (["output_dir=a,b"], "error: grid key 'output_dir' cannot be swept"),
-    (["learning_rate"], "error: grid entry 'learning_rate' must look like setting=value1,value2"),
+@pytest.mark.parametrize("grid, extra, message", [
+    (["learning_rat=1e-4,2e-4"], [], "error: grid key 'learning_rat' is not a training setting"),
+    (["prediction_type=epsilon,eps"], [], "error: trial prediction_type=eps: prediction_type must be one of"),
+    (["output_dir=a,b"], [], "error: grid key 'output_dir' cannot be swept"),
+    (["learning_rate"], [], "error: grid entry 'learning_rate' must look like setting=value1,value2"),
+    (GRID, ["--class_labels", "red"], "error: --class_labels and --guidance_scale need class-conditional trials"),
+    (["class_conditional=true"], ["--class_labels", "purple"], "error: unknown class 'purple'; classes are blue, red"),
 ])
-def test_grid_mistakes_are_one_sentence_before_any_training(base_config, tmp_path, capsys, grid, message):
+def test_grid_and_evaluation_mistakes_are_one_sentence_before_any_training(base_config, tmp_path, capsys, grid,
+                                                                           extra, message):
     out = tmp_path / "sweep"
-    assert main(["sweep", *sweep_args(base_config, out, *grid)]) == 2
+    assert main(["sweep", *sweep_args(base_config, out, *grid), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
     assert not out.exists()
