@@ -96,7 +96,7 @@ def test_table_has_one_row_per_trial(interrupted_then_rerun):
     assert [(r["learning_rate"], r["prediction_type"]) for r in records] == [
         ("0.0001", "epsilon"), ("0.0001", "v_prediction"), ("0.0002", "epsilon"), ("0.0002", "v_prediction")]
     for record in records:
-        assert float(record["fid"]) > 0 and float(record["final_loss"]) > 0 and float(record["train_images_per_sec"]) > 0
+        assert all(float(record[key]) > 0 for key in ("fid", "final_loss", "train_images_per_sec"))
         assert float(record["kid_mean"]) == float(record["kid_mean"])  # a number, not NaN
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # each trial's metrics also travel with its pipeline
@@ -116,6 +116,22 @@ def test_rerun_of_a_finished_sweep_trains_nothing_and_other_arguments_are_refuse
     other.write_text(yaml.safe_dump({**yaml.safe_load(base_config.read_text()), "train_batch_size": 2}))
     assert main(["sweep", *sweep_args(other, out)]) == 2
     assert "holds a sweep with a different base_config" in capsys.readouterr().err
+
+
+def test_a_trial_killed_after_its_final_checkpoint_is_exported_and_evaluated_without_training(
+        interrupted_then_rerun, base_config):
+    import shutil
+
+    out, _, _ = interrupted_then_rerun
+    last = out / "trials" / TRIALS[3]
+    steps = _logged_steps(last)
+    others = {n: (out / "trials" / n / "result.json").stat().st_mtime_ns for n in TRIALS[:3]}
+    (last / "result.json").unlink()
+    shutil.rmtree(last / "pipeline")  # as if killed between the step-4 checkpoint and the export
+    assert main(["sweep", *sweep_args(base_config, out)]) == 0
+    assert (last / "result.json").is_file() and (last / "pipeline" / "model_index.json").is_file()
+    assert _logged_steps(last) == steps  # no step was trained again
+    assert {n: (out / "trials" / n / "result.json").stat().st_mtime_ns for n in TRIALS[:3]} == others
 
 
 @pytest.mark.parametrize("grid, extra, message", [
