@@ -217,10 +217,13 @@ def check_conditioning(evaluation, trials: list[Trial]) -> None:
             raise UserError(f"unknown class {label!r}; classes are {', '.join(names)} or their indices")
 
 
+# evaluation arguments that do not change a result (images are seeded one by one, so the batch size does not matter)
+NOT_IN_MANIFEST = ("model", "output", "compare_schedulers", "batch_size", "reference_cache_dir")
+
+
 def evaluation_settings(evaluation) -> dict:
     """The evaluation arguments that make results comparable (part of the manifest)."""
-    return {k: v for k, v in dataclasses.asdict(evaluation).items()
-            if k not in ("model", "output", "compare_schedulers")}
+    return {k: v for k, v in dataclasses.asdict(evaluation).items() if k not in NOT_IN_MANIFEST}
 
 
 def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_dir: Optional[str],
