@@ -1,5 +1,5 @@
-"""The `flowers-ddpm` command: `train`, `train-classifier`, `sample`, `evaluate`, `push`, `prepare` and `benchmark`. Thin: parse, then
-call the module that does the work."""
+"""The `flowers-ddpm` command: `train`, `train-classifier`, `sample`, `evaluate`, `sweep`, `push`, `prepare` and
+`benchmark`. Thin: parse, then call the module that does the work."""
 
 from __future__ import annotations
 
@@ -87,17 +87,29 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
-    parser.add_argument("--num_images", type=int, default=10000, help="images to generate (over all processes)")
-    parser.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default="ddim", help="sampler")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    _add_metric_arguments(parser, num_images=10000, dinov2_model="facebook/dinov2-base")
     parser.add_argument("--compare_schedulers", action="store_true",
                         help="evaluate DDPM-1000, DDIM-50, DDIM-25, DPM-Solver++-20 and -10 on the same seeds")
+    parser.add_argument("--output", default="metrics.json", help="JSON report; a markdown table goes next to it (.md)")
+    data = parser.add_argument_group("reference data (default: the pipeline's training_config.yaml, else Flowers102)")
+    for name in ("dataset_name", "dataset_config_name", "dataset_split", "train_data_dir", "image_column", "cache_dir"):
+        data.add_argument(f"--{name}", default=None)
+    data.add_argument("--resolution", type=int, default=None, help="default: the UNet's sample size")
+    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=None,
+                      help="center crop (default) or a seeded random crop")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+
+
+def _add_metric_arguments(parser: argparse.ArgumentParser, num_images: int, dinov2_model: str) -> None:
+    """How images are generated and measured: shared by `evaluate` and `sweep`."""
+    parser.add_argument("--num_images", type=int, default=num_images, help="images to generate (over all processes)")
+    parser.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default="ddim", help="sampler")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--batch_size", type=int, default=64, help="images per batch and process")
-    parser.add_argument("--output", default="metrics.json", help="JSON report; a markdown table goes next to it (.md)")
     parser.add_argument("--inception_weights", default=None, metavar="PATH",
                         help="FID Inception weights (weights-inception-2015-12-05-6726825d.pth); downloaded when unset")
-    parser.add_argument("--dinov2_model", default="facebook/dinov2-base",
+    parser.add_argument("--dinov2_model", default=dinov2_model,
                         help="transformers DINOv2 for FD-DINOv2 (Hub id or folder); 'none' skips it")
     parser.add_argument("--feature_network", default=None, metavar="MODULE:FUNCTION",
                         help="replace the Inception network by the module a factory returns (numbers then do not "
@@ -107,12 +119,41 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference_cache_dir", default=None,
                         help="where reference features are cached (default: ~/.cache/flowers_ddpm/reference)")
     parser.add_argument("--reference_num_images", type=int, default=None, help="use only the first N real images")
-    data = parser.add_argument_group("reference data (default: the pipeline's training_config.yaml, else Flowers102)")
-    for name in ("dataset_name", "dataset_config_name", "dataset_split", "train_data_dir", "image_column", "cache_dir"):
-        data.add_argument(f"--{name}", default=None)
-    data.add_argument("--resolution", type=int, default=None, help="default: the UNet's sample size")
-    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=None,
-                      help="center crop (default) or a seeded random crop")
+    _add_conditioning_arguments(parser)
+
+
+def _add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--class_labels", nargs="+", default=None, metavar="LABEL",
+                        help="class-conditional models: classes to draw (indices or names), image i gets label i mod "
+                             "the number given (default: every class in turn)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance scale of class-conditional models (default 1: the "
+                             "conditional model)")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .evaluation import EvaluateOptions
+    from .sweep import run_sweep
+
+    evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
+                                             if f.name != "model" and hasattr(args, f.name)})
+    table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation)
+    if table is not None:
+        print(table.read_text(), end="")
+        print(f"wrote {table}, {table.with_suffix('.csv')} and {table.with_suffix('.png')}")
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML file with the settings every trial shares")
+    parser.add_argument("--grid", nargs="+", required=True, metavar="SETTING=V1,V2",
+                        help="training settings to vary; every combination is one trial")
+    parser.add_argument("--max_train_steps", type=int, required=True, help="optimizer steps of each trial")
+    parser.add_argument("--output_dir", default=None,
+                        help="the sweep's folder (default: the config's output_dir + '-sweep')")
+    evaluation = parser.add_argument_group("evaluation of each trial (as in `flowers-ddpm evaluate`)")
+    _add_metric_arguments(evaluation, num_images=1000, dinov2_model="none")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
 
 
@@ -199,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(run under `accelerate launch` for several processes)")
     _add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=_evaluate)
+
+    sweep = sub.add_parser("sweep", help="train and evaluate one short run per combination of a settings grid, "
+                                         "and compare them in one table (resumable)")
+    _add_sweep_arguments(sweep)
+    sweep.set_defaults(func=_sweep)
 
     push = sub.add_parser("push", help="upload a pipeline folder with a model card to the Hugging Face Hub")
     push.add_argument("--model", required=True, help="pipeline folder (or a run's output_dir)")

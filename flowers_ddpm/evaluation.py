@@ -33,6 +33,8 @@ class SamplingSettings:
     steps: int
     seed: int = 0
     batch_size: int = 16
+    class_labels: Optional[list[int]] = None  # class-conditional models: image i is of class_labels[i % len]
+    guidance_scale: Optional[float] = None  # classifier-free guidance (None: the pipeline's default, 1)
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -55,7 +57,8 @@ def generated_features(accelerator, pipe, networks: dict, sampling: SamplingSett
             block = mine[start:start + sampling.batch_size]
             began = time.perf_counter()
             images = generate(pipe, len(block), sampling.steps, sampling.seed + block[0], sampling.scheduler,
-                              batch_size=len(block))
+                              batch_size=len(block), class_labels=_block_labels(sampling.class_labels, block),
+                              guidance_scale=sampling.guidance_scale)
             seconds += time.perf_counter() - began
             pixels = images_to_tensor(images).to(accelerator.device)
             for name, network in networks.items():
@@ -66,6 +69,37 @@ def generated_features(accelerator, pipe, networks: dict, sampling: SamplingSett
     features = {name: {kind: gather_rows(accelerator, torch.cat(values)) for kind, values in kinds.items()}
                 for name, kinds in outputs.items()}
     return features, sampling.num_images / max(slowest, 1e-9)
+
+
+def _block_labels(class_labels: Optional[list[int]], block: list[int]) -> Optional[list[int]]:
+    """The labels of the images in `block` (global indices), so labels cycle over all images, not per process."""
+    if not class_labels:
+        return None
+    return [class_labels[i % len(class_labels)] for i in block]
+
+
+def evaluation_labels(pipe, class_labels: Optional[list], guidance_scale: Optional[float]) -> Optional[list[int]]:
+    """Class indices to evaluate with: the requested ones (indices or names), every class uniformly for a
+    class-conditional pipeline given none, None for an unconditional pipeline (which takes neither option)."""
+    from .errors import UserError
+    from .pipeline import resolve_class_labels
+
+    num_classes = getattr(pipe, "num_classes", None)
+    if num_classes is None and guidance_scale is not None:
+        raise UserError("--guidance_scale needs a class-conditional pipeline; this model is unconditional")
+    labels = resolve_class_labels(pipe, class_labels)  # one-sentence errors for unknown labels or models
+    if labels is None and num_classes is not None:
+        labels = list(range(num_classes))
+    return labels
+
+
+def conditioning_record(pipe, labels: Optional[list[int]], guidance_scale: Optional[float]) -> Optional[dict]:
+    """What metrics.json records about the labels the images were drawn with (None when unconditional)."""
+    if labels is None:
+        return None
+    names = pipe.config.class_names
+    return {"class_labels": labels, "class_names": [names[i] for i in labels] if names else None,
+            "guidance_scale": 1.0 if guidance_scale is None else guidance_scale}
 
 
 def evaluate_pipeline(accelerator, pipe, networks: dict, reference: dict, sampling: SamplingSettings,
@@ -112,9 +146,14 @@ def write_report(report: dict, json_path: Path) -> Path:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     md_path = json_path.with_suffix(".md")
+    conditioning, drawn = report.get("conditioning"), ""
+    if conditioning:
+        classes = [str(c) for c in conditioning["class_names"] or conditioning["class_labels"]]
+        listed = ", ".join(classes[:8]) + (f", ... ({len(classes)} labels)" if len(classes) > 8 else "")
+        drawn = f"; images drawn for classes {listed} in turn, guidance scale {conditioning['guidance_scale']}"
     md_path.write_text(f"Metrics of `{report['model']}` against {report['reference']['description']} "
-                       f"({report['reference']['num_images']} images at {report['reference']['resolution']}px)\n\n"
-                       + markdown_table(report["results"]))
+                       f"({report['reference']['num_images']} images at {report['reference']['resolution']}px)"
+                       f"{drawn}\n\n" + markdown_table(report["results"]))
     return md_path
 
 
@@ -159,6 +198,8 @@ class EvaluateOptions:
     reference_cache_dir: Optional[str] = None
     reference_num_images: Optional[int] = None
     precision_recall: bool = True
+    class_labels: Optional[list] = None  # indices or names; default for class-conditional models: every class
+    guidance_scale: Optional[float] = None
 
 
 def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]:
@@ -178,6 +219,7 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
     dtype = torch.float16 if accelerator.device.type == "cuda" else None
     pipe = load_pipeline(options.model, accelerator.device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    labels = evaluation_labels(pipe, options.class_labels, options.guidance_scale)
     networks = {"inception": build_inception_network(options.inception_weights, options.feature_network)}
     dino = build_dinov2_network(options.dinov2_model)
     if dino is not None:
@@ -189,7 +231,8 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
     runs = SCHEDULER_COMPARISON if options.compare_schedulers else ((options.scheduler, options.steps),)
     rows = []
     for scheduler, steps in runs:
-        sampling = SamplingSettings(options.num_images, scheduler, steps, options.seed, options.batch_size)
+        sampling = SamplingSettings(options.num_images, scheduler, steps, options.seed, options.batch_size,
+                                    labels, options.guidance_scale)
         rows.append(evaluate_pipeline(accelerator, pipe, networks, reference, sampling, options.precision_recall))
     if not accelerator.is_main_process:
         return None
@@ -199,6 +242,9 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
                             "resolution": cfg.resolution, "center_crop": cfg.center_crop,
                             "num_images": len(reference["inception"]["features"])},
               "results": rows}
+    conditioning = conditioning_record(pipe, labels, options.guidance_scale)
+    if conditioning is not None:
+        report["conditioning"] = conditioning
     write_report(report, Path(options.output))
     if (Path(options.model) / "model_index.json").is_file():  # a local pipeline: the metrics travel with it
         write_report(report, Path(options.model) / "metrics.json")

@@ -18,6 +18,15 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 
+def class_guidance(model, cfg: TrainConfig) -> dict:
+    """Class-conditional models are sampled (grids, evaluation) cycling through all classes with the configured
+    classifier-free guidance; unconditional models take no extra arguments."""
+    if model.config.num_class_embeds is None:
+        return {}
+    labels = list(range(model.config.num_class_embeds - 1))  # the last embedding is the "no class" token
+    return {"class_labels": labels, "guidance_scale": cfg.sample_guidance_scale}
+
+
 class PipelinePublisher:
     """Sample grids (PNG under <output_dir>/samples/) and pipeline exports (<output_dir>/pipeline/)."""
 
@@ -27,11 +36,7 @@ class PipelinePublisher:
         self.hardware, self.started = hardware, time.time()
 
     def _guidance(self, model) -> dict:
-        """Class-conditional grids cycle through the classes with the configured classifier-free guidance."""
-        if model.config.num_class_embeds is None:
-            return {}
-        labels = list(range(model.config.num_class_embeds - 1))
-        return {"class_labels": labels, "guidance_scale": self.cfg.sample_guidance_scale}
+        return class_guidance(model, self.cfg)
 
     def sample_grid(self, model, step: int):
         from .finetune import sampling_unet
@@ -69,11 +74,12 @@ class TrainingEvaluator:
     """FID/KID of the weights it is given (the trainer passes the EMA weights) on all processes, every
     --eval_steps; keeps <output_dir>/best/ = the pipeline with the best FID so far (+ its metrics.json)."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
+    def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler, class_names=None):
         from .features import build_inception_network
         from .reference import load_or_compute_reference
 
         self.cfg, self.accelerator, self.noise_scheduler = cfg, accelerator, noise_scheduler
+        self.class_names = class_names
         self.best_dir = Path(cfg.output_dir) / "best"
         network = build_inception_network(cfg.inception_weights, cfg.eval_feature_network)
         self.networks = {"inception": network.to(accelerator.device)}
@@ -86,23 +92,27 @@ class TrainingEvaluator:
 
     def __call__(self, model, step: int) -> dict:
         from .evaluation import SamplingSettings, evaluate_pipeline
+        from .finetune import merged_unet, sampling_unet
         from .pipeline import build_pipeline, export_pipeline
 
         cfg = self.cfg
-        pipe = build_pipeline(model, self.noise_scheduler)
+        pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names)
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
+        guidance = class_guidance(pipe.unet, cfg)  # class-conditional: every class in turn, not "no class"
         sampling = SamplingSettings(cfg.eval_num_images, cfg.sample_scheduler, cfg.ddpm_num_inference_steps,
-                                    cfg.seed, cfg.eval_batch_size)
+                                    cfg.seed, cfg.eval_batch_size, **guidance)
         row = evaluate_pipeline(self.accelerator, pipe, self.networks, self.reference, sampling,
                                 with_precision_recall=False)
         model.train(was_training)
         if row["fid"] < self.best_fid:
             self.best_fid = row["fid"]
             if self.accelerator.is_main_process:
-                export_pipeline(model, self.noise_scheduler, self.best_dir, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-                (self.best_dir / "metrics.json").write_text(json.dumps({"step": step, **row}, indent=2) + "\n")
+                export_pipeline(merged_unet(model), self.noise_scheduler, self.best_dir,
+                                yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names)
+                (self.best_dir / "metrics.json").write_text(json.dumps({"step": step, **row, **guidance}, indent=2)
+                                                            + "\n")
                 logger.info("step %d: FID %.4f, the best so far; pipeline written to %s", step, row["fid"], self.best_dir)
         self.accelerator.wait_for_everyone()
         return {f"eval/{key}": row[key] for key in ("fid", "kid_mean", "kid_std", "is_mean") if key in row}
@@ -246,19 +256,25 @@ def device_batches(cfg: TrainConfig, source, accelerator):
     return DeviceBatches(_train_batches(cfg, source, accelerator), accelerator.device, cfg.channels_last)
 
 
-def run_trainer(trainer, accelerator, resume_from) -> None:
-    """Train (resuming from `resume_from` when given) and close the trackers whatever happens."""
+def run_trainer(trainer, accelerator, resume_from, keep_process_group: bool = False) -> None:
+    """Train (resuming from `resume_from` when given) and close the trackers whatever happens. `keep_process_group`
+    leaves the distributed process group up for more work in this process (a sweep's next trial)."""
     try:
         trainer.train(resume_from)
     finally:
         if trainer.batches.skipped:
             logger.warning("process %d skipped %d unreadable images", accelerator.process_index,
                            trainer.batches.skipped)
-        accelerator.end_training()
+        if keep_process_group:
+            for tracker in accelerator.trackers:
+                tracker.finish()
+        else:
+            accelerator.end_training()  # finishes the trackers and destroys the process group
 
 
-def run_training(cfg: TrainConfig) -> Path:
-    """Train as configured and return the exported pipeline folder."""
+def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
+    """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
+    process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
     from accelerate.utils import set_seed
 
     from .finetune import add_class_conditioning, load_for_finetuning, select_trainable, trainable_parameters
@@ -283,7 +299,7 @@ def run_training(cfg: TrainConfig) -> Path:
     model = select_trainable(model, cfg)  # everything, --train_only parts, or LoRA adapters
     objective = DiffusionObjective(noise_scheduler, cfg.snr_gamma, cfg.learn_sigma, cfg.vlb_weight, num_classes,
                                    cfg.class_dropout_prob)
-    evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler) if cfg.eval_steps else None
+    evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler, class_names) if cfg.eval_steps else None
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, trainable_parameters(model), accelerator,
                                                              max_steps)
     batches = device_batches(cfg, source, accelerator)
@@ -291,7 +307,7 @@ def run_training(cfg: TrainConfig) -> Path:
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
                       PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator)),
                       loop_settings(cfg, max_steps), evaluator)
-    run_trainer(trainer, accelerator, resume_from)
+    run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:
         finish_run(cfg)
     return Path(cfg.output_dir) / "pipeline"

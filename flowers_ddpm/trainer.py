@@ -182,6 +182,9 @@ class Trainer:
         accumulation = acc.gradient_accumulation_steps
         batches = iter(self.batches)
         self._last_log = (time.perf_counter(), self.progress.images_seen)
+        if self.progress.global_step >= s.max_train_steps:
+            # resumed from the final checkpoint: a run killed after saving it may have died before its export
+            self.export(self.progress.global_step)
         with self.stop_request, tqdm(total=s.max_train_steps, initial=self.progress.global_step, desc="train",
                                      disable=not acc.is_local_main_process, dynamic_ncols=True) as bar:
             while self.progress.global_step < s.max_train_steps:

@@ -1,0 +1,264 @@
+"""`flowers-ddpm sweep`: one short training run per combination of a settings grid, each evaluated, one table.
+
+Trials run one after another inside this process (`run_training`, then `run_evaluation`), not as
+`flowers-ddpm train` subprocesses. A subprocess would pay the import of torch, diffusers and datasets (about 10 s)
+for every trial, a large share of a short one; and under `accelerate launch` every process simply runs the same
+trials in the same order on the process group it already has, so a multi-GPU sweep needs no launcher of its own
+(`accelerate launch scripts/sweep.py ...`). The price: what accelerate fixes once per process (mixed_precision)
+cannot vary within one sweep, and an error in a trial ends the sweep (a rerun continues where it stopped).
+
+Layout of a sweep folder, and how it resumes: `sweep.json` holds the arguments (a rerun must match them); each
+trial is an ordinary training output folder under `trials/`, trained with `--resume_from_checkpoint latest`, so an
+interrupted trial continues from its newest checkpoint; a trial is finished when its `result.json` exists, and a
+rerun skips finished trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, build_config, load_yaml
+from .errors import UserError
+from .stopping import Preempted, TrainingStopped
+
+logger = logging.getLogger(__name__)
+MANIFEST, RESULT_FILE, TRIALS_DIR = "sweep.json", "result.json", "trials"
+# settings the sweep itself decides, and why a grid cannot vary them
+NOT_IN_GRID = {
+    "output_dir": "each trial gets its own folder under the sweep's --output_dir",
+    "resume_from_checkpoint": "trials always resume from their latest checkpoint",
+    "max_train_steps": "it is the sweep's --max_train_steps",
+    "num_epochs": "trials run --max_train_steps",
+    "mixed_precision": "accelerate fixes it once per process; run one sweep per precision",
+    "push_to_hub": "push the trial you pick with `flowers-ddpm push`",
+}
+
+
+@dataclass
+class Trial:
+    """One combination of grid values and the validated training config it gives."""
+
+    name: str
+    values: dict  # grid key -> value as typed on the command line
+    cfg: TrainConfig
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def finished(self) -> bool:
+        return (self.folder / RESULT_FILE).is_file()
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """`["learning_rate=1e-4,2e-4", ...]` -> {"learning_rate": ["1e-4", "2e-4"], ...}, keys in the given order."""
+    from .config import _FIELDS
+
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        choices = [v.strip() for v in values.split(",")]
+        if not sep or not key or not all(choices):
+            raise UserError(f"grid entry {item!r} must look like setting=value1,value2")
+        if key not in _FIELDS or not _FIELDS[key].metadata["cli"]:
+            raise UserError(f"grid key {key!r} is not a training setting; see `flowers-ddpm train --help`")
+        if key in NOT_IN_GRID:
+            raise UserError(f"grid key {key!r} cannot be swept: {NOT_IN_GRID[key]}")
+        if key in grid:
+            raise UserError(f"grid key {key!r} is given twice")
+        grid[key] = choices
+    return grid
+
+
+def _folder_name(index: int, values: dict) -> str:
+    text = "-".join(f"{key}={value}" for key, value in values.items())
+    return f"{index:02d}-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
+
+
+def plan_trials(base: dict, grid: dict[str, list[str]], max_train_steps: int, sweep_dir: Path) -> list[Trial]:
+    """Every combination of the grid as a validated TrainConfig (a bad value is a UserError before any training)."""
+    if base.get("push_to_hub"):
+        raise UserError(f"push_to_hub cannot be used in a sweep: {NOT_IN_GRID['push_to_hub']}")
+    trials = []
+    for index, combination in enumerate(itertools.product(*grid.values()), start=1):
+        values = dict(zip(grid, combination))
+        name = _folder_name(index, values)
+        overrides = {**values, "max_train_steps": max_train_steps, "output_dir": str(sweep_dir / TRIALS_DIR / name),
+                     "resume_from_checkpoint": "latest"}
+        try:
+            cfg = build_config(base, overrides)
+        except UserError as e:
+            raise UserError(f"trial {', '.join(f'{k}={v}' for k, v in values.items())}: {e}") from None
+        trials.append(Trial(name, values, cfg))
+    return trials
+
+
+def _is_main_process() -> bool:
+    # the launcher's environment, read before any Accelerator exists (as in cli._setup_logging)
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _end_process_group() -> None:
+    """What `accelerator.end_training()` does at the end of a training run, once for the whole sweep."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write atomically, so a killed sweep never leaves a half-written result that counts as finished."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def claim_folder(sweep_dir: Path, manifest: dict) -> None:
+    """Record the sweep's arguments in a new folder, or check that a rerun into it uses the same ones."""
+    path = sweep_dir / MANIFEST
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        differing = [part for part in manifest if recorded.get(part) != manifest[part]]
+        if differing:
+            raise UserError(f"{sweep_dir} holds a sweep with a different {' and '.join(differing)}; rerun with the "
+                            "same arguments to continue it, or choose another --output_dir")
+        return
+    if (sweep_dir / TRIALS_DIR).exists():
+        raise UserError(f"{sweep_dir} has trials but no {MANIFEST}; choose another --output_dir")
+    if _is_main_process():
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(path, manifest)
+
+
+def _train_log(folder: Path) -> list[dict]:
+    """The trainer's loss log entries, one per step (a resumed run's later entry for a step wins)."""
+    from .report import LOSS_LOG
+
+    by_step = {}
+    path = folder / "report" / LOSS_LOG
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                by_step[entry["step"]] = entry
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def trial_result(trial: Trial, report: dict) -> dict:
+    """The trial's row of the comparison: its grid values, final loss, training throughput and metrics."""
+    import statistics
+
+    log = _train_log(trial.folder)
+    return {"trial": trial.name, "settings": {key: getattr(trial.cfg, key) for key in trial.values},
+            "final_loss": log[-1]["loss"] if log else None,
+            "train_images_per_sec": statistics.median(e["images_per_sec"] for e in log) if log else None,
+            "metrics": report["results"][0], "finished_at": datetime.now(timezone.utc).isoformat()}
+
+
+def run_trial(trial: Trial, evaluation) -> Optional[dict]:
+    """Train (resuming from the trial's latest checkpoint), evaluate the exported pipeline, write result.json."""
+    from .evaluation import run_evaluation
+    from .train import run_training
+
+    pipeline = run_training(trial.cfg, keep_process_group=True)  # the next trial uses the same process group
+    options = dataclasses.replace(evaluation, model=str(pipeline), output=str(trial.folder / "metrics.json"),
+                                  compare_schedulers=False)
+    report = run_evaluation(options, {})  # reference data: the trial's own training data (training_config.yaml)
+    if report is None:  # not the main process
+        return None
+    result = trial_result(trial, report)
+    _write_json(trial.folder / RESULT_FILE, result)
+    return result
+
+
+def check_evaluation(evaluation) -> None:
+    """Fail before the first trial on evaluation settings that would otherwise fail after it."""
+    from .features import load_factory, resolve_inception_weights
+
+    least = 4 if evaluation.precision_recall else 2
+    if evaluation.num_images < least:
+        raise UserError(f"num_images must be >= {least} (4 for precision/recall with k=3); got {evaluation.num_images}")
+    if evaluation.steps < 1 or evaluation.batch_size < 1:
+        raise UserError("steps and batch_size must be >= 1")
+    if evaluation.feature_network:
+        load_factory(evaluation.feature_network)
+    else:
+        resolve_inception_weights(evaluation.inception_weights)
+
+
+def check_conditioning(evaluation, trials: list[Trial]) -> None:
+    """--class_labels/--guidance_scale need class-conditional trials, and labels the training data has (checked
+    here, because a trial's evaluation would only find out after its training)."""
+    if not evaluation.class_labels and evaluation.guidance_scale is None:
+        return
+    if not all(trial.cfg.class_conditional for trial in trials):
+        raise UserError("--class_labels and --guidance_scale need class-conditional trials (class_conditional: true)")
+    if not evaluation.class_labels:
+        return
+    from .data import open_source
+
+    names = [str(name).lower() for name in open_source(trials[0].cfg).class_names or []]
+    for label in evaluation.class_labels:
+        known = str(label).strip().lower() in names or (str(label).isdigit() and int(label) < len(names))
+        if not known:
+            raise UserError(f"unknown class {label!r}; classes are {', '.join(names)} or their indices")
+
+
+# evaluation arguments that do not change a result (images are seeded one by one, so the batch size does not matter)
+NOT_IN_MANIFEST = ("model", "output", "compare_schedulers", "batch_size", "reference_cache_dir")
+
+
+def evaluation_settings(evaluation) -> dict:
+    """The evaluation arguments that make results comparable (part of the manifest)."""
+    return {k: v for k, v in dataclasses.asdict(evaluation).items() if k not in NOT_IN_MANIFEST}
+
+
+def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_dir: Optional[str],
+              evaluation) -> Optional[Path]:
+    """The `sweep` command: run the unfinished trials, then write the comparison; returns the table path (main
+    process) or None."""
+    from .sweep_report import write_comparison
+
+    if max_train_steps < 1:
+        raise UserError(f"max_train_steps must be >= 1; got {max_train_steps}")
+    base = load_yaml(config)
+    grid = parse_grid(grid_items)
+    sweep_dir = Path(output_dir or f"{base.get('output_dir', TrainConfig.output_dir)}-sweep")
+    trials = plan_trials(base, grid, max_train_steps, sweep_dir)
+    check_evaluation(evaluation)
+    check_conditioning(evaluation, trials)
+    claim_folder(sweep_dir, {"base_config": base, "grid": grid, "max_train_steps": max_train_steps,
+                             "evaluation": evaluation_settings(evaluation)})
+    pending = [trial for trial in trials if not trial.finished]  # decided up front, identically on every process
+    if len(pending) < len(trials):
+        logger.info("%d of %d trials already finished; running the other %d", len(trials) - len(pending),
+                    len(trials), len(pending))
+    try:
+        for trial in tqdm(pending, desc="sweep", unit="trial", disable=not _is_main_process()):
+            logger.info("trial %s", trial.name)
+            try:
+                run_trial(trial, evaluation)
+            except Preempted as e:  # same exit code; the advice is the sweep's, not `train`'s
+                raise Preempted(f"trial {trial.name} {str(e).split('; ')[0]}; rerun the same sweep command to "
+                                "continue") from None
+            except TrainingStopped as e:
+                raise type(e)(f"trial {trial.name}: {e}") from None
+    finally:
+        _end_process_group()
+    if not _is_main_process():
+        return None
+    results = [json.loads((trial.folder / RESULT_FILE).read_text()) for trial in trials]
+    return write_comparison(results, list(grid), sweep_dir)
