@@ -109,8 +109,9 @@ class AblationSettings:
             raise UserError(f"budget_minutes must be > 0; got {self.budget_minutes}")
         if self.budget_images is not None and self.budget_images < 1:
             raise UserError(f"budget_images must be >= 1; got {self.budget_images}")
-        if self.num_samples < 20:
-            raise UserError(f"num_samples must be >= 20 (two per digit at least); got {self.num_samples}")
+        if self.num_samples < 20 or self.num_samples % digits.NUM_CLASSES:
+            raise UserError(f"num_samples must be a multiple of 10 and >= 20 (the same count of every digit); "
+                            f"got {self.num_samples}")
 
 
 def _run_train(config: Path, extra: list[str], log: Path) -> float:
@@ -183,6 +184,17 @@ def plan_steps(config: Path, folder: Path, recipe: dict, settings: AblationSetti
     return max(steps, 1), rate
 
 
+def balanced_subset(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the first count/10 examples of each digit: the same class mix as the samples (image i is digit
+    i % 10), so the real-vs-real baseline is not inflated by a different mix of classes."""
+    per_class = count // digits.NUM_CLASSES
+    picks = [torch.nonzero(labels == c)[:per_class, 0] for c in range(digits.NUM_CLASSES)]
+    if min(len(p) for p in picks) < per_class:
+        raise UserError(f"num_samples {count} needs {per_class} held-out images of every digit; use at most "
+                        f"{digits.NUM_CLASSES * min(len(p) for p in picks)}")
+    return torch.cat(picks)
+
+
 class Scorer:
     """Scores a pipeline's class-conditional samples with the digits classifier."""
 
@@ -191,9 +203,9 @@ class Scorer:
         self.classifier, self.classifier_accuracy = digits.train_classifier(data, cache, settings.classifier_epochs,
                                                                                  settings.seed)
         train, _ = digits.load_folder(data.train_dir)
-        test, _ = digits.load_folder(data.test_dir)
+        test, test_labels = digits.load_folder(data.test_dir)
         self.reference = digits.predict(self.classifier, train)[0]
-        held_out = digits.predict(self.classifier, test[: settings.num_samples])[0]
+        held_out = digits.predict(self.classifier, test[balanced_subset(test_labels, settings.num_samples)])[0]
         from .metrics import frechet_distance
 
         self.real_vs_real = frechet_distance(self.reference, held_out)

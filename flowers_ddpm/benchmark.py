@@ -350,6 +350,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         raise UserError(f"train_data_dir {args.train_data_dir} does not exist or is not a directory")
     parse_samplers(args.samplers)  # fail on a bad --samplers before any work
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="flowers-ddpm-bench-", dir=args.work_dir) as tmp:
         work = Path(tmp)
         data_dir = args.train_data_dir or str(generate_jpeg_folder(work / "images", args.num_images, args.image_size))

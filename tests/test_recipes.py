@@ -87,3 +87,17 @@ def test_ablation_refuses_to_mix_settings(tmp_path):
 
     with pytest.raises(UserError, match="other settings"):
         ablation.run_ablation(AblationSettings(output_dir=tmp_path, budget_minutes=10))
+
+
+def test_real_baseline_has_the_samples_class_mix():
+    """Held-out images sorted by class must not be taken as the first N (that baseline would be all 0s and 1s)."""
+    import torch
+
+    from flowers_ddpm.ablation import balanced_subset
+    from flowers_ddpm.errors import UserError
+
+    labels = torch.arange(10).repeat_interleave(5)  # sorted by class, like a class-folder listing
+    picked = labels[balanced_subset(labels, 30)]
+    assert torch.equal(torch.bincount(picked, minlength=10), torch.full((10,), 3))
+    with pytest.raises(UserError, match="at most 50"):
+        balanced_subset(labels, 60)
