@@ -18,6 +18,7 @@ from PIL import Image
 
 from flowers_ddpm.classifier import classifier_for_unet
 from flowers_ddpm.cli import main
+from flowers_ddpm.hub import build_model_card
 from flowers_ddpm.models import build_noise_scheduler, build_unet, unet_kwargs
 from flowers_ddpm.pipeline import export_pipeline, generate, load_classifier, load_pipeline, with_classifier
 
@@ -85,6 +86,8 @@ def test_attached_classifier_is_saved_as_a_custom_component(folders):
                  "classifier/diffusion_pytorch_model.safetensors", "training_config.yaml"):
         assert (bundled / name).is_file(), name
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    card = str(build_model_card(bundled, "user/guided", []))  # the Hub card's usage snippet is the one line
+    assert 'from_pretrained("user/guided", trust_remote_code=True)' in card and "class_labels=['blue'] * 4" in card
 
 
 def test_plain_diffusers_loads_the_folder_and_draws_the_same_images(folders, tmp_path):
