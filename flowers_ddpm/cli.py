@@ -1,5 +1,5 @@
-"""The `flowers-ddpm` command: `train`, `train-classifier`, `sample`, `evaluate`, `sweep`, `push`, `prepare` and
-`benchmark`. Thin: parse, then call the module that does the work."""
+"""The `flowers-ddpm` command: `train`, `train-classifier`, `sample`, `attach-classifier`, `evaluate`, `sweep`,
+`push`, `prepare` and `benchmark`. Thin: parse, then call the module that does the work."""
 
 from __future__ import annotations
 
@@ -40,24 +40,24 @@ def _sample(args: argparse.Namespace) -> None:
 
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
-    if args.classifier_scale is not None and not args.classifier:
-        raise UserError("--classifier_scale needs --classifier (the folder written by train-classifier)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else None
     classifier = load_classifier(args.classifier, device) if args.classifier else None
     pipe = load_pipeline(args.model, device, dtype)
     if classifier is not None:
         pipe = with_classifier(pipe, classifier)
+    if args.classifier_scale is not None and classifier is None and getattr(pipe, "classifier", None) is None:
+        raise UserError("--classifier_scale needs --classifier (the folder written by train-classifier) or a "
+                        "pipeline that carries one (attach-classifier)")
     labels = resolve_class_labels(pipe, args.class_labels, classifier)
     if classifier is not None and labels is None:
         raise UserError("--classifier needs --class_labels (the classes to guide the samples towards)")
     if args.guidance_scale is not None and (labels is None or getattr(pipe, "num_classes", None) is None):
         raise UserError("--guidance_scale needs --class_labels and a class-conditional model (classifier-free "
                         "guidance); use --classifier_scale to guide an unconditional model")
-    scale = 1.0 if args.classifier_scale is None else args.classifier_scale
     images = generate(pipe, args.num_images, args.steps, args.seed, args.scheduler, args.batch_size,
                       class_labels=labels, guidance_scale=args.guidance_scale, classifier=classifier,
-                      classifier_scale=scale)
+                      classifier_scale=args.classifier_scale)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(args.output)
     if args.output_dir:
@@ -66,6 +66,23 @@ def _sample(args: argparse.Namespace) -> None:
         for i, image in enumerate(images):
             image.save(folder / f"{i:05d}.png")
     print(f"wrote {len(images)} images to {args.output}" + (f" and {args.output_dir}/" if args.output_dir else ""))
+
+
+def _attach_classifier(args: argparse.Namespace) -> None:
+    from .pipeline import attach_classifier
+
+    path = attach_classifier(args.model, args.classifier, args.output, args.classifier_scale, args.guidance_scale)
+    print(f"pipeline with classifier written to {path}")
+
+
+def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub id (conditional or unconditional)")
+    parser.add_argument("--classifier", required=True, metavar="DIR", help="the --output_dir of train-classifier")
+    parser.add_argument("--output", required=True, help="pipeline folder to write")
+    parser.add_argument("--classifier_scale", type=float, default=1.0, help="the saved default classifier scale")
+    parser.add_argument("--guidance_scale", type=float, default=1.0,
+                        help="the saved default classifier-free guidance scale (class-conditional models)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -229,12 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 1)")
     sample.add_argument("--classifier", default=None, metavar="DIR",
                         help="noise-aware classifier (the --output_dir of train-classifier) for classifier guidance "
-                             "towards --class_labels; works for unconditional and class-conditional models")
+                             "towards --class_labels; works for unconditional and class-conditional models (default: "
+                             "the classifier the pipeline carries, if any)")
     sample.add_argument("--classifier_scale", type=float, default=None,
-                        help="classifier guidance scale s (default 1; the paper uses 1-10)")
+                        help="classifier guidance scale s (default: the pipeline's saved one, else 1; the paper uses "
+                             "1-10; 0 turns off a saved classifier)")
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     sample.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sample.set_defaults(func=_sample)
+
+    attach = sub.add_parser("attach-classifier", help="save a pipeline with a noise-aware classifier and default "
+                                                      "guidance scales, loadable with only diffusers installed")
+    _add_attach_classifier_arguments(attach)
+    attach.set_defaults(func=_attach_classifier)
 
     evaluate = sub.add_parser("evaluate", help="FID, KID, IS, precision/recall and FD-DINOv2 of a pipeline "
                                                "(run under `accelerate launch` for several processes)")

@@ -6,10 +6,11 @@ user with only diffusers installed can load it:
 
     DiffusionPipeline.from_pretrained("run/pipeline", trust_remote_code=True)
 
-It must therefore import nothing but torch and diffusers. That is why the noise-aware classifier of classifier
-guidance is not a saved component of the pipeline: it is passed to `__call__` as any torch module that maps
-(x_t, t) to class logits (flowers_ddpm's `NoiseAwareClassifier`, loaded from its own folder), so this file needs no
-classifier code and unconditional models guided by a classifier need no special export.
+It must therefore import nothing but torch and diffusers. The noise-aware classifier of classifier guidance is
+either passed to `__call__` (any torch module that maps (x_t, t) to class logits) or an optional saved component
+`classifier` of the pipeline; a saved one ships its own code (flowers_ddpm's classifier.py, copied to
+`classifier/classifier.py`, which diffusers loads as a custom component with `trust_remote_code=True`), so this file
+needs no classifier code either way.
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ class GuidedDDPMPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    _optional_components = ["classifier"]  # diffusers: may be None, saved as [null, null] in model_index.json
 
-    def __init__(self, unet, scheduler, class_names: Optional[list] = None):
+    def __init__(self, unet, scheduler, classifier=None, class_names: Optional[list] = None,
+                 guidance_scale: float = 1.0, classifier_scale: float = 1.0):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(class_names=list(class_names) if class_names else None)
+        self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
+        # the defaults of __call__, saved in model_index.json with the pipeline
+        self.register_to_config(class_names=list(class_names) if class_names else None,
+                                guidance_scale=float(guidance_scale), classifier_scale=float(classifier_scale))
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -53,7 +58,8 @@ class GuidedDDPMPipeline(DiffusionPipeline):
 
     def label_ids(self, class_labels: Sequence[Label], classifier=None) -> list[int]:
         """Class indices from indices, digit strings or class names (case-insensitive); an unconditional UNet takes
-        the classes of the guiding `classifier`."""
+        the classes of the guiding `classifier` (default: the pipeline's own)."""
+        classifier = classifier if classifier is not None else getattr(self, "classifier", None)
         classifier_config = getattr(classifier, "config", None)
         num_classes = self.num_classes if self.num_classes is not None else getattr(classifier_config, "num_classes", 0)
         names = self.config.class_names or getattr(classifier_config, "class_names", None) or []
@@ -101,7 +107,7 @@ class GuidedDDPMPipeline(DiffusionPipeline):
     def classifier_gradient(self, classifier, image, t, targets, scale: float) -> torch.Tensor:
         """scale * grad_x log p(targets | x_t = image, t) of the noise-aware classifier (computed in float32)."""
         with torch.enable_grad():
-            x = image.detach().float().requires_grad_(True)
+            x = image.detach().to(getattr(classifier, "dtype", torch.float32)).requires_grad_(True)
             log_probs = torch.log_softmax(classifier(x, t).float(), dim=-1)
             chosen = log_probs[torch.arange(len(targets), device=x.device), targets].sum()
             return scale * torch.autograd.grad(chosen, x)[0]
@@ -139,23 +145,32 @@ class GuidedDDPMPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, class_labels: Optional[Sequence[Label]] = None, batch_size: Optional[int] = None,
-                 guidance_scale: float = 1.0, generator=None, num_inference_steps: int = 1000,
-                 output_type: str = "pil", return_dict: bool = True, classifier=None, classifier_scale: float = 1.0):
+                 guidance_scale: Optional[float] = None, generator=None, num_inference_steps: int = 1000,
+                 output_type: str = "pil", return_dict: bool = True, classifier=None,
+                 classifier_scale: Optional[float] = None):
         """Generate one image per class label (or `batch_size` unconditional images).
 
         Class-conditional models need `class_labels` (indices or names from `config.class_names`); without them
         they sample unconditionally through the "no class" token. With a noise-aware `classifier` (a module
-        mapping (x_t, t) to logits) the samples are also guided towards `class_labels` with `classifier_scale`.
+        mapping (x_t, t) to logits; default: the pipeline's saved one) the samples are also guided towards
+        `class_labels` with `classifier_scale` (0 turns classifier guidance off). Scales left out take the
+        pipeline's saved defaults (`config.guidance_scale`, `config.classifier_scale`).
         """
-        if class_labels is not None and self.num_classes is None and classifier is None:
-            raise ValueError("this pipeline's UNet is not class-conditional; call it without class_labels")
         if classifier is not None and class_labels is None:
             raise ValueError("classifier guidance needs class_labels (the classes to guide towards)")
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        classifier_scale = self.config.classifier_scale if classifier_scale is None else classifier_scale
+        if classifier is None and class_labels is not None:  # a saved classifier guides only towards given labels
+            classifier = getattr(self, "classifier", None)
+        if class_labels is not None and self.num_classes is None and classifier is None:
+            raise ValueError("this pipeline's UNet is not class-conditional; call it without class_labels")
         if class_labels is not None:
             batch_size = len(class_labels)
         batch_size = batch_size or 1
         device = self._execution_device
         labels, targets = self._labels(class_labels, batch_size, classifier, device)
+        if classifier_scale == 0:  # the classifier still names the classes, but does not guide
+            classifier = None
         if self.num_classes is not None and class_labels is None:
             guidance_scale = 1.0
         size = self.unet.config.sample_size

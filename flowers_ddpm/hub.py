@@ -117,6 +117,22 @@ def _metrics_section(metrics: Optional[dict]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def _usage(pipeline_dir: Path, repo_id: str, unet: dict) -> list[str]:
+    """The card's code lines: a GuidedDDPMPipeline runs the code shipped in the repo (trust_remote_code) and, with
+    classes (its own or its classifier's), draws the class given."""
+    index = _read_json(pipeline_dir / "model_index.json") or {}
+    batch = "images = pipe(batch_size=4, num_inference_steps=50).images"
+    if not isinstance(index.get("_class_name"), list):
+        return [f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")', batch]
+    load = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)'
+    classifier = _read_json(pipeline_dir / "classifier" / "config.json")
+    if not unet.get("num_class_embeds") and classifier is None:  # learned variances only: no classes
+        return [load, batch]
+    names = index.get("class_names") or (classifier or {}).get("class_names")
+    label = repr(names[0]) if names else "0"
+    return [load, f"images = pipe(class_labels=[{label}] * 4, num_inference_steps=50).images"]
+
+
 def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], license: str = "apache-2.0"):
     """A `huggingface_hub.ModelCard` with Hub metadata, the sample grid, a usage snippet and the training facts."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -161,8 +177,7 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
         f"A denoising diffusion probabilistic model (DDPM) {origin}on {data_text}, generating {size}x{size} RGB "
         f"images, trained with flowers_ddpm (diffusers + accelerate).{lora}", "",
         "## Usage", "", "```python", "from diffusers import DiffusionPipeline", "",
-        f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")',
-        "images = pipe(batch_size=4, num_inference_steps=50).images",
+        *_usage(pipeline_dir, repo_id, unet),
         'images[0].save("sample.png")', "```", "",
         "## Training", "", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], "",
     ]

@@ -56,31 +56,38 @@ def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None):
     return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
 
 
-def _ship_pipeline_code(folder: Path) -> None:
+CLASSIFIER_MODULE = "classifier"  # the file name of classifier.py inside a pipeline folder's classifier/ folder
+
+
+def _ship_pipeline_code(folder: Path, pipe) -> None:
     """Make a GuidedDDPMPipeline folder loadable by plain diffusers: copy the class's source file into it and name
-    it in model_index.json, diffusers' convention for custom pipelines (loaded with trust_remote_code=True)."""
-    from . import guided_pipeline
+    it in model_index.json, diffusers' convention for custom pipelines (loaded with trust_remote_code=True). A
+    saved classifier ships its source as `classifier/classifier.py`, diffusers' convention for custom components
+    (`get_class_obj_and_candidates` loads `<component>/<library>.py` of a ["<library>", "<class>"] entry)."""
+    from . import classifier, guided_pipeline
 
     shutil.copyfile(guided_pipeline.__file__, folder / f"{GUIDED_PIPELINE_MODULE}.py")
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
     index["_class_name"] = [GUIDED_PIPELINE_MODULE, "GuidedDDPMPipeline"]
+    if getattr(pipe, "classifier", None) is not None:
+        shutil.copyfile(classifier.__file__, folder / "classifier" / f"{CLASSIFIER_MODULE}.py")
+        index["classifier"] = [CLASSIFIER_MODULE, type(pipe.classifier).__name__]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None,
-                    class_names: Optional[list] = None, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`;
-    `write_extra(folder)` adds more files before the folder is moved into place."""
+def save_pipeline(pipe, path: str | Path, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write `pipe` as a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`,
+    with the code of a GuidedDDPMPipeline and its classifier; `write_extra(folder)` adds more files before the
+    folder is moved into place."""
+    from .guided_pipeline import GuidedDDPMPipeline
+
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = build_pipeline(unet, noise_scheduler, class_names)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
-    if needs_guided_pipeline(unet):
-        _ship_pipeline_code(tmp)
-    if training_config_yaml is not None:
-        (tmp / TRAINING_CONFIG_NAME).write_text(training_config_yaml)
+    if isinstance(pipe, GuidedDDPMPipeline):
+        _ship_pipeline_code(tmp, pipe)
     if write_extra is not None:
         write_extra(tmp)
     shutil.rmtree(old, ignore_errors=True)
@@ -91,17 +98,40 @@ def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yam
     return path
 
 
+def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None,
+                    class_names: Optional[list] = None, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Export a trained UNet and its noise scheduler as a pipeline folder at `path` (see `save_pipeline`)."""
+
+    def extras(folder: Path) -> None:
+        if training_config_yaml is not None:
+            (folder / TRAINING_CONFIG_NAME).write_text(training_config_yaml)
+        if write_extra is not None:
+            write_extra(folder)
+
+    return save_pipeline(build_pipeline(unet, noise_scheduler, class_names), path, extras)
+
+
 def _load_guided(model: str, dtype):
-    """Build a GuidedDDPMPipeline from our own class (no remote code is executed) and the folder's components."""
+    """Build a GuidedDDPMPipeline from our own classes (no remote code is executed) and the folder's components;
+    a saved classifier is loaded in float32, as classifier guidance differentiates it."""
     from diffusers import DiffusionPipeline, UNet2DModel
 
+    from .classifier import NoiseAwareClassifier
     from .guided_pipeline import GuidedDDPMPipeline
 
     index = DiffusionPipeline.load_config(model)
     unet = UNet2DModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
     scheduler_class = getattr(importlib.import_module("diffusers"), index["scheduler"][1])
     scheduler = scheduler_class.from_pretrained(model, subfolder="scheduler")
-    return GuidedDDPMPipeline(unet=unet, scheduler=scheduler, class_names=index.get("class_names"))
+    classifier = None
+    classifier_class = (index.get("classifier") or [None, None])[1]
+    if classifier_class is not None:
+        if classifier_class != NoiseAwareClassifier.__name__:
+            raise UserError(f"{model} carries a classifier of unknown type {classifier_class}")
+        classifier = NoiseAwareClassifier.from_pretrained(model, subfolder="classifier").eval().requires_grad_(False)
+    defaults = {k: index[k] for k in ("guidance_scale", "classifier_scale") if k in index}
+    return GuidedDDPMPipeline(unet=unet, scheduler=scheduler, classifier=classifier,
+                              class_names=index.get("class_names"), **defaults)
 
 
 def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype] = None):
@@ -139,6 +169,7 @@ def resolve_class_labels(pipe, class_labels: Optional[list], classifier=None) ->
     classifier's for an unconditional model); one-sentence errors for a wrong label or model."""
     if not class_labels:
         return None
+    classifier = classifier if classifier is not None else getattr(pipe, "classifier", None)
     if getattr(pipe, "num_classes", None) is None and classifier is None:
         raise UserError("--class_labels needs a class-conditional pipeline or --classifier; this model is unconditional")
     try:
@@ -185,26 +216,49 @@ def with_classifier(pipe, classifier):
     return guided
 
 
+def attach_classifier(model: str, classifier_dir: str, output: str | Path, classifier_scale: float = 1.0,
+                      guidance_scale: float = 1.0) -> Path:
+    """Write a GuidedDDPMPipeline folder at `output`: the pipeline `model` (conditional or not) with the classifier
+    of `classifier_dir` as its saved `classifier` component and the given default guidance scales, loadable with
+    only diffusers installed. The source's training config is kept."""
+    device = torch.device("cpu")
+    classifier = load_classifier(classifier_dir, device)
+    pipe = with_classifier(load_pipeline(model, device), classifier)
+    pipe.register_modules(classifier=classifier)
+    pipe.register_to_config(classifier_scale=float(classifier_scale), guidance_scale=float(guidance_scale))
+    source_config = Path(model) / TRAINING_CONFIG_NAME
+
+    def copy_training_config(folder: Path) -> None:
+        if source_config.is_file():
+            shutil.copyfile(source_config, folder / TRAINING_CONFIG_NAME)
+
+    return save_pipeline(pipe, output, copy_training_config)
+
+
 def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[str] = None,
              batch_size: int = 16, class_labels: Optional[list[int]] = None,
              guidance_scale: Optional[float] = None, classifier=None,
-             classifier_scale: float = 1.0) -> list[Image.Image]:
+             classifier_scale: Optional[float] = None) -> list[Image.Image]:
     """Generate images; image i uses its own generator seeded with seed + i, so batch size does not change them.
 
     With `class_labels` image i is of class `class_labels[i % len(class_labels)]` (class-conditional pipelines, or
-    any GuidedDDPMPipeline with a noise-aware `classifier`, which guides with `classifier_scale`).
+    any GuidedDDPMPipeline with a noise-aware `classifier` or a saved one, which guides with `classifier_scale`).
+    Scales left out (None) take the pipeline's defaults.
     """
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     images: list[Image.Image] = []
     # classifier guidance differentiates the classifier, which inference_mode tensors do not allow
-    with torch.no_grad() if classifier is not None else torch.inference_mode():
+    guided = classifier is not None or getattr(pipe, "classifier", None) is not None
+    with torch.no_grad() if guided else torch.inference_mode():
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
             extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
             if classifier is not None:
-                extra.update(classifier=classifier, classifier_scale=classifier_scale)
+                extra["classifier"] = classifier
+            if classifier_scale is not None:
+                extra["classifier_scale"] = classifier_scale
             if class_labels:
                 extra["class_labels"] = [class_labels[(start + i) % len(class_labels)] for i in range(count)]
             images += pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="pil",
