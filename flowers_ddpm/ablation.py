@@ -40,7 +40,7 @@ DIFFUSERS_DEFAULTS = {
 }
 
 # The screening base: one factor is changed at a time from here (the diffusers defaults are the other reference).
-CANDIDATE = {**DIFFUSERS_DEFAULTS, **recipe_settings("small-data", "tiny"), "dropout": 0.0}
+CANDIDATE = {**DIFFUSERS_DEFAULTS, **recipe_settings("small-data", "small"), "dropout": 0.0}
 
 # name -> overrides of CANDIDATE. Model variants keep the compute budget, so a bigger model gets fewer steps.
 VARIANTS: dict[str, dict] = {
@@ -57,8 +57,9 @@ VARIANTS: dict[str, dict] = {
     "batch-16": {"train_batch_size": 16},
     "batch-64": {"train_batch_size": 64},
     "dropout-0.1": {"dropout": 0.1},
-    "wide": {"unet_config": {"block_out_channels": [48, 96]}},
+    "wide": {"unet_config": {"block_out_channels": [48, 96, 96]}},
     "deep": {"unet_config": {"layers_per_block": 2}},
+    "two-level-unet": {"model_preset": "tiny"},
 }
 
 
@@ -67,7 +68,7 @@ def variant_settings(name: str) -> dict:
     if name == "diffusers-defaults":
         return dict(DIFFUSERS_DEFAULTS)
     if name == "small-data":
-        return {**DIFFUSERS_DEFAULTS, **recipe_settings("small-data", "tiny")}
+        return {**DIFFUSERS_DEFAULTS, **recipe_settings("small-data", "small")}
     if name not in VARIANTS:
         known = ", ".join(["diffusers-defaults", "small-data", *VARIANTS])
         raise UserError(f"unknown variant {name!r}; known variants: {known}")
@@ -94,7 +95,7 @@ class AblationSettings:
     sampler: str = "dpmsolver++"
     sampler_steps: int = 20
     guidance_scale: float = 2.0
-    model_preset: str = "tiny"
+    model_preset: str = "small"
     resolution: int = 32
     probe_steps: int = 12
     classifier_epochs: int = 15
@@ -136,9 +137,9 @@ def _logged_images_per_sec(run_dir: Path) -> float:
 
 def _write_config(folder: Path, recipe: dict, data: digits.DigitsData, settings: AblationSettings) -> Path:
     values = {
+        "model_preset": settings.model_preset,
         **{k: v for k, v in recipe.items() if v is not None},
-        "train_data_dir": str(data.train_dir), "model_preset": settings.model_preset,
-        "resolution": settings.resolution, "class_conditional": True, "center_crop": True, "random_flip": False,
+        "train_data_dir": str(data.train_dir), "resolution": settings.resolution, "class_conditional": True, "center_crop": True, "random_flip": False,
         "decode_cache": True, "decode_cache_dir": str(settings.output_dir / "decode_cache"),
         "shuffle_buffer_size": 2048, "seed": settings.seed, "logger": "none", "logging_steps": 4,
         "output_dir": str(folder / "run"), "sample_scheduler": settings.sampler,
@@ -159,7 +160,8 @@ def training_flops_per_image(recipe: dict, settings: AblationSettings) -> float:
     from .models import build_unet
 
     overrides = dict(recipe.get("unet_config") or {})
-    model = build_unet(settings.model_preset, settings.resolution, overrides, digits.NUM_CLASSES + 1)
+    model = build_unet(recipe.get("model_preset", settings.model_preset), settings.resolution, overrides,
+                       digits.NUM_CLASSES + 1)
     x = torch.randn(2, 3, settings.resolution, settings.resolution)
     with FlopCounterMode(display=False) as counter:
         model(x, torch.tensor([10, 500]), class_labels=torch.tensor([0, 1])).sample.square().mean().backward()

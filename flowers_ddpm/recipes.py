@@ -23,7 +23,7 @@ SMALL_DATA = {
 }
 
 # Peak learning rate by model preset (see RECIPES.md: measured for `tiny`, scaled down for the larger UNets).
-SMALL_DATA_LEARNING_RATE = {"tiny": 1e-3, "ddpm": 2e-4, "adm": 1e-4}
+SMALL_DATA_LEARNING_RATE = {"tiny": 1e-3, "small": 1e-3, "ddpm": 2e-4, "adm": 1e-4}
 
 RECIPES = ("small-data",)
 

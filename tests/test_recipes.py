@@ -62,7 +62,7 @@ def test_ablation_runs_end_to_end_and_resumes(tmp_path):
     assert int(rows[1]["train_images"]) < int(rows[0]["train_images"])
     assert (out / "wide" / "grid.png").is_file() and (out / "results.md").read_text().count("\n") == 4
     config = yaml.safe_load((out / "wide" / "config.yaml").read_text())
-    assert config["unet_config"] == {"block_out_channels": [48, 96]} and config["class_conditional"]
+    assert config["unet_config"] == {"block_out_channels": [48, 96, 96]} and config["class_conditional"]
 
     first = json.loads((out / "wide" / "result.json").read_text())
     (out / "diffusers-defaults" / "result.json").unlink()  # as if interrupted during the second-to-last variant
