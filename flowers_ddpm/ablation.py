@@ -55,7 +55,7 @@ VARIANTS: dict[str, dict] = {
     "no-min-snr": {"snr_gamma": None},
     "linear-schedule": {"ddpm_beta_schedule": "linear"},
     "batch-16": {"train_batch_size": 16},
-    "batch-64": {"train_batch_size": 64},
+    "batch-32": {"train_batch_size": 32},
     "dropout-0.1": {"dropout": 0.1},
     "wide": {"unet_config": {"block_out_channels": [48, 96, 96]}},
     "deep": {"unet_config": {"layers_per_block": 2}},
@@ -94,7 +94,7 @@ class AblationSettings:
     num_samples: int = 200
     sampler: str = "dpmsolver++"
     sampler_steps: int = 20
-    guidance_scale: float = 2.0
+    guidance_scale: float = 3.0
     model_preset: str = "small"
     resolution: int = 32
     probe_steps: int = 12
