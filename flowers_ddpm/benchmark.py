@@ -20,9 +20,12 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `--help` stays fast
+    import torch
 
 from .config import SAMPLE_SCHEDULERS, build_config
 from .errors import UserError

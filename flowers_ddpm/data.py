@@ -16,13 +16,16 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 
 from .config import FLOWERS_DATASET, TrainConfig
 from .errors import UserError
 from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
