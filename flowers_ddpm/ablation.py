@@ -52,7 +52,7 @@ VARIANTS: dict[str, dict] = {
     "ema-off": {"use_ema": False},
     "ema-diffusers": {"ema_power": 0.75, "ema_max_decay": 0.9999},
     "epsilon": {"prediction_type": "epsilon"},
-    "no-min-snr": {"snr_gamma": None},
+    "min-snr-5": {"snr_gamma": 5.0},
     "linear-schedule": {"ddpm_beta_schedule": "linear"},
     "batch-16": {"train_batch_size": 16},
     "batch-32": {"train_batch_size": 32},
