@@ -139,13 +139,14 @@ def _add_metric_arguments(parser: argparse.ArgumentParser, num_images: int, dino
     _add_conditioning_arguments(parser)
 
 
-def _add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_conditioning_arguments(parser: argparse.ArgumentParser,
+                                without_labels: str = "every class in turn") -> None:
     parser.add_argument("--class_labels", nargs="+", default=None, metavar="LABEL",
-                        help="class-conditional models: classes to draw (indices or names), image i gets label i mod "
-                             "the number given (default: every class in turn)")
+                        help="class-conditional models: classes to draw (indices or names, e.g. sunflower "
+                             f"'pink primrose'), image i gets label i mod the number given (default: {without_labels})")
     parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="classifier-free guidance scale of class-conditional models (default 1: the "
-                             "conditional model)")
+                        help="classifier-free guidance scale: 1 = conditional model, 0 = unconditional, >1 stronger "
+                             "(default 1)")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -238,12 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch_size", type=int, default=16)
     sample.add_argument("--output", default="samples.png", help="grid PNG to write")
     sample.add_argument("--output_dir", default=None, help="also write each image as a PNG here")
-    sample.add_argument("--class_labels", nargs="+", default=None, metavar="LABEL",
-                        help="classes to draw (indices or names, e.g. sunflower 'pink primrose'); image i gets label "
-                             "i mod the number given (class-conditional models)")
-    sample.add_argument("--guidance_scale", type=float, default=None,
-                        help="classifier-free guidance scale: 1 = conditional model, 0 = unconditional, >1 stronger "
-                             "(default 1)")
+    _add_conditioning_arguments(sample, without_labels="unconditional, through the 'no class' token")
     sample.add_argument("--classifier", default=None, metavar="DIR",
                         help="noise-aware classifier (the --output_dir of train-classifier) for classifier guidance "
                              "towards --class_labels; works for unconditional and class-conditional models (default: "
