@@ -47,7 +47,6 @@ def _read_run(pipeline_dir: Path) -> dict:
     """What the card reports, from files in and next to the pipeline folder (each may be missing)."""
     config_file = pipeline_dir / "training_config.yaml"
     return {
-        "config_yaml": config_file.read_text() if config_file.is_file() else None,
         "config": yaml.safe_load(config_file.read_text()) if config_file.is_file() else {},
         "info": _read_json(pipeline_dir / "training_info.json") or {},
         "metrics": _read_json(pipeline_dir / "metrics.json") or _read_json(pipeline_dir.parent / "metrics.json"),
@@ -96,6 +95,23 @@ def _dataset(config: dict) -> tuple[str, list[str], list[str]]:
 
 def _is_hub_id(value: Optional[str]) -> bool:
     return bool(value) and value.count("/") == 1 and not Path(value).exists() and not value.startswith((".", "/", "~"))
+
+
+# Settings that hold local file-system paths: the card shows only their last component, so a published card does
+# not reveal the trainer's directory layout (user names, mount points).
+LOCAL_PATH_SETTINGS = ("train_data_dir", "cache_dir", "output_dir", "resume_from_checkpoint", "inception_weights",
+                       "reference_cache_dir", "init_from", "decode_cache_dir")
+
+
+def public_config(config: dict) -> dict:
+    """The training configuration as the card shows it: local paths cut to their last component; Hub ids and
+    'latest' are kept."""
+    shown = dict(config)
+    for key in LOCAL_PATH_SETTINGS:
+        value = shown.get(key)
+        if isinstance(value, str) and value != "latest" and not _is_hub_id(value):
+            shown[key] = Path(value).name or value
+    return shown
 
 
 def _duration(seconds: Optional[float]) -> str:
@@ -148,7 +164,7 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
     )
     size = unet.get("sample_size", "?")
     origin = ""
-    if init_from:  # local paths stay out of the prose (they are in the configuration below)
+    if init_from:  # local paths stay out of the card
         origin = (f"fine-tuned from [{init_from}](https://huggingface.co/{init_from}) " if _is_hub_id(init_from)
                   else "fine-tuned from a local pretrained model ")
     lora = ""
@@ -186,9 +202,9 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
         if name in image_names:
             body += [f"![{title}](images/{name})", ""]
     text = "\n".join(body) + "\n" + _metrics_section(run["metrics"])
-    if run["config_yaml"]:
-        text += ("<details><summary>Training configuration</summary>\n\n```yaml\n" + run["config_yaml"].strip()
-                 + "\n```\n\n</details>\n")
+    if config:
+        shown = yaml.safe_dump(public_config(config), sort_keys=False).strip()
+        text += f"<details><summary>Training configuration</summary>\n\n```yaml\n{shown}\n```\n\n</details>\n"
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{text}")
 
 
@@ -201,6 +217,9 @@ def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, licen
         raise UserError(f"staging_dir {staging} must be an empty or new folder")
     shutil.copytree(pipeline_dir, staging, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns(".cache", "__pycache__", ".git", "*.tmp", "*.old"))
+    staged_config = staging / "training_config.yaml"
+    if staged_config.is_file():  # the local copy keeps full paths (resume needs them); the Hub copy does not
+        staged_config.write_text(yaml.safe_dump(public_config(yaml.safe_load(staged_config.read_text())), sort_keys=False))
     (staging / "images").mkdir(exist_ok=True)
     images = _card_images(pipeline_dir)
     for name, path in images.items():

@@ -37,6 +37,17 @@ def make_scheduler(name: str, config):
     return classes[name].from_config(config)
 
 
+def check_sampler_steps(scheduler, steps: int) -> None:
+    """A one-sentence error for step counts the sampler cannot take (diffusers would fail with an IndexError
+    halfway through sampling: DPM-Solver++ needs fewer steps than the training timesteps)."""
+    limit = scheduler.config.num_train_timesteps
+    multistep = type(scheduler).__name__ == "DPMSolverMultistepScheduler"
+    if steps < 1 or steps > limit or (multistep and steps >= limit):
+        most = limit - 1 if multistep else limit
+        raise UserError(f"{steps} sampling steps: this sampler takes 1 to {most} steps for a model trained with "
+                        f"{limit} timesteps")
+
+
 GUIDED_PIPELINE_MODULE = "guided_ddpm_pipeline"  # the file name of guided_pipeline.py inside exported folders
 
 
@@ -247,6 +258,7 @@ def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[s
     """
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    check_sampler_steps(pipe.scheduler, steps)
     images: list[Image.Image] = []
     # classifier guidance differentiates the classifier, which inference_mode tensors do not allow
     guided = classifier is not None or getattr(pipe, "classifier", None) is not None

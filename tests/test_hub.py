@@ -139,6 +139,11 @@ def test_train_pushes_pipeline_with_card_and_dry_run_stages_the_same(image_folde
     assert metadata["license"] == "apache-2.0"
     assert "![Samples](images/samples.png)" in card
     assert "| optimizer steps | 2 |" in card and "| hardware | 1 x CPU" in card
+    shown = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])  # the configuration, without local paths
+    assert shown["train_data_dir"] == image_folder.name and shown["output_dir"] == "run"
+    assert shown["max_train_steps"] == 2
+    assert str(tmp_path.parent) not in card  # the pytest base folder holds both the data and the run
+    assert yaml.safe_load(uploaded["training_config.yaml"]) == shown  # the uploaded copy has no local paths either
     snippet = card.split("```python\n")[1].split("```")[0]
     assert f'from_pretrained("{REPO_ID}")' in snippet
     namespace: dict = {}

@@ -52,3 +52,16 @@ def test_scheduler_and_steps_are_honoured(pipeline_dir, name, cls):
 def test_different_schedulers_give_different_images(pipeline_dir, tmp_path):
     assert sample(pipeline_dir, tmp_path / "a.png", "--scheduler", "ddim") != sample(
         pipeline_dir, tmp_path / "b.png", "--scheduler", "ddpm")
+
+
+def test_step_counts_the_sampler_cannot_take_are_one_line_errors(tmp_path, capsys):
+    torch.manual_seed(0)
+    short = tmp_path / "short"  # trained with 10 timesteps
+    export_pipeline(build_unet("tiny", 16), build_noise_scheduler(10, "linear", "epsilon"), short)
+    common = ["sample", "--model", str(short), "--num_images", "1", "--output", str(tmp_path / "x.png")]
+    assert main([*common, "--scheduler", "dpmsolver++", "--steps", "10"]) != 0  # diffusers: IndexError mid-way
+    assert "this sampler takes 1 to 9 steps for a model trained with 10 timesteps" in capsys.readouterr().err
+    assert main([*common, "--scheduler", "ddim", "--steps", "11"]) != 0
+    assert "takes 1 to 10 steps" in capsys.readouterr().err
+    assert main([*common, "--scheduler", "dpmsolver++", "--steps", "9"]) == 0
+    assert main([*common, "--scheduler", "ddpm", "--steps", "10"]) == 0
