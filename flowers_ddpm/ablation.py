@@ -53,7 +53,7 @@ VARIANTS: dict[str, dict] = {
     "ema-diffusers": {"ema_power": 0.75, "ema_max_decay": 0.9999},
     "epsilon": {"prediction_type": "epsilon"},
     "min-snr-5": {"snr_gamma": 5.0},
-    "linear-schedule": {"ddpm_beta_schedule": "linear"},
+    "cosine-schedule": {"ddpm_beta_schedule": "squaredcos_cap_v2"},
     "batch-16": {"train_batch_size": 16},
     "batch-32": {"train_batch_size": 32},
     "dropout-0.1": {"dropout": 0.1},
@@ -94,7 +94,7 @@ class AblationSettings:
     num_samples: int = 200
     sampler: str = "dpmsolver++"
     sampler_steps: int = 20
-    guidance_scale: float = 3.0
+    guidance_scale: float = 1.5
     model_preset: str = "small"
     resolution: int = 32
     probe_steps: int = 12
