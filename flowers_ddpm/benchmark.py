@@ -2,7 +2,7 @@
 
 * data: images/s of the streaming decode path vs the decode-once cache over the same JPEG folder.
 * train: steady-state images/s of a `baseline` step (what diffusers' example does: fp32, contiguous NCHW batches,
-  decode + transform every step, PyTorch's default AdamW, EMA without foreach) and of the `optimized` step
+  a full-size JPEG decode (no draft mode) + transform every step, PyTorch's default AdamW, EMA without foreach) and of the `optimized` step
   (decode cache, channels-last batches, fused AdamW, foreach EMA, bf16 autocast where the device has it, optional
   torch.compile), both through the real `Trainer.run_step`. The two modes run in alternating rounds so that load
   from other programs on a shared machine affects both alike.
@@ -156,7 +156,7 @@ def _trainer(accelerator, cfg, optimized: bool, device: torch.device):
         batches = build_cached_batches(cfg, source, 0, 1)
     else:  # fp32, as diffusers' example with --mixed_precision no: not prepared, so no autocast
         model = model.to(device)
-        batches = build_train_batches(cfg, source, 0, 1)
+        batches = build_train_batches(cfg, source, 0, 1, jpeg_draft=False)  # full-size decode, as diffusers does
     batches = DeviceBatches(batches, device, channels_last=optimized)
     settings = LoopSettings(max_train_steps=10**9, output_dir=cfg.output_dir, logging_steps=10**9,
                             checkpointing_steps=10**9, save_images_steps=10**9)

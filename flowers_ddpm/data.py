@@ -286,8 +286,9 @@ class TrainBatches:
                 yield batch
 
 
-def build_train_batches(cfg: TrainConfig, source: DataSource, rank: int, world_size: int) -> TrainBatches:
-    """The training batches of process `rank` out of `world_size`."""
+def build_train_batches(cfg: TrainConfig, source: DataSource, rank: int, world_size: int,
+                        jpeg_draft: bool = True) -> TrainBatches:
+    """The training batches of process `rank` out of `world_size` (`jpeg_draft`: see TransformSettings)."""
     stream = ResumableStream(source.dataset, cfg.seed, cfg.shuffle_buffer_size, rank, world_size)
-    settings = TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip)
+    settings = TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip, jpeg_draft)
     return TrainBatches(stream, source, settings, cfg.train_batch_size, cfg.dataloader_num_workers, cfg.log_data_order)

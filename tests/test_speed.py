@@ -53,6 +53,29 @@ def test_cached_images_augment_to_exactly_what_streaming_decodes(image_folder, t
         assert not memory_mapped.in_ram and np.array_equal(memory_mapped.image(5), images.image(5))
 
 
+def test_jpeg_draft_decodes_large_jpegs_at_reduced_scale_and_can_be_turned_off(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from flowers_ddpm.imaging import decode_resized
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (16, 16, 3)), np.ones((32, 32, 1))).astype(np.uint8)  # 512x512 blocks
+    Image.fromarray(smooth).save(tmp_path / "big.jpg", quality=95)
+    opened = []
+    real_load = Image.Image.load
+
+    def recording_load(image):  # the size the JPEG decoder actually produced
+        opened.append(image.size)
+        return real_load(image)
+
+    monkeypatch.setattr(Image.Image, "load", recording_load)
+    draft = decode_resized(str(tmp_path / "big.jpg"), TransformSettings(32, True, False))
+    full = decode_resized(str(tmp_path / "big.jpg"), TransformSettings(32, True, False, jpeg_draft=False))
+    assert opened[0] == (64, 64) and (512, 512) in opened  # draft: 1/8 DCT scale; off: full size
+    assert draft.shape == full.shape == (32, 32, 3)
+    assert np.abs(draft.astype(int) - full.astype(int)).mean() < 8  # the same picture either way
+
+
 def test_a_changed_setting_or_file_never_reuses_a_cache(tmp_path):
     folder = make_class_folder(tmp_path / "images", per_class=3)
     base, _ = cache_folder(cache_config(folder, tmp_path / "c"), open_source(cache_config(folder, tmp_path / "c")))
