@@ -60,3 +60,23 @@ class StopRequest:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
         logger.warning("received %s: finishing the current step, then saving a checkpoint", self.received)
+
+
+class InterruptOnSigterm:
+    """While active (main thread only), SIGTERM raises KeyboardInterrupt like Ctrl-C does, so work outside the
+    training steps (a sweep trial's evaluation, for example) stops with a message instead of dying silently. A
+    StopRequest entered inside takes over both signals for the training steps and then hands SIGTERM back."""
+
+    def __enter__(self) -> "InterruptOnSigterm":
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    @staticmethod
+    def _handle(signum, frame) -> None:
+        raise KeyboardInterrupt

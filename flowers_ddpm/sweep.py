@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, build_config, load_yaml
 from .errors import UserError
-from .stopping import Preempted, TrainingStopped
+from .stopping import InterruptOnSigterm, Preempted, TrainingStopped
 
 logger = logging.getLogger(__name__)
 MANIFEST, RESULT_FILE, TRIALS_DIR = "sweep.json", "result.json", "trials"
@@ -250,12 +250,16 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
         for trial in tqdm(pending, desc="sweep", unit="trial", disable=not _is_main_process()):
             logger.info("trial %s", trial.name)
             try:
-                run_trial(trial, evaluation)
+                with InterruptOnSigterm():
+                    run_trial(trial, evaluation)
             except Preempted as e:  # same exit code; the advice is the sweep's, not `train`'s
                 raise Preempted(f"trial {trial.name} {str(e).split('; ')[0]}; rerun the same sweep command to "
                                 "continue") from None
             except TrainingStopped as e:
                 raise type(e)(f"trial {trial.name}: {e}") from None
+            except KeyboardInterrupt:  # a signal outside the training steps (export, evaluation)
+                raise Preempted(f"trial {trial.name} was interrupted after its training steps; rerun the same "
+                                "sweep command to continue") from None
     finally:
         _end_process_group()
     if not _is_main_process():

@@ -30,3 +30,17 @@ def tiny_conv_net() -> TinyConvNet:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return TinyConvNet()
+
+
+def interrupting_net() -> TinyConvNet:
+    """`tiny_conv_net` that sends its own process SIGINT when first used and FLOWERS_TEST_INTERRUPT is set (a Ctrl-C
+    during evaluation, at a moment a test can rely on)."""
+    import os
+    import signal
+
+    net = tiny_conv_net()
+    if os.environ.get("FLOWERS_TEST_INTERRUPT"):
+        def interrupt(module, inputs):
+            os.kill(os.getpid(), signal.SIGINT)
+        net.register_forward_pre_hook(interrupt)
+    return net

@@ -134,6 +134,24 @@ def test_a_trial_killed_after_its_final_checkpoint_is_exported_and_evaluated_wit
     assert {n: (out / "trials" / n / "result.json").stat().st_mtime_ns for n in TRIALS[:3]} == others
 
 
+def test_ctrl_c_during_a_trials_evaluation_exits_75_with_advice_and_the_rerun_finishes(base_config):
+    out = base_config.parent / "interrupted-evaluation"
+    args = sweep_args(base_config, out, "learning_rate=1e-4")
+    args[args.index(FEATURE_NET)] = "tests.feature_nets:interrupting_net"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "FLOWERS_TEST_INTERRUPT": "1"}
+    result = subprocess.run([sys.executable, "-m", "flowers_ddpm.cli", "sweep", *args], capture_output=True,
+                            text=True, env=env, cwd=REPO, timeout=300)
+    assert result.returncode == 75, result.stderr[-3000:]
+    assert "was interrupted after its training steps; rerun the same sweep command" in result.stderr
+    assert "Traceback" not in result.stderr
+    trial = out / "trials" / "01-learning_rate=1e-4"
+    assert not (trial / "result.json").is_file() and (trial / "pipeline" / "model_index.json").is_file()
+    steps = _logged_steps(trial)
+    assert main(["sweep", *args]) == 0  # same command, no interruption this time (the variable is not set here)
+    assert (trial / "result.json").is_file() and _logged_steps(trial) == steps
+
+
 @pytest.mark.parametrize("grid, extra, message", [
     (["learning_rat=1e-4,2e-4"], [], "error: grid key 'learning_rat' is not a training setting"),
     (["prediction_type=epsilon,eps"], [], "error: trial prediction_type=eps: prediction_type must be one of"),
