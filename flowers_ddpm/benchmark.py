@@ -2,10 +2,10 @@
 
 * data: images/s of the streaming decode path vs the decode-once cache over the same JPEG folder.
 * train: steady-state images/s of a `baseline` step (what diffusers' example does: fp32, contiguous NCHW batches,
-  a full-size JPEG decode (no draft mode) + transform every step, PyTorch's default AdamW, EMA without foreach) and of the `optimized` step
-  (decode cache, channels-last batches, fused AdamW, foreach EMA, bf16 autocast where the device has it, optional
-  torch.compile), both through the real `Trainer.run_step`. The two modes run in alternating rounds so that load
-  from other programs on a shared machine affects both alike.
+  a full-size JPEG decode (no draft mode) + transform every step, PyTorch's default AdamW, EMA without foreach)
+  and of the `optimized` step (decode cache, channels-last batches, fused AdamW, foreach EMA, bf16 autocast where
+  the device has it, optional torch.compile), both through the real `Trainer.run_step`. The two modes run in
+  alternating rounds so that load from other programs on a shared machine affects both alike.
 * sample: images/s of DDPM, DDIM and DPM-Solver++ at a given batch.
 
 It measures; it asserts nothing. Compile and warm-up steps are excluded from the timings.

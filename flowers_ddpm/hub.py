@@ -103,15 +103,15 @@ LOCAL_PATH_SETTINGS = ("train_data_dir", "cache_dir", "output_dir", "resume_from
                        "reference_cache_dir", "init_from", "decode_cache_dir")
 
 
-def public_config(config: dict) -> dict:
-    """The training configuration as the card shows it: local paths cut to their last component; Hub ids and
-    'latest' are kept."""
+def public_config_yaml(config: dict) -> str:
+    """The training configuration as published (card and uploaded training_config.yaml): local paths cut to their
+    last component; Hub ids and 'latest' are kept."""
     shown = dict(config)
     for key in LOCAL_PATH_SETTINGS:
         value = shown.get(key)
         if isinstance(value, str) and value != "latest" and not _is_hub_id(value):
             shown[key] = Path(value).name or value
-    return shown
+    return yaml.safe_dump(shown, sort_keys=False)
 
 
 def _duration(seconds: Optional[float]) -> str:
@@ -203,8 +203,8 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
             body += [f"![{title}](images/{name})", ""]
     text = "\n".join(body) + "\n" + _metrics_section(run["metrics"])
     if config:
-        shown = yaml.safe_dump(public_config(config), sort_keys=False).strip()
-        text += f"<details><summary>Training configuration</summary>\n\n```yaml\n{shown}\n```\n\n</details>\n"
+        text += ("<details><summary>Training configuration</summary>\n\n```yaml\n"
+                 f"{public_config_yaml(config).strip()}\n```\n\n</details>\n")
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{text}")
 
 
@@ -219,7 +219,7 @@ def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, licen
                     ignore=shutil.ignore_patterns(".cache", "__pycache__", ".git", "*.tmp", "*.old"))
     staged_config = staging / "training_config.yaml"
     if staged_config.is_file():  # the local copy keeps full paths (resume needs them); the Hub copy does not
-        staged_config.write_text(yaml.safe_dump(public_config(yaml.safe_load(staged_config.read_text())), sort_keys=False))
+        staged_config.write_text(public_config_yaml(yaml.safe_load(staged_config.read_text())))
     (staging / "images").mkdir(exist_ok=True)
     images = _card_images(pipeline_dir)
     for name, path in images.items():

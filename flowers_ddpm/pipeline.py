@@ -41,7 +41,7 @@ def check_sampler_steps(scheduler, steps: int) -> None:
     """A one-sentence error for step counts the sampler cannot take (diffusers would fail with an IndexError
     halfway through sampling: DPM-Solver++ needs fewer steps than the training timesteps)."""
     limit = scheduler.config.num_train_timesteps
-    multistep = type(scheduler).__name__ == "DPMSolverMultistepScheduler"
+    multistep = isinstance(scheduler, scheduler_classes()["dpmsolver++"])
     if steps < 1 or steps > limit or (multistep and steps >= limit):
         most = limit - 1 if multistep else limit
         raise UserError(f"{steps} sampling steps: this sampler takes 1 to {most} steps for a model trained with "

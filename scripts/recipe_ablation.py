@@ -29,7 +29,8 @@ def parse_args(argv=None) -> AblationSettings:
     parser.add_argument("--sampler", default="dpmsolver++", choices=("ddpm", "ddim", "dpmsolver++"))
     parser.add_argument("--sampler_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=1.5,
-                        help="classifier-free guidance of the scored samples (RECIPES.md: 1.5 balances class accuracy and diversity)")
+                        help="classifier-free guidance of the scored samples (RECIPES.md: 1.5 balances class "
+                             "accuracy and diversity)")
     parser.add_argument("--model_preset", default="small")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--probe_steps", type=int, default=12, help="steps of the probe run that sizes the budget")
