@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import SAMPLE_SCHEDULERS, add_train_arguments, parse_train_config
+from .config.loading import SAMPLE_SCHEDULERS, add_train_arguments, parse_train_config
 from .errors import UserError
-from .stopping import TrainingStopped
+from .training.stopping import TrainingStopped
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .train import run_training
+    from .training.diffusion_run import run_training
 
     cfg = parse_train_config(args)
     path = run_training(cfg)
@@ -25,7 +25,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _train_classifier(args: argparse.Namespace) -> None:
-    from .classifier_training import run_classifier_training
+    from .training.classifier_run import run_classifier_training
 
     cfg = parse_train_config(args)
     path = run_classifier_training(cfg)
@@ -36,7 +36,7 @@ def _train_classifier(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
-    from .pipeline import generate, image_grid, load_classifier, load_pipeline, resolve_class_labels, with_classifier
+    from .pipelines.sampling import generate, image_grid, load_classifier, load_pipeline, resolve_class_labels, with_classifier
 
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
@@ -69,7 +69,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _attach_classifier(args: argparse.Namespace) -> None:
-    from .pipeline import attach_classifier
+    from .pipelines.sampling import attach_classifier
 
     path = attach_classifier(args.model, args.classifier, args.output, args.classifier_scale, args.guidance_scale)
     print(f"pipeline with classifier written to {path}")
@@ -88,7 +88,7 @@ def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .evaluation import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
+    from .evaluation.evaluate import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
 
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("steps and batch_size must be >= 1")
@@ -152,8 +152,8 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
 def _sweep(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .evaluation import EvaluateOptions
-    from .sweep import run_sweep
+    from .evaluation.evaluate import EvaluateOptions
+    from .experiments.sweep import run_sweep
 
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
@@ -176,7 +176,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .hub import push_pipeline, stage_upload
+    from .publish.hub import push_pipeline, stage_upload
 
     if args.dry_run:
         if not args.staging_dir:
@@ -191,9 +191,9 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from .cache import open_cache
-    from .config import build_config, load_yaml
-    from .data import open_source
+    from .data.cache import open_cache
+    from .config.loading import build_config, load_yaml
+    from .data.stream import open_source
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     file_values = load_yaml(args.config) if args.config else {}
@@ -206,7 +206,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> None:
-    from .benchmark import format_table, run_benchmark
+    from .experiments.benchmark import format_table, run_benchmark
 
     results = run_benchmark(args)
     print(format_table(results))
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(prepare)
     prepare.set_defaults(func=_prepare)
 
-    from .benchmark import add_benchmark_arguments
+    from .experiments.benchmark import add_benchmark_arguments
 
     benchmark = sub.add_parser("benchmark", help="measure data-path, training-step and sampling speed")
     add_benchmark_arguments(benchmark)
@@ -311,7 +311,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except TrainingStopped as e:  # preempted (75) or too many non-finite losses (3): see flowers_ddpm.stopping
+    except TrainingStopped as e:  # preempted (75) or too many non-finite losses (3): see flowers_ddpm.training.stopping
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
     return 0

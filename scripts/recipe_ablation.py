@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from flowers_ddpm.ablation import VARIANTS, AblationSettings, run_ablation
+from flowers_ddpm.experiments.ablation import VARIANTS, AblationSettings, run_ablation
 from flowers_ddpm.errors import UserError
 
 

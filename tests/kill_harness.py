@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowers_ddpm import checkpointing
-from flowers_ddpm.stopping import EXIT_PREEMPTED
+from flowers_ddpm.training import checkpointing
+from flowers_ddpm.training.stopping import EXIT_PREEMPTED
 
 PRELOAD = ["torch", "accelerate", "datasets", "diffusers", "diffusers.training_utils", "diffusers.optimization",
-           "diffusers.models.unets.unet_2d", "safetensors.torch", "flowers_ddpm.train", "flowers_ddpm.trainer",
-           "flowers_ddpm.data", "flowers_ddpm.models", "flowers_ddpm.pipeline", "flowers_ddpm.cli"]
+           "diffusers.models.unets.unet_2d", "safetensors.torch", "flowers_ddpm.training.diffusion_run", "flowers_ddpm.training.trainer",
+           "flowers_ddpm.data.stream", "flowers_ddpm.models.unet", "flowers_ddpm.pipelines.sampling", "flowers_ddpm.cli"]
 MODES = ("during_save", "random", "startup", "sigterm", "sigint")
 
 
@@ -118,7 +118,7 @@ def interrupt_and_resume(args: list[str], output_dir: Path, modes: list[str], se
     process.join(timeout)
     if process.exitcode != 0:
         raise RuntimeError(f"the final resume failed with exit code {process.exitcode}; see {log}")
-    report.resumes_loaded = Path(log).read_text(errors="replace").count("INFO flowers_ddpm.trainer: resumed from")
+    report.resumes_loaded = Path(log).read_text(errors="replace").count("INFO flowers_ddpm.training.trainer: resumed from")
     return report
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 
-from flowers_ddpm.models import build_unet
+from flowers_ddpm.models.unet import build_unet
 
 
 def attention_resolutions(unet, resolution: int) -> set[int]:

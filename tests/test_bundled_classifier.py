@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from flowers_ddpm.classifier import classifier_for_unet
+from flowers_ddpm.models.classifier import classifier_for_unet
 from flowers_ddpm.cli import main
-from flowers_ddpm.hub import build_model_card
-from flowers_ddpm.models import build_noise_scheduler, build_unet, unet_kwargs
-from flowers_ddpm.pipeline import export_pipeline, generate, load_classifier, load_pipeline, with_classifier
+from flowers_ddpm.publish.hub import build_model_card
+from flowers_ddpm.models.unet import build_noise_scheduler, build_unet, unet_kwargs
+from flowers_ddpm.pipelines.sampling import export_pipeline, generate, load_classifier, load_pipeline, with_classifier
 
 SCALE, STEPS, LABELS = 20.0, 3, [0, 1]
 

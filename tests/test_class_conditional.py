@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from flowers_ddpm.cli import main
-from flowers_ddpm.models import build_noise_scheduler, build_unet
-from flowers_ddpm.pipeline import export_pipeline, generate, load_pipeline
+from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
+from flowers_ddpm.pipelines.sampling import export_pipeline, generate, load_pipeline
 
 from .conftest import make_class_folder, tiny_train_args
 
@@ -56,7 +56,7 @@ def test_exported_pipeline_reloads_in_plain_diffusers_and_reproduces_the_images(
 
     # the documented line; the pipeline class comes from the file shipped in the folder
     pipe = DiffusionPipeline.from_pretrained(str(trained), trust_remote_code=True)
-    assert type(pipe).__name__ == "GuidedDDPMPipeline" and type(pipe).__module__ != "flowers_ddpm.guided_pipeline"
+    assert type(pipe).__name__ == "GuidedDDPMPipeline" and type(pipe).__module__ != "flowers_ddpm.pipelines.guided"
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
     theirs = pipe(class_labels=["red", 0], guidance_scale=3.0, generator=generators, num_inference_steps=5,

@@ -6,7 +6,7 @@ import argparse
 
 import yaml
 
-from flowers_ddpm.config import add_train_arguments, parse_train_config
+from flowers_ddpm.config.loading import add_train_arguments, parse_train_config
 
 from .conftest import REPO
 

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from flowers_ddpm.cli import main
-from flowers_ddpm.config import TrainConfig
-from flowers_ddpm.metrics import compute_metrics, frechet_distance, kernel_distance, precision_recall
-from flowers_ddpm.models import build_noise_scheduler, build_unet
-from flowers_ddpm.pipeline import export_pipeline
-from flowers_ddpm.reference import load_or_compute_reference
+from flowers_ddpm.config.loading import TrainConfig
+from flowers_ddpm.evaluation.metrics import compute_metrics, frechet_distance, kernel_distance, precision_recall
+from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
+from flowers_ddpm.pipelines.sampling import export_pipeline
+from flowers_ddpm.evaluation.reference import load_or_compute_reference
 
 from .conftest import REPO, run_command, tiny_train_args
 from .feature_nets import tiny_conv_net

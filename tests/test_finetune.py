@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from flowers_ddpm.cli import main
-from flowers_ddpm.config import FINETUNE_LEARNING_RATE, build_config
+from flowers_ddpm.config.loading import FINETUNE_LEARNING_RATE, build_config
 from flowers_ddpm.errors import UserError
-from flowers_ddpm.finetune import add_class_conditioning, load_for_finetuning
-from flowers_ddpm.models import build_noise_scheduler, build_unet
-from flowers_ddpm.objectives import DiffusionObjective
+from flowers_ddpm.models.finetune import add_class_conditioning, load_for_finetuning
+from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
+from flowers_ddpm.objectives.diffusion import DiffusionObjective
 
 from .conftest import tiny_train_args
 

@@ -161,8 +161,8 @@ def test_push_command_to_a_branch_of_a_private_repo(tmp_path, fake_hub, monkeypa
     import huggingface_hub.constants
     import torch
 
-    from flowers_ddpm.models import build_noise_scheduler, build_unet
-    from flowers_ddpm.pipeline import export_pipeline
+    from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
+    from flowers_ddpm.pipelines.sampling import export_pipeline
 
     # in this process: the same settings the environment gives a fresh process (see hub_env)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake_hub)
@@ -193,7 +193,7 @@ def test_push_without_token_is_a_user_error(tmp_path):
 
 
 def test_card_of_a_flowers_fine_tune_has_base_model_dataset_and_metrics(tmp_path):
-    from flowers_ddpm.hub import build_model_card
+    from flowers_ddpm.publish.hub import build_model_card
 
     pipeline = tmp_path / "run" / "pipeline"
     (pipeline / "unet").mkdir(parents=True)

@@ -1,5 +1,5 @@
 """The hybrid loss (L_simple + 0.001 * L_vlb) and Min-SNR weights against a direct computation from the formulas
-of the DDPM / Improved DDPM papers, written out here independently of flowers_ddpm.vlb."""
+of the DDPM / Improved DDPM papers, written out here independently of flowers_ddpm.objectives.vlb."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from flowers_ddpm.models import build_noise_scheduler
-from flowers_ddpm.objectives import DiffusionObjective
+from flowers_ddpm.models.unet import build_noise_scheduler
+from flowers_ddpm.objectives.diffusion import DiffusionObjective
 
 T = 1000
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)  # the DDPM paper's linear schedule

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from flowers_ddpm.checkpointing import verify_checkpoint
+from flowers_ddpm.training.checkpointing import verify_checkpoint
 from flowers_ddpm.cli import main
 
 from .conftest import tiny_train_args
 from .kill_harness import interrupt_and_resume, read_data_order
 
-FLAGS = dict(max_train_steps=12, checkpointing_steps=1, checkpoints_total_limit=2, log_data_order=True,
+FLAGS = dict(max_train_steps=24, checkpointing_steps=1, checkpoints_total_limit=2, log_data_order=True,
              random_flip=True, shuffle_buffer_size=10, train_batch_size=3, dataloader_num_workers=2)
 
 
@@ -42,8 +42,8 @@ def test_kills_and_signals_at_random_moments_then_resume_gives_the_uninterrupted
     assert max(report.stop_seconds) < 60
     assert report.resumes >= 5
 
-    final = interrupted / "checkpoints" / "checkpoint-12"
-    assert sorted(p.name for p in final.parent.iterdir()) == ["checkpoint-11", "checkpoint-12"]  # rotation, no .tmp
-    assert_same_final_state(straight / "checkpoints" / "checkpoint-12", final)
+    final = interrupted / "checkpoints" / "checkpoint-24"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["checkpoint-23", "checkpoint-24"]  # rotation, no .tmp
+    assert_same_final_state(straight / "checkpoints" / "checkpoint-24", final)
     order = read_data_order(interrupted / "data_order" / "rank0.jsonl")
     assert order == read_data_order(straight / "data_order" / "rank0.jsonl")

@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
-from flowers_ddpm.config import build_config, load_yaml
-from flowers_ddpm.recipes import recipe_settings
+from flowers_ddpm.config.loading import build_config, load_yaml
+from flowers_ddpm.config.recipes import recipe_settings
 
 from .conftest import REPO, run_command
 
@@ -78,11 +78,11 @@ def test_ablation_rejects_unknown_variant(tmp_path):
 
 
 def test_ablation_refuses_to_mix_settings(tmp_path):
-    from flowers_ddpm.ablation import AblationSettings
+    from flowers_ddpm.experiments.ablation import AblationSettings
     from flowers_ddpm.errors import UserError
 
     (tmp_path / "settings.json").write_text(json.dumps({"budget_minutes": 3}))
-    from flowers_ddpm import ablation
+    from flowers_ddpm.experiments import ablation
 
     with pytest.raises(UserError, match="other settings"):
         ablation.run_ablation(AblationSettings(output_dir=tmp_path, budget_minutes=10))
@@ -92,7 +92,7 @@ def test_real_baseline_has_the_samples_class_mix():
     """Held-out images sorted by class must not be taken as the first N (that baseline would be all 0s and 1s)."""
     import torch
 
-    from flowers_ddpm.ablation import balanced_subset
+    from flowers_ddpm.experiments.ablation import balanced_subset
     from flowers_ddpm.errors import UserError
 
     labels = torch.arange(10).repeat_interleave(5)  # sorted by class, like a class-folder listing

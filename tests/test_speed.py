@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from flowers_ddpm.cache import CachedBatches, DecodedImages, cache_folder, open_cache
+from flowers_ddpm.data.cache import CachedBatches, DecodedImages, cache_folder, open_cache
 from flowers_ddpm.cli import main
-from flowers_ddpm.config import build_config
-from flowers_ddpm.data import open_source
-from flowers_ddpm.imaging import TransformSettings, crop_and_flip, decode_and_transform
-from flowers_ddpm.performance import DeviceBatches
+from flowers_ddpm.config.loading import build_config
+from flowers_ddpm.data.stream import open_source
+from flowers_ddpm.data.imaging import TransformSettings, crop_and_flip, decode_and_transform
+from flowers_ddpm.training.device import DeviceBatches
 
 from .conftest import make_class_folder, tiny_train_args
 
@@ -56,7 +56,7 @@ def test_cached_images_augment_to_exactly_what_streaming_decodes(image_folder, t
 def test_jpeg_draft_decodes_large_jpegs_at_reduced_scale_and_can_be_turned_off(tmp_path, monkeypatch):
     from PIL import Image
 
-    from flowers_ddpm.imaging import decode_resized
+    from flowers_ddpm.data.imaging import decode_resized
 
     rng = np.random.default_rng(0)
     smooth = np.kron(rng.integers(0, 256, (16, 16, 3)), np.ones((32, 32, 1))).astype(np.uint8)  # 512x512 blocks
@@ -166,8 +166,8 @@ def test_device_batches_are_channels_last_and_keep_the_data_position(image_folde
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    from flowers_ddpm.models import build_unet
-    from flowers_ddpm.performance import prepare_model
+    from flowers_ddpm.models.unet import build_unet
+    from flowers_ddpm.training.device import prepare_model
 
     torch.manual_seed(0)
     plain = build_unet("tiny", 16)

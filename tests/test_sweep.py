@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from flowers_ddpm import checkpointing
+from flowers_ddpm.training import checkpointing
 from flowers_ddpm.cli import main
 
 from .conftest import REPO, make_class_folder

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from PIL import Image
 
-from .errors import UserError
+from ..errors import UserError
 
 TRAINING_CONFIG_NAME = "training_config.yaml"
 
@@ -61,7 +61,7 @@ def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None):
     from diffusers import DDPMPipeline
 
     if needs_guided_pipeline(unet):
-        from .guided_pipeline import GuidedDDPMPipeline
+        from .guided import GuidedDDPMPipeline
 
         return GuidedDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
     return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
@@ -75,9 +75,10 @@ def _ship_pipeline_code(folder: Path, pipe) -> None:
     it in model_index.json, diffusers' convention for custom pipelines (loaded with trust_remote_code=True). A
     saved classifier ships its source as `classifier/classifier.py`, diffusers' convention for custom components
     (`get_class_obj_and_candidates` loads `<component>/<library>.py` of a ["<library>", "<class>"] entry)."""
-    from . import classifier, guided_pipeline
+    from ..models import classifier
+    from . import guided
 
-    shutil.copyfile(guided_pipeline.__file__, folder / f"{GUIDED_PIPELINE_MODULE}.py")
+    shutil.copyfile(guided.__file__, folder / f"{GUIDED_PIPELINE_MODULE}.py")
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
     index["_class_name"] = [GUIDED_PIPELINE_MODULE, "GuidedDDPMPipeline"]
@@ -91,7 +92,7 @@ def save_pipeline(pipe, path: str | Path, write_extra: Optional[Callable[[Path],
     """Write `pipe` as a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`,
     with the code of a GuidedDDPMPipeline and its classifier; `write_extra(folder)` adds more files before the
     folder is moved into place."""
-    from .guided_pipeline import GuidedDDPMPipeline
+    from .guided import GuidedDDPMPipeline
 
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
@@ -127,8 +128,8 @@ def _load_guided(model: str, dtype):
     a saved classifier is loaded in float32, as classifier guidance differentiates it."""
     from diffusers import DiffusionPipeline, UNet2DModel
 
-    from .classifier import NoiseAwareClassifier
-    from .guided_pipeline import GuidedDDPMPipeline
+    from ..models.classifier import NoiseAwareClassifier
+    from .guided import GuidedDDPMPipeline
 
     index = DiffusionPipeline.load_config(model)
     unet = UNet2DModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
@@ -191,7 +192,7 @@ def resolve_class_labels(pipe, class_labels: Optional[list], classifier=None) ->
 
 def load_classifier(path: str, device: torch.device):
     """A noise-aware classifier folder written by `train-classifier` (float32, eval mode)."""
-    from .classifier import NoiseAwareClassifier
+    from ..models.classifier import NoiseAwareClassifier
 
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
@@ -205,7 +206,7 @@ def load_classifier(path: str, device: torch.device):
 def with_classifier(pipe, classifier):
     """The pipeline as a GuidedDDPMPipeline (a plain DDPMPipeline is wrapped, sharing its UNet and scheduler),
     after checking that the classifier fits it: same resolution, noise schedule and classes."""
-    from .guided_pipeline import GuidedDDPMPipeline
+    from .guided import GuidedDDPMPipeline
 
     config, unet = classifier.config, pipe.unet
     if config.sample_size != unet.config.sample_size:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import UserError
+from ..errors import UserError
 
 FLOWERS_DATASET = "nelorth/oxford-flowers"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -38,7 +38,7 @@ class TrainConfig:
     """Every setting of a training run. See the README's configuration reference."""
 
     # model and noise schedule
-    model_preset: str = _opt("ddpm", "UNet preset (see flowers_ddpm.models.PRESETS)")
+    model_preset: str = _opt("ddpm", "UNet preset (see flowers_ddpm.models.unet.PRESETS)")
     unet_config: Optional[dict] = _opt(None, "explicit UNet2DModel kwargs, merged over the preset (YAML only)", cli=False)
     prediction_type: str = _opt("epsilon", "what the UNet predicts", PREDICTION_TYPES)
     ddpm_num_steps: int = _opt(1000, "diffusion steps of the noise schedule", minimum=1)
@@ -248,7 +248,7 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
         if minimum is not None and value is not None and value < minimum:
             raise UserError(f"{name} must be >= {minimum}; got {value!r}")
-    from .models import PRESETS, downsample_factor  # models imports torch; keep config import light
+    from ..models.unet import PRESETS, downsample_factor  # models imports torch; keep config import light
 
     if cfg.model_preset not in PRESETS:
         raise UserError(f"model_preset must be one of {', '.join(PRESETS)}; got {cfg.model_preset!r}")

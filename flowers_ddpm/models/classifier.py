@@ -6,7 +6,7 @@ all diffusers parts) followed by attention pooling and a linear layer to the cla
 `from_pretrained` reads them back; the class names and the noise schedule it was trained with are part of its
 config.
 
-This module imports only torch and diffusers (like guided_pipeline.py), so it can be used next to a pipeline
+This module imports only torch and diffusers (like pipelines/guided.py), so it can be used next to a pipeline
 folder without the rest of flowers_ddpm.
 """
 

@@ -29,9 +29,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import TrainConfig
-from .data import DataSource, example_id
-from .errors import UserError
+from ..config.loading import TrainConfig
+from .stream import DataSource, example_id
+from ..errors import UserError
 from .imaging import TransformSettings, crop_and_flip_view, decode_resized
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from typing import Optional
 
 import yaml
 
-from .config import FLOWERS_DATASET
-from .errors import UserError
+from ..config.loading import FLOWERS_DATASET
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _sample_grid_now(pipeline_dir: Path, out: Path) -> Path:
     """For pipelines made elsewhere: 4 images with 25 DDIM steps."""
     import torch
 
-    from .pipeline import generate, image_grid, load_pipeline
+    from ..pipelines.sampling import generate, image_grid, load_pipeline
 
     pipe = load_pipeline(str(pipeline_dir), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     image_grid(generate(pipe, 4, 25, seed=0, scheduler="ddim", batch_size=4)).save(out)

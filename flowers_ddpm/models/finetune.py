@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 ADAPTER_DIR = "lora_adapter"  # inside the exported pipeline folder
@@ -172,7 +172,7 @@ def save_adapter(model, folder: str | Path, base_model: Optional[str] = None) ->
 
 def load_for_finetuning(cfg):
     """(UNet, noise scheduler) for --init_from: the pretrained weights and, from a pipeline, its noise schedule."""
-    from .models import build_noise_scheduler
+    from .unet import build_noise_scheduler
 
     unet = load_pretrained_unet(cfg.init_from, cfg.resolution)
     scheduler = load_pretrained_scheduler(cfg.init_from)

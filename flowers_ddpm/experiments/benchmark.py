@@ -27,8 +27,8 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where it is used, so `--help` stays fast
     import torch
 
-from .config import SAMPLE_SCHEDULERS, build_config
-from .errors import UserError
+from ..config.loading import SAMPLE_SCHEDULERS, build_config
+from ..errors import UserError
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, for model FLOPs utilisation.
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
@@ -99,9 +99,9 @@ def _take(batches, images: int) -> tuple[float, int]:
 # -- data -----------------------------------------------------------------------------------------------------
 def benchmark_data(args, data_dir: str, work: Path) -> dict:
     """Streaming decode vs decode-once cache over one folder at --data_resolution."""
-    from .cache import CachedBatches, open_cache
-    from .data import build_train_batches, open_source
-    from .imaging import TransformSettings
+    from ..data.cache import CachedBatches, open_cache
+    from ..data.stream import build_train_batches, open_source
+    from ..data.imaging import TransformSettings
 
     cfg = _config(args, data_dir, work, args.data_resolution)
     source = open_source(cfg)
@@ -129,17 +129,17 @@ class _NoPublisher:
 
 
 def _trainer(accelerator, cfg, optimized: bool, device: torch.device):
-    """A Trainer for one benchmark mode, built the way `flowers_ddpm.train` builds it."""
+    """A Trainer for one benchmark mode, built the way `flowers_ddpm.training.diffusion_run` builds it."""
     import torch
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from .cache import build_cached_batches
-    from .data import build_train_batches, open_source
-    from .models import build_noise_scheduler, build_unet
-    from .objectives import DiffusionObjective
-    from .performance import DeviceBatches, build_optimizer, prepare_model
-    from .trainer import LoopSettings, Trainer
+    from ..data.cache import build_cached_batches
+    from ..data.stream import build_train_batches, open_source
+    from ..models.unet import build_noise_scheduler, build_unet
+    from ..objectives.diffusion import DiffusionObjective
+    from ..training.device import DeviceBatches, build_optimizer, prepare_model
+    from ..training.trainer import LoopSettings, Trainer
 
     torch.manual_seed(cfg.seed)
     model = build_unet(cfg.model_preset, cfg.resolution)
@@ -206,7 +206,7 @@ def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Option
 
 
 def _precision(args, device: torch.device) -> str:
-    from .performance import bf16_supported
+    from ..training.device import bf16_supported
 
     if args.mixed_precision != "auto":
         return args.mixed_precision
@@ -219,9 +219,9 @@ def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> di
 
     from accelerate import Accelerator
 
-    from .cache import open_cache
-    from .data import open_source
-    from .performance import configure_backends
+    from ..data.cache import open_cache
+    from ..data.stream import open_source
+    from ..training.device import configure_backends
 
     precision = _precision(args, device)
     cfg = _config(args, data_dir, work, args.resolution, compile=args.compile)
@@ -281,8 +281,8 @@ def benchmark_sample(args, device: torch.device) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from .models import build_noise_scheduler, build_unet
-    from .pipeline import build_pipeline, generate, prepare_for_sampling
+    from ..models.unet import build_noise_scheduler, build_unet
+    from ..pipelines.sampling import build_pipeline, generate, prepare_for_sampling
 
     torch.manual_seed(0)
     dtype = torch.float16 if device.type == "cuda" else torch.float32

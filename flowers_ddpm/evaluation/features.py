@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 # The FID Inception weights (TensorFlow's 2015-12-05 graph converted by torch-fidelity), as torchmetrics uses them.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"

@@ -224,7 +224,7 @@ class Trainer:
             values["ema_decay"] = self.ema.cur_decay_value
         values["nonfinite_steps"] = self.nonfinite_steps
         acc.log(values, step=step)
-        if acc.is_main_process:  # also kept as JSON lines for the report's loss curve (flowers_ddpm.report)
+        if acc.is_main_process:  # also kept as JSON lines for the report's loss curve (flowers_ddpm.publish.report)
             with open(Path(self.settings.output_dir) / "report" / "loss.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
         return {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.2e}"}

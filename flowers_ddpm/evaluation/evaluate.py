@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import gather_rows
+from .._util.distributed import gather_rows
 from .metrics import compute_metrics
 
 # --compare_schedulers: the quality/speed trade-off users ask about, on the same model and seeds
@@ -45,7 +45,7 @@ def images_to_tensor(images) -> torch.Tensor:
 def generated_features(accelerator, pipe, networks: dict, sampling: SamplingSettings) -> tuple[dict, float]:
     """Features of `num_images` generated images for each network, gathered on every process in image order,
     and the generation throughput (images/s over all processes, feature extraction excluded)."""
-    from .pipeline import generate
+    from ..pipelines.sampling import generate
 
     indices = list(range(sampling.num_images))
     outputs: dict[str, dict[str, list]] = {name: {} for name in networks}
@@ -81,8 +81,8 @@ def _block_labels(class_labels: Optional[list[int]], block: list[int]) -> Option
 def evaluation_labels(pipe, class_labels: Optional[list], guidance_scale: Optional[float]) -> Optional[list[int]]:
     """Class indices to evaluate with: the requested ones (indices or names), every class uniformly for a
     class-conditional pipeline given none, None for an unconditional pipeline (which takes neither option)."""
-    from .errors import UserError
-    from .pipeline import resolve_class_labels
+    from ..errors import UserError
+    from ..pipelines.sampling import resolve_class_labels
 
     num_classes = getattr(pipe, "num_classes", None)
     if num_classes is None and guidance_scale is not None:
@@ -166,8 +166,8 @@ def reference_data_config(model: str, flags: dict, sample_size: int):
     the defaults. References are center crops unless center_crop is False."""
     import yaml
 
-    from .config import TrainConfig
-    from .pipeline import TRAINING_CONFIG_NAME
+    from ..config.loading import TrainConfig
+    from ..pipelines.sampling import TRAINING_CONFIG_NAME
 
     values = {"resolution": sample_size, "center_crop": True}
     training_yaml = Path(model) / TRAINING_CONFIG_NAME
@@ -206,9 +206,9 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
     """The `evaluate` command: returns the report on the main process (None elsewhere) after writing it."""
     from accelerate import Accelerator
 
-    from .errors import UserError
+    from ..errors import UserError
     from .features import build_dinov2_network, build_inception_network
-    from .pipeline import load_pipeline
+    from ..pipelines.sampling import load_pipeline
     from .reference import load_or_compute_reference
 
     accelerator = Accelerator()

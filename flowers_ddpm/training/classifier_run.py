@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, classifier_eval_timesteps
-from .errors import UserError
+from ..config.loading import TrainConfig, classifier_eval_timesteps
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 ACCURACY_FILE = "accuracy.json"
@@ -45,7 +45,7 @@ class AccuracyEvaluator:
     <output_dir>/accuracy.json."""
 
     def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
-        from .reference import real_image_batches
+        from ..evaluation.reference import real_image_batches
 
         self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.seed
         self.levels = classifier_eval_timesteps(cfg)
@@ -119,9 +119,9 @@ def classifier_classes(cfg: TrainConfig, source) -> list[str]:
 
 def build_classifier(cfg: TrainConfig, class_names: list[str], noise_scheduler):
     """The encoder half of the configured UNet preset with an attention-pooling head."""
-    from .classifier import classifier_for_unet
-    from .models import unet_kwargs
-    from .train import unet_overrides
+    from ..models.classifier import classifier_for_unet
+    from ..models.unet import unet_kwargs
+    from .diffusion_run import unet_overrides
 
     schedule = {k: noise_scheduler.config[k] for k in SCHEDULE_KEYS}
     return classifier_for_unet(unet_kwargs(cfg.model_preset, unet_overrides(cfg), cfg.resolution), cfg.resolution,
@@ -132,10 +132,10 @@ def run_classifier_training(cfg: TrainConfig) -> Path:
     """Train the noise-aware classifier as configured; returns the output folder (the exported classifier)."""
     from accelerate.utils import set_seed
 
-    from .models import build_noise_scheduler
-    from .performance import configure_backends
-    from .report import LOSS_CURVE, LOSS_LOG, plot_loss_curve
-    from .train import build_optimization, device_batches, init_trackers, loop_settings, run_trainer, start_run
+    from ..models.unet import build_noise_scheduler
+    from .device import configure_backends
+    from ..publish.report import LOSS_CURVE, LOSS_LOG, plot_loss_curve
+    from .diffusion_run import build_optimization, device_batches, init_trackers, loop_settings, run_trainer, start_run
     from .trainer import Trainer
 
     if cfg.init_from or cfg.lora_rank or cfg.class_conditional:

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"

@@ -28,9 +28,9 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, build_config, load_yaml
-from .errors import UserError
-from .stopping import InterruptOnSigterm, Preempted, TrainingStopped
+from ..config.loading import TrainConfig, build_config, load_yaml
+from ..errors import UserError
+from ..training.stopping import InterruptOnSigterm, Preempted, TrainingStopped
 
 logger = logging.getLogger(__name__)
 MANIFEST, RESULT_FILE, TRIALS_DIR = "sweep.json", "result.json", "trials"
@@ -64,7 +64,7 @@ class Trial:
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
     """`["learning_rate=1e-4,2e-4", ...]` -> {"learning_rate": ["1e-4", "2e-4"], ...}, keys in the given order."""
-    from .config import _FIELDS
+    from ..config.loading import _FIELDS
 
     grid: dict[str, list[str]] = {}
     for item in items:
@@ -145,7 +145,7 @@ def claim_folder(sweep_dir: Path, manifest: dict) -> None:
 
 def _train_log(folder: Path) -> list[dict]:
     """The trainer's loss log entries, one per step (a resumed run's later entry for a step wins)."""
-    from .report import LOSS_LOG
+    from ..publish.report import LOSS_LOG
 
     by_step = {}
     path = folder / "report" / LOSS_LOG
@@ -170,8 +170,8 @@ def trial_result(trial: Trial, report: dict) -> dict:
 
 def run_trial(trial: Trial, evaluation) -> Optional[dict]:
     """Train (resuming from the trial's latest checkpoint), evaluate the exported pipeline, write result.json."""
-    from .evaluation import run_evaluation
-    from .train import run_training
+    from ..evaluation.evaluate import run_evaluation
+    from ..training.diffusion_run import run_training
 
     pipeline = run_training(trial.cfg, keep_process_group=True)  # the next trial uses the same process group
     options = dataclasses.replace(evaluation, model=str(pipeline), output=str(trial.folder / "metrics.json"),
@@ -186,7 +186,7 @@ def run_trial(trial: Trial, evaluation) -> Optional[dict]:
 
 def check_evaluation(evaluation) -> None:
     """Fail before the first trial on evaluation settings that would otherwise fail after it."""
-    from .features import load_factory, resolve_inception_weights
+    from ..evaluation.features import load_factory, resolve_inception_weights
 
     least = 4 if evaluation.precision_recall else 2
     if evaluation.num_images < least:
@@ -208,7 +208,7 @@ def check_conditioning(evaluation, trials: list[Trial]) -> None:
         raise UserError("--class_labels and --guidance_scale need class-conditional trials (class_conditional: true)")
     if not evaluation.class_labels:
         return
-    from .data import open_source
+    from ..data.stream import open_source
 
     names = [str(name).lower() for name in open_source(trials[0].cfg).class_names or []]
     for label in evaluation.class_labels:

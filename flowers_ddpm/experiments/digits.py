@@ -1,6 +1,6 @@
 """scikit-learn's handwritten digits as a small real image dataset, and a digits classifier to score samples with.
 
-The recipe ablation (flowers_ddpm.ablation) needs a real dataset that installs offline and a feature network
+The recipe ablation (flowers_ddpm.experiments.ablation) needs a real dataset that installs offline and a feature network
 trained on it; scikit-learn ships 1,797 real 8x8 digits, which we upsample to RGB class folders. No pretrained
 network exists for them, so `DigitsClassifier` is trained here (seconds on a CPU) and cached.
 """
@@ -38,7 +38,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError("the digits data needs scikit-learn: pip install 'flowers-ddpm[recipes]'") from None
     digits = load_digits()

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
-from .distributed import gather_rows
-from .errors import UserError
+from ..config.loading import TrainConfig
+from .._util.distributed import gather_rows
+from ..errors import UserError
 from .features import fingerprint
-from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
+from ..data.imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def real_image_batches(cfg: TrainConfig, rank: int, world_size: int, batch_size:
     real images; unreadable files are skipped."""
     from datasets.distributed import split_dataset_by_node
 
-    from .data import example_id, open_source
+    from ..data.stream import example_id, open_source
 
     source = open_source(cfg)
     dataset = source.dataset.take(max_images) if max_images else source.dataset

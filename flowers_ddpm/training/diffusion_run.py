@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 
 from . import checkpointing
-from .config import TrainConfig
-from .errors import UserError
+from ..config.loading import TrainConfig
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ class PipelinePublisher:
         return class_guidance(model, self.cfg)
 
     def sample_grid(self, model, step: int):
-        from .finetune import sampling_unet
-        from .pipeline import build_pipeline, generate, image_grid
+        from ..models.finetune import sampling_unet
+        from ..pipelines.sampling import build_pipeline, generate, image_grid
 
         pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names)
         pipe.set_progress_bar_config(disable=True)
@@ -57,9 +57,9 @@ class PipelinePublisher:
         return grid
 
     def export(self, model, step: int) -> None:
-        from .finetune import ADAPTER_DIR, merged_unet, save_adapter
-        from .pipeline import export_pipeline
-        from .report import write_training_info
+        from ..models.finetune import ADAPTER_DIR, merged_unet, save_adapter
+        from ..pipelines.sampling import export_pipeline
+        from ..publish.report import write_training_info
 
         def write_extra(folder: Path) -> None:
             save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.init_from)  # only for LoRA
@@ -75,8 +75,8 @@ class TrainingEvaluator:
     --eval_steps; keeps <output_dir>/best/ = the pipeline with the best FID so far (+ its metrics.json)."""
 
     def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler, class_names=None):
-        from .features import build_inception_network
-        from .reference import load_or_compute_reference
+        from ..evaluation.features import build_inception_network
+        from ..evaluation.reference import load_or_compute_reference
 
         self.cfg, self.accelerator, self.noise_scheduler = cfg, accelerator, noise_scheduler
         self.class_names = class_names
@@ -91,9 +91,9 @@ class TrainingEvaluator:
         self.best_fid = json.loads(best.read_text())["fid"] if best.is_file() else math.inf  # survives resumes
 
     def __call__(self, model, step: int) -> dict:
-        from .evaluation import SamplingSettings, evaluate_pipeline
-        from .finetune import merged_unet, sampling_unet
-        from .pipeline import build_pipeline, export_pipeline
+        from ..evaluation.evaluate import SamplingSettings, evaluate_pipeline
+        from ..models.finetune import merged_unet, sampling_unet
+        from ..pipelines.sampling import build_pipeline, export_pipeline
 
         cfg = self.cfg
         pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names)
@@ -166,11 +166,11 @@ def unet_overrides(cfg: TrainConfig) -> dict:
 
 def _train_batches(cfg: TrainConfig, source, accelerator):
     """Batches from the decode-once cache (built first by one process per machine) or decoded from the stream."""
-    from .data import build_train_batches
+    from ..data.stream import build_train_batches
 
     if not cfg.decode_cache:
         return build_train_batches(cfg, source, accelerator.process_index, accelerator.num_processes)
-    from .cache import build_cached_batches, open_cache
+    from ..data.cache import build_cached_batches, open_cache
 
     with accelerator.local_main_process_first():
         if accelerator.is_local_main_process:
@@ -182,14 +182,14 @@ def start_run(cfg: TrainConfig, classes_of):
     """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the
     Accelerator, the data source, its classes (`classes_of(cfg, source)`, which may raise a UserError) and the
     number of optimizer steps. Returns (accelerator, source, class_names, max_steps, resume_from)."""
-    from .data import open_source
+    from ..data.stream import open_source
 
     # cheap checks first: nothing expensive happens before these pass
     resume_from = checkpointing.resolve_resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
     if resume_from is not None:
         checkpointing.check_compatible(resume_from, cfg.to_dict())
     if cfg.push_to_hub:
-        from .hub import require_token
+        from ..publish.hub import require_token
 
         require_token()
     accelerator = make_accelerator(cfg)
@@ -211,7 +211,7 @@ def build_optimization(cfg: TrainConfig, model, parameters, accelerator, max_ste
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from .performance import build_optimizer, prepare_model
+    from .device import build_optimizer, prepare_model
 
     set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
     optimizer = build_optimizer(parameters, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -251,7 +251,7 @@ def init_trackers(cfg: TrainConfig, accelerator) -> None:
 
 def device_batches(cfg: TrainConfig, source, accelerator):
     """This process's training batches on the accelerator's device."""
-    from .performance import DeviceBatches
+    from .device import DeviceBatches
 
     return DeviceBatches(_train_batches(cfg, source, accelerator), accelerator.device, cfg.channels_last)
 
@@ -277,10 +277,10 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
     from accelerate.utils import set_seed
 
-    from .finetune import add_class_conditioning, load_for_finetuning, select_trainable, trainable_parameters
-    from .models import build_noise_scheduler, build_unet
-    from .objectives import DiffusionObjective
-    from .performance import configure_backends
+    from ..models.finetune import add_class_conditioning, load_for_finetuning, select_trainable, trainable_parameters
+    from ..models.unet import build_noise_scheduler, build_unet
+    from ..objectives.diffusion import DiffusionObjective
+    from .device import configure_backends
     from .trainer import Trainer
 
     accelerator, source, class_names, max_steps, resume_from = start_run(cfg, model_classes)
@@ -329,12 +329,12 @@ def describe_hardware(accelerator) -> str:
 
 def finish_run(cfg: TrainConfig) -> None:
     """Write the training report, then push the pipeline when --push_to_hub (main process only)."""
-    from .report import write_report
+    from ..publish.report import write_report
 
     output_dir = Path(cfg.output_dir)
     write_report(output_dir, steps=cfg.ddpm_num_inference_steps, scheduler=cfg.sample_scheduler, seed=cfg.seed)
     if cfg.push_to_hub:
-        from .hub import push_pipeline
+        from ..publish.hub import push_pipeline
 
         repo_id = cfg.hub_model_id or output_dir.resolve().name
         url = push_pipeline(output_dir / "pipeline", repo_id, private=cfg.hub_private_repo)

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 
-from .config import FLOWERS_DATASET, TrainConfig
-from .errors import UserError
+from ..config.loading import FLOWERS_DATASET, TrainConfig
+from ..errors import UserError
 from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
 if TYPE_CHECKING:
@@ -226,7 +226,7 @@ class TrainBatches:
         return self.consumed_state
 
     def load_state_dict(self, state: dict) -> None:
-        if "dataset" not in state:  # written by the decode-cache path (flowers_ddpm.cache)
+        if "dataset" not in state:  # written by the decode-cache path (flowers_ddpm.data.cache)
             logger.warning("the checkpoint's data position belongs to the decode cache; the data stream restarts")
             return
         self.stream.load_state_dict(state)

@@ -1,7 +1,7 @@
 """Recipe ablation: train recipe variants for the same wall-clock budget on real data and score their samples.
 
 Each variant is a real `flowers-ddpm train` run (a subprocess, so every variant starts from a clean process and
-the runs cannot leak state into each other) on scikit-learn's digits written as class folders (flowers_ddpm.digits).
+the runs cannot leak state into each other) on scikit-learn's digits written as class folders (flowers_ddpm.experiments.digits).
 The budget becomes a step count from a short probe run of the same variant, so the LR schedule and EMA warm-up
 end where they would in a planned run of that length. Samples are class-conditional, the same count, sampler and
 seeds for every variant, and are scored with the digits classifier: Frechet distance in its feature space
@@ -27,8 +27,8 @@ import torch
 import yaml
 
 from . import digits
-from .errors import UserError
-from .recipes import recipe_settings
+from ..errors import UserError
+from ..config.recipes import recipe_settings
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def training_flops_per_image(recipe: dict, settings: AblationSettings) -> float:
     """Forward + backward FLOPs per training image of a variant's UNet (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import build_unet
+    from ..models.unet import build_unet
 
     overrides = dict(recipe.get("unet_config") or {})
     model = build_unet(recipe.get("model_preset", settings.model_preset), settings.resolution, overrides,
@@ -208,15 +208,15 @@ class Scorer:
         test, test_labels = digits.load_folder(data.test_dir)
         self.reference = digits.predict(self.classifier, train)[0]
         held_out = digits.predict(self.classifier, test[balanced_subset(test_labels, settings.num_samples)])[0]
-        from .metrics import frechet_distance
+        from ..evaluation.metrics import frechet_distance
 
         self.real_vs_real = frechet_distance(self.reference, held_out)
         self.settings = settings
 
     def score(self, pipeline_dir: Path, grid_path: Path) -> dict:
         """Frechet distance and class accuracy of `num_samples` samples (image i asks for digit i % 10)."""
-        from .metrics import frechet_distance
-        from .pipeline import generate, image_grid, load_pipeline
+        from ..evaluation.metrics import frechet_distance
+        from ..pipelines.sampling import generate, image_grid, load_pipeline
 
         s = self.settings
         pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
@@ -225,7 +225,7 @@ class Scorer:
                           class_labels=list(range(digits.NUM_CLASSES)), guidance_scale=s.guidance_scale)
         sample_sec = time.perf_counter() - start
         image_grid(images[:100]).save(grid_path)
-        from .evaluation import images_to_tensor
+        from ..evaluation.evaluate import images_to_tensor
 
         features, predicted = digits.predict(self.classifier, images_to_tensor(images))
         requested = torch.arange(len(images)) % digits.NUM_CLASSES
