@@ -4,19 +4,38 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from .config.loading import SAMPLE_SCHEDULERS, add_train_arguments, parse_train_config
+import torch
+
+from .config.loading import SAMPLE_SCHEDULERS, add_train_arguments, build_config, load_yaml, parse_train_config
+from .data.cache import open_cache
+from .data.stream import open_source
 from .errors import UserError
+from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
+from .experiments.benchmark import add_benchmark_arguments, format_table, run_benchmark
+from .experiments.sweep import run_sweep
+from .pipelines.export import attach_classifier
+from .pipelines.sampling import (
+    generate,
+    image_grid,
+    load_classifier,
+    load_pipeline,
+    resolve_class_labels,
+    with_classifier,
+)
+from .publish.hub import push_pipeline, stage_upload
+from .training.classifier_run import run_classifier_training
+from .training.diffusion_run import run_training
 from .training.stopping import TrainingStopped
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .training.diffusion_run import run_training
 
     cfg = parse_train_config(args)
     path = run_training(cfg)
@@ -25,7 +44,6 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _train_classifier(args: argparse.Namespace) -> None:
-    from .training.classifier_run import run_classifier_training
 
     cfg = parse_train_config(args)
     path = run_classifier_training(cfg)
@@ -34,9 +52,6 @@ def _train_classifier(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    import torch
-
-    from .pipelines.sampling import generate, image_grid, load_classifier, load_pipeline, resolve_class_labels, with_classifier
 
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
@@ -69,7 +84,6 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _attach_classifier(args: argparse.Namespace) -> None:
-    from .pipelines.sampling import attach_classifier
 
     path = attach_classifier(args.model, args.classifier, args.output, args.classifier_scale, args.guidance_scale)
     print(f"pipeline with classifier written to {path}")
@@ -86,9 +100,6 @@ def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    from .evaluation.evaluate import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
 
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("steps and batch_size must be >= 1")
@@ -150,10 +161,6 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    from .evaluation.evaluate import EvaluateOptions
-    from .experiments.sweep import run_sweep
 
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
@@ -176,7 +183,6 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .publish.hub import push_pipeline, stage_upload
 
     if args.dry_run:
         if not args.staging_dir:
@@ -191,9 +197,6 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from .data.cache import open_cache
-    from .config.loading import build_config, load_yaml
-    from .data.stream import open_source
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     file_values = load_yaml(args.config) if args.config else {}
@@ -206,7 +209,6 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> None:
-    from .experiments.benchmark import format_table, run_benchmark
 
     results = run_benchmark(args)
     print(format_table(results))
@@ -281,8 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="build the decode-once cache for a training config (see --decode_cache)")
     add_train_arguments(prepare)
     prepare.set_defaults(func=_prepare)
-
-    from .experiments.benchmark import add_benchmark_arguments
 
     benchmark = sub.add_parser("benchmark", help="measure data-path, training-step and sampling speed")
     add_benchmark_arguments(benchmark)

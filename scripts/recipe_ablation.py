@@ -12,8 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from flowers_ddpm.experiments.ablation import VARIANTS, AblationSettings, run_ablation
 from flowers_ddpm.errors import UserError
+from flowers_ddpm.experiments.ablation import VARIANTS, AblationSettings, run_ablation
 
 
 def parse_args(argv=None) -> AblationSettings:

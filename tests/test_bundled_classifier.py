@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flowers_ddpm.models.classifier import classifier_for_unet
 from flowers_ddpm.cli import main
-from flowers_ddpm.publish.hub import build_model_card
+from flowers_ddpm.models.classifier import classifier_for_unet
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet, unet_kwargs
-from flowers_ddpm.pipelines.sampling import export_pipeline, generate, load_classifier, load_pipeline, with_classifier
+from flowers_ddpm.pipelines.export import export_pipeline
+from flowers_ddpm.pipelines.sampling import generate, load_classifier, load_pipeline, with_classifier
+from flowers_ddpm.publish.hub import build_model_card
 
 SCALE, STEPS, LABELS = 20.0, 3, [0, 1]
 

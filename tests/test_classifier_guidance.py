@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from flowers_ddpm.cli import main
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
-from flowers_ddpm.pipelines.sampling import export_pipeline, generate, load_classifier, load_pipeline, with_classifier
+from flowers_ddpm.pipelines.export import export_pipeline
+from flowers_ddpm.pipelines.sampling import generate, load_classifier, load_pipeline, with_classifier
 
 from .conftest import make_class_folder, tiny_train_args
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from flowers_ddpm.config.loading import build_config
-from flowers_ddpm.data.stream import ResumableStream, open_source
 from flowers_ddpm.data.imaging import TransformSettings, decode_and_transform
+from flowers_ddpm.data.stream import ResumableStream, open_source
 
 
 def encoded(image: Image.Image, fmt: str) -> dict:

@@ -20,9 +20,9 @@ from PIL import Image
 from flowers_ddpm.cli import main
 from flowers_ddpm.config.loading import TrainConfig
 from flowers_ddpm.evaluation.metrics import compute_metrics, frechet_distance, kernel_distance, precision_recall
-from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
-from flowers_ddpm.pipelines.sampling import export_pipeline
 from flowers_ddpm.evaluation.reference import load_or_compute_reference
+from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
+from flowers_ddpm.pipelines.export import export_pipeline
 
 from .conftest import REPO, run_command, tiny_train_args
 from .feature_nets import tiny_conv_net

@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from flowers_ddpm.training import checkpointing
 from flowers_ddpm.cli import main
 from flowers_ddpm.data.stream import TrainBatches
 from flowers_ddpm.errors import UserError
+from flowers_ddpm.training import checkpointing
 from flowers_ddpm.training.stopping import EXIT_NONFINITE, EXIT_PREEMPTED
 
 from .conftest import REPO, make_class_folder, tiny_train_args

@@ -162,7 +162,7 @@ def test_push_command_to_a_branch_of_a_private_repo(tmp_path, fake_hub, monkeypa
     import torch
 
     from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
-    from flowers_ddpm.pipelines.sampling import export_pipeline
+    from flowers_ddpm.pipelines.export import export_pipeline
 
     # in this process: the same settings the environment gives a fresh process (see hub_env)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake_hub)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from flowers_ddpm.training.checkpointing import verify_checkpoint
 from flowers_ddpm.cli import main
+from flowers_ddpm.training.checkpointing import verify_checkpoint
 
 from .conftest import tiny_train_args
 from .kill_harness import interrupt_and_resume, read_data_order

@@ -78,8 +78,8 @@ def test_ablation_rejects_unknown_variant(tmp_path):
 
 
 def test_ablation_refuses_to_mix_settings(tmp_path):
-    from flowers_ddpm.experiments.ablation import AblationSettings
     from flowers_ddpm.errors import UserError
+    from flowers_ddpm.experiments.ablation import AblationSettings
 
     (tmp_path / "settings.json").write_text(json.dumps({"budget_minutes": 3}))
     from flowers_ddpm.experiments import ablation
@@ -92,8 +92,8 @@ def test_real_baseline_has_the_samples_class_mix():
     """Held-out images sorted by class must not be taken as the first N (that baseline would be all 0s and 1s)."""
     import torch
 
-    from flowers_ddpm.experiments.ablation import balanced_subset
     from flowers_ddpm.errors import UserError
+    from flowers_ddpm.experiments.ablation import balanced_subset
 
     labels = torch.arange(10).repeat_interleave(5)  # sorted by class, like a class-folder listing
     picked = labels[balanced_subset(labels, 30)]

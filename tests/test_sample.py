@@ -8,7 +8,8 @@ from PIL import Image
 
 from flowers_ddpm.cli import main
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
-from flowers_ddpm.pipelines.sampling import export_pipeline, generate, load_pipeline
+from flowers_ddpm.pipelines.export import export_pipeline
+from flowers_ddpm.pipelines.sampling import generate, load_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from flowers_ddpm.data.cache import CachedBatches, DecodedImages, cache_folder, open_cache
 from flowers_ddpm.cli import main
 from flowers_ddpm.config.loading import build_config
-from flowers_ddpm.data.stream import open_source
+from flowers_ddpm.data.cache import CachedBatches, DecodedImages, cache_folder, open_cache
 from flowers_ddpm.data.imaging import TransformSettings, crop_and_flip, decode_and_transform
+from flowers_ddpm.data.stream import open_source
 from flowers_ddpm.training.device import DeviceBatches
 
 from .conftest import make_class_folder, tiny_train_args

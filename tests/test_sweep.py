@@ -13,8 +13,8 @@ import time
 import pytest
 import yaml
 
-from flowers_ddpm.training import checkpointing
 from flowers_ddpm.cli import main
+from flowers_ddpm.training import checkpointing
 
 from .conftest import REPO, make_class_folder
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from ..errors import UserError
+from .recipes import RECIPES, recipe_settings
 
 FLOWERS_DATASET = "nelorth/oxford-flowers"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -321,7 +322,6 @@ def _recipe_defaults(merged: dict) -> None:
     """Fill the settings the user did not give from the named recipe: defaults < recipe < YAML < flags."""
     if merged.get("recipe") is None:
         return
-    from .recipes import RECIPES, recipe_settings
 
     if merged["recipe"] not in RECIPES:
         raise UserError(f"recipe must be one of {', '.join(RECIPES)}; got {merged['recipe']!r}")

@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from ..config.loading import TrainConfig
-from .stream import DataSource, example_id
 from ..errors import UserError
 from .imaging import TransformSettings, crop_and_flip_view, decode_resized
+from .stream import DataSource, example_id
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -109,7 +111,6 @@ def _decoded_in_order(source: DataSource, settings: TransformSettings, num_worke
 def build_cache(source: DataSource, settings: TransformSettings, folder: Path, identity: dict,
                 num_workers: int = 0) -> Path:
     """Decode every example of `source` once into the cache folder `folder` (atomically); returns `folder`."""
-    from tqdm.auto import tqdm
 
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -185,7 +186,6 @@ def open_cache(cfg: TrainConfig, source: DataSource, build: bool = True) -> Deco
 
 
 def _unit_range_table() -> np.ndarray:
-    import torch
 
     return torch.arange(256).float().div_(127.5).sub_(1.0).numpy()
 
@@ -252,7 +252,6 @@ class CachedBatches:
         return _TO_UNIT_RANGE[stacked]
 
     def __iter__(self):
-        import torch
 
         chunk: list[tuple[int, int]] = []
         for epoch, next_position, i in self._positions():

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
+import torch
+from datasets import ClassLabel, Image, IterableDatasetDict, concatenate_datasets, load_dataset
+from datasets.distributed import split_dataset_by_node
 
 from ..config.loading import FLOWERS_DATASET, TrainConfig
 from ..errors import UserError
@@ -51,7 +54,6 @@ def count_local_images(folder: str) -> int:
 
 def detect_image_column(features, requested: Optional[str]) -> str:
     """The requested image column, or the first column of type Image, or a column called image/img."""
-    from datasets import Image
 
     names = list(features)
     if requested:
@@ -69,7 +71,6 @@ def detect_image_column(features, requested: Optional[str]) -> str:
 
 def detect_label_column(features) -> Optional[str]:
     """The first ClassLabel column (or a column named label), else None."""
-    from datasets import ClassLabel
 
     for name, feature in features.items():
         if isinstance(feature, ClassLabel):
@@ -78,7 +79,6 @@ def detect_label_column(features) -> Optional[str]:
 
 
 def _load_streaming(cfg: TrainConfig):
-    from datasets import load_dataset
 
     if cfg.train_data_dir:
         if count_local_images(cfg.train_data_dir) == 0:
@@ -99,7 +99,6 @@ def _load_streaming(cfg: TrainConfig):
 
 def open_source(cfg: TrainConfig) -> DataSource:
     """Open the configured dataset for streaming; nothing is downloaded beyond metadata."""
-    from datasets import Image, IterableDatasetDict, concatenate_datasets
 
     loaded = _load_streaming(cfg)
     if isinstance(loaded, IterableDatasetDict):
@@ -154,7 +153,6 @@ class ResumableStream:
     """
 
     def __init__(self, dataset, seed: int, buffer_size: int, rank: int = 0, world_size: int = 1):
-        from datasets.distributed import split_dataset_by_node
 
         self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size) if world_size > 1 else dataset
         self.seed, self.rank, self.world_size, self.buffer_size = seed, rank, world_size, buffer_size
@@ -262,7 +260,6 @@ class TrainBatches:
             raise UserError(f"none of the images in {self.source.description} could be read")
 
     def __iter__(self):
-        import torch
 
         images, labels, ids = [], [], []
         for record, label, state, (array, reason) in self._decoded():

@@ -71,8 +71,8 @@ class InceptionFeatures(nn.Module):
     def __init__(self, weights: Path):
         super().__init__()
         try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
             import torch_fidelity  # noqa: F401  torchmetrics builds its Inception from torch-fidelity's definition
+            from torchmetrics.image.fid import NoTrainInceptionV3
         except ImportError:
             raise UserError("the FID Inception network needs torch-fidelity: pip install 'flowers-ddpm[inception]' "
                             "(or pip install torch-fidelity)") from None

@@ -18,13 +18,17 @@ from typing import Optional
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
+from datasets.distributed import split_dataset_by_node
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..config.loading import TrainConfig
 from .._util.distributed import gather_rows
+from ..config.loading import TrainConfig
+from ..data.imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
+from ..data.stream import example_id, open_source
 from ..errors import UserError
 from .features import fingerprint
-from ..data.imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +69,6 @@ def _cache_path(cache_dir: Path, key: dict) -> Path:
 def real_image_batches(cfg: TrainConfig, rank: int, world_size: int, batch_size: int, max_images: Optional[int]):
     """Yield (ids, uint8 NCHW tensor, class labels (-1 without a label column)) of this process's share of the
     real images; unreadable files are skipped."""
-    from datasets.distributed import split_dataset_by_node
-
-    from ..data.stream import example_id, open_source
 
     source = open_source(cfg)
     dataset = source.dataset.take(max_images) if max_images else source.dataset
@@ -111,7 +112,6 @@ def compute_reference(accelerator, cfg: TrainConfig, networks: dict, batch_size:
         probe = torch.zeros(1, 3, cfg.resolution, cfg.resolution, dtype=torch.uint8, device=accelerator.device)
         for name, network in networks.items():
             outputs[name] = {kind: [value.float().cpu()[:0]] for kind, value in network(probe).items()}
-    from accelerate.utils import gather_object
 
     gathered_ids = gather_object(all_ids) if accelerator.num_processes > 1 else all_ids
     if not gathered_ids:
@@ -125,7 +125,6 @@ def load_or_compute_reference(accelerator, cfg: TrainConfig, networks: dict, cac
                               batch_size: int = 64, max_images: Optional[int] = None) -> dict[str, dict]:
     """Reference features for `networks` ({name: module}): one cache entry per network, the missing ones computed
     together in one pass over the data and cached."""
-    from safetensors.torch import load_file
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     keys = {name: reference_key(cfg, [fingerprint(network)], max_images) for name, network in networks.items()}
@@ -145,7 +144,6 @@ def load_or_compute_reference(accelerator, cfg: TrainConfig, networks: dict, cac
 
 
 def _save_entry(tensors_file: Path, key: dict, features: dict) -> None:
-    from safetensors.torch import save_file
 
     tensors_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = tensors_file.with_suffix(".tmp")

@@ -25,10 +25,16 @@ from typing import Optional
 
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
-from . import digits
-from ..errors import UserError
 from ..config.recipes import recipe_settings
+from ..errors import UserError
+from ..evaluation.evaluate import images_to_tensor
+from ..evaluation.metrics import frechet_distance
+from ..models.unet import build_unet
+from ..pipelines.sampling import generate, image_grid, load_pipeline
+from . import digits
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +161,6 @@ def _write_config(folder: Path, recipe: dict, data: digits.DigitsData, settings:
 
 def training_flops_per_image(recipe: dict, settings: AblationSettings) -> float:
     """Forward + backward FLOPs per training image of a variant's UNet (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..models.unet import build_unet
 
     overrides = dict(recipe.get("unet_config") or {})
     model = build_unet(recipe.get("model_preset", settings.model_preset), settings.resolution, overrides,
@@ -208,15 +211,12 @@ class Scorer:
         test, test_labels = digits.load_folder(data.test_dir)
         self.reference = digits.predict(self.classifier, train)[0]
         held_out = digits.predict(self.classifier, test[balanced_subset(test_labels, settings.num_samples)])[0]
-        from ..evaluation.metrics import frechet_distance
 
         self.real_vs_real = frechet_distance(self.reference, held_out)
         self.settings = settings
 
     def score(self, pipeline_dir: Path, grid_path: Path) -> dict:
         """Frechet distance and class accuracy of `num_samples` samples (image i asks for digit i % 10)."""
-        from ..evaluation.metrics import frechet_distance
-        from ..pipelines.sampling import generate, image_grid, load_pipeline
 
         s = self.settings
         pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
@@ -225,7 +225,6 @@ class Scorer:
                           class_labels=list(range(digits.NUM_CLASSES)), guidance_scale=s.guidance_scale)
         sample_sec = time.perf_counter() - start
         image_grid(images[:100]).save(grid_path)
-        from ..evaluation.evaluate import images_to_tensor
 
         features, predicted = digits.predict(self.classifier, images_to_tensor(images))
         requested = torch.arange(len(images)) % digits.NUM_CLASSES
@@ -299,7 +298,6 @@ def _check_same_settings(settings: AblationSettings) -> None:
 
 def run_ablation(settings: AblationSettings) -> list[dict]:
     """Run every variant (skipping finished ones), write the table and per-variant grids; return the rows."""
-    from tqdm.auto import tqdm
 
     settings.validate()
     _check_same_settings(settings)

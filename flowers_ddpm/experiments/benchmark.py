@@ -27,8 +27,28 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where it is used, so `--help` stays fast
     import torch
 
+import platform
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
 from ..config.loading import SAMPLE_SCHEDULERS, build_config
+from ..data.cache import CachedBatches, build_cached_batches, open_cache
+from ..data.imaging import TransformSettings
+from ..data.stream import build_train_batches, open_source
 from ..errors import UserError
+from ..models.unet import build_noise_scheduler, build_unet
+from ..objectives.diffusion import DiffusionObjective
+from ..pipelines.export import build_pipeline
+from ..pipelines.sampling import generate, prepare_for_sampling
+from ..training.device import DeviceBatches, bf16_supported, configure_backends, prepare_model
+from ..training.optimization import build_optimizer
+from ..training.trainer import LoopSettings, Trainer
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, for model FLOPs utilisation.
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
@@ -64,7 +84,6 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
 # -- inputs ---------------------------------------------------------------------------------------------------
 def generate_jpeg_folder(folder: Path, count: int, size: int, seed: int = 0) -> Path:
     """`count` size x size JPEGs (smooth gradients plus noise, two class sub-folders) in `folder`."""
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 1, size, dtype=np.float32)
@@ -99,9 +118,6 @@ def _take(batches, images: int) -> tuple[float, int]:
 # -- data -----------------------------------------------------------------------------------------------------
 def benchmark_data(args, data_dir: str, work: Path) -> dict:
     """Streaming decode vs decode-once cache over one folder at --data_resolution."""
-    from ..data.cache import CachedBatches, open_cache
-    from ..data.stream import build_train_batches, open_source
-    from ..data.imaging import TransformSettings
 
     cfg = _config(args, data_dir, work, args.data_resolution)
     source = open_source(cfg)
@@ -130,16 +146,6 @@ class _NoPublisher:
 
 def _trainer(accelerator, cfg, optimized: bool, device: torch.device):
     """A Trainer for one benchmark mode, built the way `flowers_ddpm.training.diffusion_run` builds it."""
-    import torch
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    from ..data.cache import build_cached_batches
-    from ..data.stream import build_train_batches, open_source
-    from ..models.unet import build_noise_scheduler, build_unet
-    from ..objectives.diffusion import DiffusionObjective
-    from ..training.device import DeviceBatches, build_optimizer, prepare_model
-    from ..training.trainer import LoopSettings, Trainer
 
     torch.manual_seed(cfg.seed)
     model = build_unet(cfg.model_preset, cfg.resolution)
@@ -166,7 +172,6 @@ def _trainer(accelerator, cfg, optimized: bool, device: torch.device):
 
 
 def _sync(device: torch.device) -> None:
-    import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -183,7 +188,6 @@ def _timed_steps(trainer, batches, steps: int, device: torch.device) -> float:
 
 def model_flops_per_image(trainer, batches) -> float:
     """Forward + backward FLOPs of one training micro-batch per image (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     batch = next(batches)
     with FlopCounterMode(display=False) as counter:
@@ -195,7 +199,6 @@ def model_flops_per_image(trainer, batches) -> float:
 
 def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Optional[float]:
     """The device's dense bf16 peak in FLOP/s (None on CPUs and unknown GPUs)."""
-    import torch
 
     if override_tflops:
         return override_tflops * 1e12
@@ -206,7 +209,6 @@ def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Option
 
 
 def _precision(args, device: torch.device) -> str:
-    from ..training.device import bf16_supported
 
     if args.mixed_precision != "auto":
         return args.mixed_precision
@@ -215,13 +217,6 @@ def _precision(args, device: torch.device) -> str:
 
 def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> dict:
     """Baseline vs optimized training step, alternating rounds, steady state."""
-    import torch
-
-    from accelerate import Accelerator
-
-    from ..data.cache import open_cache
-    from ..data.stream import open_source
-    from ..training.device import configure_backends
 
     precision = _precision(args, device)
     cfg = _config(args, data_dir, work, args.resolution, compile=args.compile)
@@ -238,7 +233,6 @@ def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> di
         start = time.perf_counter()
         _timed_steps(mode["trainer"], mode["batches"], args.warmup_steps, device)
         mode["warmup_sec"] = time.perf_counter() - start
-    from tqdm.auto import tqdm
 
     for _ in tqdm(range(args.rounds), desc="train rounds", dynamic_ncols=True):
         for name, mode in modes.items():
@@ -278,11 +272,6 @@ def parse_samplers(text: str) -> dict[str, int]:
 
 def benchmark_sample(args, device: torch.device) -> dict:
     """Images/s of each sampler on a freshly initialised UNet (speed does not depend on the weights)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..models.unet import build_noise_scheduler, build_unet
-    from ..pipelines.sampling import build_pipeline, generate, prepare_for_sampling
 
     torch.manual_seed(0)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -306,9 +295,6 @@ def benchmark_sample(args, device: torch.device) -> dict:
 # -- the command ----------------------------------------------------------------------------------------------
 def machine_description(device: torch.device) -> dict:
     """What the numbers were measured on, including the load from other programs."""
-    import torch
-
-    import platform
 
     info = {"device": str(device), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
@@ -344,7 +330,6 @@ def format_table(results: dict) -> str:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Run the requested parts and return (and optionally write) the results."""
-    import torch
 
     parts = set(filter(None, args.parts.split(",")))
     if parts - {"data", "train", "sample"} or not parts:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,6 @@ def predict(model: DigitsClassifier, images: torch.Tensor, batch_size: int = 256
 
 def train_classifier(data: DigitsData, cache_dir: str | Path, epochs: int = 15, seed: int = 0) -> tuple[DigitsClassifier, float]:
     """The digits classifier trained on the train split (cached by data + settings), and its test accuracy."""
-    from safetensors.torch import load_file, save_file
 
     train, labels = load_folder(data.train_dir)
     test, test_labels = load_folder(data.test_dir)

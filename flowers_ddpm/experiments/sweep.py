@@ -21,16 +21,24 @@ import json
 import logging
 import os
 import re
+import statistics
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+import torch.distributed
 from tqdm.auto import tqdm
 
-from ..config.loading import TrainConfig, build_config, load_yaml
+from ..config.loading import _FIELDS, TrainConfig, build_config, load_yaml
+from ..data.stream import open_source
 from ..errors import UserError
+from ..evaluation.command import run_evaluation
+from ..evaluation.features import load_factory, resolve_inception_weights
+from ..publish.report import LOSS_LOG
+from ..training.diffusion_run import run_training
 from ..training.stopping import InterruptOnSigterm, Preempted, TrainingStopped
+from .sweep_report import write_comparison
 
 logger = logging.getLogger(__name__)
 MANIFEST, RESULT_FILE, TRIALS_DIR = "sweep.json", "result.json", "trials"
@@ -64,7 +72,6 @@ class Trial:
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
     """`["learning_rate=1e-4,2e-4", ...]` -> {"learning_rate": ["1e-4", "2e-4"], ...}, keys in the given order."""
-    from ..config.loading import _FIELDS
 
     grid: dict[str, list[str]] = {}
     for item in items:
@@ -113,7 +120,6 @@ def _is_main_process() -> bool:
 
 def _end_process_group() -> None:
     """What `accelerator.end_training()` does at the end of a training run, once for the whole sweep."""
-    import torch.distributed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -145,7 +151,6 @@ def claim_folder(sweep_dir: Path, manifest: dict) -> None:
 
 def _train_log(folder: Path) -> list[dict]:
     """The trainer's loss log entries, one per step (a resumed run's later entry for a step wins)."""
-    from ..publish.report import LOSS_LOG
 
     by_step = {}
     path = folder / "report" / LOSS_LOG
@@ -159,7 +164,6 @@ def _train_log(folder: Path) -> list[dict]:
 
 def trial_result(trial: Trial, report: dict) -> dict:
     """The trial's row of the comparison: its grid values, final loss, training throughput and metrics."""
-    import statistics
 
     log = _train_log(trial.folder)
     return {"trial": trial.name, "settings": {key: getattr(trial.cfg, key) for key in trial.values},
@@ -170,8 +174,6 @@ def trial_result(trial: Trial, report: dict) -> dict:
 
 def run_trial(trial: Trial, evaluation) -> Optional[dict]:
     """Train (resuming from the trial's latest checkpoint), evaluate the exported pipeline, write result.json."""
-    from ..evaluation.evaluate import run_evaluation
-    from ..training.diffusion_run import run_training
 
     pipeline = run_training(trial.cfg, keep_process_group=True)  # the next trial uses the same process group
     options = dataclasses.replace(evaluation, model=str(pipeline), output=str(trial.folder / "metrics.json"),
@@ -186,7 +188,6 @@ def run_trial(trial: Trial, evaluation) -> Optional[dict]:
 
 def check_evaluation(evaluation) -> None:
     """Fail before the first trial on evaluation settings that would otherwise fail after it."""
-    from ..evaluation.features import load_factory, resolve_inception_weights
 
     least = 4 if evaluation.precision_recall else 2
     if evaluation.num_images < least:
@@ -208,7 +209,6 @@ def check_conditioning(evaluation, trials: list[Trial]) -> None:
         raise UserError("--class_labels and --guidance_scale need class-conditional trials (class_conditional: true)")
     if not evaluation.class_labels:
         return
-    from ..data.stream import open_source
 
     names = [str(name).lower() for name in open_source(trials[0].cfg).class_names or []]
     for label in evaluation.class_labels:
@@ -230,7 +230,6 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
               evaluation) -> Optional[Path]:
     """The `sweep` command: run the unfinished trials, then write the comparison; returns the table path (main
     process) or None."""
-    from .sweep_report import write_comparison
 
     if max_train_steps < 1:
         raise UserError(f"max_train_steps must be >= 1; got {max_train_steps}")

@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from huggingface_hub import file_exists
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from ..errors import UserError
+from .unet import build_noise_scheduler
 
 logger = logging.getLogger(__name__)
 ADAPTER_DIR = "lora_adapter"  # inside the exported pipeline folder
@@ -31,7 +35,6 @@ def _unet_location(init_from: str) -> tuple[str, Optional[str]]:
         raise UserError(f"init_from {init_from} is neither a pipeline folder (with unet/) nor a UNet2DModel folder")
     if init_from.startswith((".", "/", "~")) or init_from.count("/") > 1:
         raise UserError(f"init_from {init_from} does not exist")
-    from huggingface_hub import file_exists
 
     try:  # a Hub id: a pipeline repo has unet/config.json, a bare UNet repo has config.json at its root
         return init_from, ("unet" if file_exists(init_from, "unet/config.json") else None)
@@ -41,7 +44,6 @@ def _unet_location(init_from: str) -> tuple[str, Optional[str]]:
 
 def load_pretrained_unet(init_from: str, resolution: int):
     """The pretrained UNet2DModel of `init_from`, set to train at `resolution`."""
-    from diffusers import UNet2DModel
 
     path, subfolder = _unet_location(init_from)
     try:
@@ -62,7 +64,6 @@ def load_pretrained_unet(init_from: str, resolution: int):
 
 def load_pretrained_scheduler(init_from: str):
     """The DDPMScheduler of a pretrained pipeline (same betas and prediction type), or None for a bare UNet."""
-    from diffusers import DDPMScheduler
 
     path, subfolder = _unet_location(init_from)
     if subfolder is None:
@@ -78,7 +79,6 @@ def load_pretrained_scheduler(init_from: str):
 def add_class_conditioning(unet, num_class_embeds: int):
     """A copy of an unconditional UNet2DModel with a class embedding initialised to zero, so it starts out computing
     exactly what the pretrained model computes for every class."""
-    from diffusers import UNet2DModel
 
     if unet.config.num_class_embeds is not None:
         if unet.config.num_class_embeds != num_class_embeds:
@@ -93,7 +93,6 @@ def add_class_conditioning(unet, num_class_embeds: int):
 
 def apply_lora(unet, rank: int, alpha: Optional[float], target_modules: str):
     """Wrap the UNet in a peft model with LoRA adapters on `target_modules`; only the adapters train."""
-    from peft import LoraConfig, get_peft_model
 
     targets = [name.strip() for name in target_modules.split(",") if name.strip()]
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
@@ -141,7 +140,6 @@ def count_parameters(model) -> tuple[int, int]:
 
 def is_lora(model) -> bool:
     """Whether the model is a peft-wrapped UNet with LoRA adapters."""
-    from peft import PeftModel
 
     return isinstance(model, PeftModel)
 
@@ -172,7 +170,6 @@ def save_adapter(model, folder: str | Path, base_model: Optional[str] = None) ->
 
 def load_for_finetuning(cfg):
     """(UNet, noise scheduler) for --init_from: the pretrained weights and, from a pipeline, its noise schedule."""
-    from .unet import build_noise_scheduler
 
     unet = load_pretrained_unet(cfg.init_from, cfg.resolution)
     scheduler = load_pretrained_scheduler(cfg.init_from)

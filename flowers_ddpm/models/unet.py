@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from diffusers import DDPMScheduler, UNet2DModel
+
 # Pixel resolutions at which the ADM UNet has self-attention (Dhariwal & Nichol 2021, final architecture).
 ADM_ATTENTION_RESOLUTIONS = (32, 16, 8)
 
@@ -86,7 +88,6 @@ def build_unet(preset: str, resolution: int, overrides: Optional[dict] = None, n
     "no class" token used for classifier-free guidance. With `learn_sigma` it outputs 6 channels: the prediction
     and the interpolation weights of the learned variance (Improved DDPM's `learned_range`).
     """
-    from diffusers import UNet2DModel
 
     kwargs = unet_kwargs(preset, overrides, resolution)
     if num_classes is not None:
@@ -96,7 +97,14 @@ def build_unet(preset: str, resolution: int, overrides: Optional[dict] = None, n
 
 def build_noise_scheduler(num_steps: int, beta_schedule: str, prediction_type: str, learn_sigma: bool = False):
     """The DDPMScheduler used for training (and exported with the pipeline)."""
-    from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=num_steps, beta_schedule=beta_schedule, prediction_type=prediction_type,
                          variance_type="learned_range" if learn_sigma else "fixed_small")
+
+
+def unet_overrides(unet_config: Optional[dict], dropout: Optional[float]) -> dict:
+    """--unet_config with --dropout merged over it."""
+    overrides = dict(unet_config or {})
+    if dropout is not None:
+        overrides["dropout"] = dropout
+    return overrides

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from diffusers.training_utils import compute_snr
 
 from .vlb import VariationalBound
 
@@ -43,7 +44,6 @@ class DiffusionObjective:
         """Per-example MSE weights: 1, or Min-SNR-gamma (Hang et al. 2023) expressed for the prediction type."""
         if self.snr_gamma is None:
             return torch.ones(timesteps.shape, device=timesteps.device)
-        from diffusers.training_utils import compute_snr
 
         snr = compute_snr(self.scheduler, timesteps).float()
         clipped = torch.clamp(snr, max=self.snr_gamma)

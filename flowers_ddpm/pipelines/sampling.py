@@ -8,21 +8,21 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers.utils import make_image_grid
 from PIL import Image
 
 from ..errors import UserError
-
-TRAINING_CONFIG_NAME = "training_config.yaml"
+from ..models.classifier import NoiseAwareClassifier
+from .guided import GuidedDDPMPipeline
 
 
 def scheduler_classes() -> dict:
     """Sampler name -> diffusers scheduler class."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     return {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
@@ -48,88 +48,9 @@ def check_sampler_steps(scheduler, steps: int) -> None:
                         f"{limit} timesteps")
 
 
-GUIDED_PIPELINE_MODULE = "guided_ddpm_pipeline"  # the file name of guided_pipeline.py inside exported folders
-
-
-def needs_guided_pipeline(unet) -> bool:
-    """Class-conditional or learned-variance UNets need GuidedDDPMPipeline; the rest are plain DDPMPipelines."""
-    return unet.config.num_class_embeds is not None or unet.config.out_channels != unet.config.in_channels
-
-
-def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None):
-    """A plain diffusers DDPMPipeline for an unconditional UNet, a GuidedDDPMPipeline otherwise."""
-    from diffusers import DDPMPipeline
-
-    if needs_guided_pipeline(unet):
-        from .guided import GuidedDDPMPipeline
-
-        return GuidedDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
-    return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-
-
-CLASSIFIER_MODULE = "classifier"  # the file name of classifier.py inside a pipeline folder's classifier/ folder
-
-
-def _ship_pipeline_code(folder: Path, pipe) -> None:
-    """Make a GuidedDDPMPipeline folder loadable by plain diffusers: copy the class's source file into it and name
-    it in model_index.json, diffusers' convention for custom pipelines (loaded with trust_remote_code=True). A
-    saved classifier ships its source as `classifier/classifier.py`, diffusers' convention for custom components
-    (`get_class_obj_and_candidates` loads `<component>/<library>.py` of a ["<library>", "<class>"] entry)."""
-    from ..models import classifier
-    from . import guided
-
-    shutil.copyfile(guided.__file__, folder / f"{GUIDED_PIPELINE_MODULE}.py")
-    index_path = folder / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["_class_name"] = [GUIDED_PIPELINE_MODULE, "GuidedDDPMPipeline"]
-    if getattr(pipe, "classifier", None) is not None:
-        shutil.copyfile(classifier.__file__, folder / "classifier" / f"{CLASSIFIER_MODULE}.py")
-        index["classifier"] = [CLASSIFIER_MODULE, type(pipe.classifier).__name__]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def save_pipeline(pipe, path: str | Path, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write `pipe` as a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`,
-    with the code of a GuidedDDPMPipeline and its classifier; `write_extra(folder)` adds more files before the
-    folder is moved into place."""
-    from .guided import GuidedDDPMPipeline
-
-    path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    if isinstance(pipe, GuidedDDPMPipeline):
-        _ship_pipeline_code(tmp, pipe)
-    if write_extra is not None:
-        write_extra(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None,
-                    class_names: Optional[list] = None, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """Export a trained UNet and its noise scheduler as a pipeline folder at `path` (see `save_pipeline`)."""
-
-    def extras(folder: Path) -> None:
-        if training_config_yaml is not None:
-            (folder / TRAINING_CONFIG_NAME).write_text(training_config_yaml)
-        if write_extra is not None:
-            write_extra(folder)
-
-    return save_pipeline(build_pipeline(unet, noise_scheduler, class_names), path, extras)
-
-
 def _load_guided(model: str, dtype):
     """Build a GuidedDDPMPipeline from our own classes (no remote code is executed) and the folder's components;
     a saved classifier is loaded in float32, as classifier guidance differentiates it."""
-    from diffusers import DiffusionPipeline, UNet2DModel
-
-    from ..models.classifier import NoiseAwareClassifier
-    from .guided import GuidedDDPMPipeline
 
     index = DiffusionPipeline.load_config(model)
     unet = UNet2DModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
@@ -148,7 +69,6 @@ def _load_guided(model: str, dtype):
 
 def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype] = None):
     """Load any diffusers pipeline from a local folder or a Hub id, with one-line errors for the usual mistakes."""
-    from diffusers import DiffusionPipeline
 
     local = Path(model)
     looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
@@ -192,7 +112,6 @@ def resolve_class_labels(pipe, class_labels: Optional[list], classifier=None) ->
 
 def load_classifier(path: str, device: torch.device):
     """A noise-aware classifier folder written by `train-classifier` (float32, eval mode)."""
-    from ..models.classifier import NoiseAwareClassifier
 
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
@@ -206,7 +125,6 @@ def load_classifier(path: str, device: torch.device):
 def with_classifier(pipe, classifier):
     """The pipeline as a GuidedDDPMPipeline (a plain DDPMPipeline is wrapped, sharing its UNet and scheduler),
     after checking that the classifier fits it: same resolution, noise schedule and classes."""
-    from .guided import GuidedDDPMPipeline
 
     config, unet = classifier.config, pipe.unet
     if config.sample_size != unet.config.sample_size:
@@ -226,25 +144,6 @@ def with_classifier(pipe, classifier):
     guided = GuidedDDPMPipeline(unet=unet, scheduler=pipe.scheduler)
     guided.set_progress_bar_config(leave=False)
     return guided
-
-
-def attach_classifier(model: str, classifier_dir: str, output: str | Path, classifier_scale: float = 1.0,
-                      guidance_scale: float = 1.0) -> Path:
-    """Write a GuidedDDPMPipeline folder at `output`: the pipeline `model` (conditional or not) with the classifier
-    of `classifier_dir` as its saved `classifier` component and the given default guidance scales, loadable with
-    only diffusers installed. The source's training config is kept."""
-    device = torch.device("cpu")
-    classifier = load_classifier(classifier_dir, device)
-    pipe = with_classifier(load_pipeline(model, device), classifier)
-    pipe.register_modules(classifier=classifier)
-    pipe.register_to_config(classifier_scale=float(classifier_scale), guidance_scale=float(guidance_scale))
-    source_config = Path(model) / TRAINING_CONFIG_NAME
-
-    def copy_training_config(folder: Path) -> None:
-        if source_config.is_file():
-            shutil.copyfile(source_config, folder / TRAINING_CONFIG_NAME)
-
-    return save_pipeline(pipe, output, copy_training_config)
 
 
 def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[str] = None,
@@ -281,7 +180,6 @@ def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[s
 
 def image_grid(images: list[Image.Image]) -> Image.Image:
     """A near-square grid (diffusers' make_image_grid), padding the last row with black tiles."""
-    from diffusers.utils import make_image_grid
 
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)

@@ -13,17 +13,20 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
 
 from ..config.loading import FLOWERS_DATASET
 from ..errors import UserError
+from ..pipelines.sampling import generate, image_grid, load_pipeline
 
 logger = logging.getLogger(__name__)
 
 
 def require_token() -> None:
     """Fail early, with one sentence, when no Hub token is available."""
-    from huggingface_hub import get_token
 
     if not get_token():
         raise UserError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login`")
@@ -72,9 +75,6 @@ def _card_images(pipeline_dir: Path) -> dict[str, Path]:
 
 def _sample_grid_now(pipeline_dir: Path, out: Path) -> Path:
     """For pipelines made elsewhere: 4 images with 25 DDIM steps."""
-    import torch
-
-    from ..pipelines.sampling import generate, image_grid, load_pipeline
 
     pipe = load_pipeline(str(pipeline_dir), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     image_grid(generate(pipe, 4, 25, seed=0, scheduler="ddim", batch_size=4)).save(out)
@@ -151,7 +151,6 @@ def _usage(pipeline_dir: Path, repo_id: str, unet: dict) -> list[str]:
 
 def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], license: str = "apache-2.0"):
     """A `huggingface_hub.ModelCard` with Hub metadata, the sample grid, a usage snippet and the training facts."""
-    from huggingface_hub import ModelCard, ModelCardData
 
     run = _read_run(pipeline_dir)
     config, info, unet = run["config"], run["info"], run["unet"]
@@ -235,8 +234,6 @@ def push_pipeline(model: str | Path, repo_id: str, private: bool = False, revisi
                   commit_message: Optional[str] = None, license: str = "apache-2.0",
                   staging_dir: Optional[str | Path] = None) -> str:
     """Stage the pipeline with its card and upload it with `create_repo` + `upload_folder`; returns the commit URL."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     require_token()
     with tempfile.TemporaryDirectory(prefix="flowers-ddpm-push-") as tmp:

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image, ImageDraw
 
+from ..pipelines.sampling import load_pipeline, make_scheduler
+
 logger = logging.getLogger(__name__)
 LOSS_LOG = "loss.jsonl"
 TRAINING_INFO = "training_info.json"
@@ -95,7 +97,6 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
 
     This repeats DDPMPipeline's sampling loop because the pipeline returns only the final image, not x_t.
     """
-    from ..pipelines.sampling import make_scheduler
 
     unet = pipe.unet
     sched = make_scheduler(scheduler, pipe.scheduler.config) if scheduler else pipe.scheduler
@@ -133,7 +134,6 @@ def _to_image(x: torch.Tensor) -> Image.Image:
 
 def write_report(output_dir: str | Path, steps: int = 50, scheduler: Optional[str] = None, seed: int = 0) -> Path:
     """Write loss_curve.png, samples_over_training.png, final_samples.png and denoising.png under report/."""
-    from ..pipelines.sampling import load_pipeline
 
     output_dir = Path(output_dir)
     folder = output_dir / "report"

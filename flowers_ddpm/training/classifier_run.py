@@ -16,27 +16,23 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 from ..config.loading import TrainConfig, classifier_eval_timesteps
 from ..errors import UserError
+from ..evaluation.reference import real_image_batches
+from ..models.classifier import classifier_for_unet
+from ..models.unet import build_noise_scheduler, unet_kwargs, unet_overrides
+from ..objectives.classifier import ClassifierObjective
+from ..publish.report import LOSS_CURVE, LOSS_LOG, plot_loss_curve
+from .device import configure_backends
+from .optimization import build_optimization
+from .run_setup import device_batches, init_trackers, loop_settings, run_trainer, start_run
+from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
 ACCURACY_FILE = "accuracy.json"
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
-
-
-class ClassifierObjective:
-    """Cross-entropy of the classifier on x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at t uniform in [0, T)."""
-
-    def __init__(self, noise_scheduler):
-        self.scheduler = noise_scheduler
-        self.num_timesteps = noise_scheduler.config.num_train_timesteps
-
-    def __call__(self, model, batch: dict) -> torch.Tensor:
-        clean = batch["pixel_values"]
-        timesteps = torch.randint(0, self.num_timesteps, (clean.shape[0],), device=clean.device)
-        noisy = self.scheduler.add_noise(clean, torch.randn_like(clean), timesteps)
-        return torch.nn.functional.cross_entropy(model(noisy, timesteps).float(), batch["class_labels"])
 
 
 class AccuracyEvaluator:
@@ -45,7 +41,6 @@ class AccuracyEvaluator:
     <output_dir>/accuracy.json."""
 
     def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
-        from ..evaluation.reference import real_image_batches
 
         self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.seed
         self.levels = classifier_eval_timesteps(cfg)
@@ -119,24 +114,14 @@ def classifier_classes(cfg: TrainConfig, source) -> list[str]:
 
 def build_classifier(cfg: TrainConfig, class_names: list[str], noise_scheduler):
     """The encoder half of the configured UNet preset with an attention-pooling head."""
-    from ..models.classifier import classifier_for_unet
-    from ..models.unet import unet_kwargs
-    from .diffusion_run import unet_overrides
 
     schedule = {k: noise_scheduler.config[k] for k in SCHEDULE_KEYS}
-    return classifier_for_unet(unet_kwargs(cfg.model_preset, unet_overrides(cfg), cfg.resolution), cfg.resolution,
+    return classifier_for_unet(unet_kwargs(cfg.model_preset, unet_overrides(cfg.unet_config, cfg.dropout), cfg.resolution), cfg.resolution,
                                class_names, schedule)
 
 
 def run_classifier_training(cfg: TrainConfig) -> Path:
     """Train the noise-aware classifier as configured; returns the output folder (the exported classifier)."""
-    from accelerate.utils import set_seed
-
-    from ..models.unet import build_noise_scheduler
-    from .device import configure_backends
-    from ..publish.report import LOSS_CURVE, LOSS_LOG, plot_loss_curve
-    from .diffusion_run import build_optimization, device_batches, init_trackers, loop_settings, run_trainer, start_run
-    from .trainer import Trainer
 
     if cfg.init_from or cfg.lora_rank or cfg.class_conditional:
         raise UserError("train-classifier trains a classifier from scratch; init_from, lora_rank and "

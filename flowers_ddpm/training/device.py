@@ -33,20 +33,6 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-def build_optimizer(params, lr: float, betas: tuple, weight_decay: float, eps: float,
-                    fused: bool = True) -> torch.optim.AdamW:
-    """AdamW; the fused kernel (one launch for all parameters; CUDA and CPU) unless `fused` is False, which gives
-    PyTorch's default implementation as in diffusers' example."""
-    kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
-    if fused:
-        try:
-            return torch.optim.AdamW(params, fused=True, **kwargs)
-        except RuntimeError as e:  # a device without fused kernels
-            logger.info("fused AdamW unavailable (%s); using foreach", e)
-            return torch.optim.AdamW(params, foreach=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
-
-
 def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False):
     """Enable gradient checkpointing and/or compile the UNet in place (before `accelerator.prepare`)."""
     if gradient_checkpointing:
