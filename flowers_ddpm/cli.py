@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from .config.loading import SAMPLE_SCHEDULERS, add_train_arguments, build_config, load_yaml, parse_train_config
+from .config.loading import add_train_arguments, build_config, load_yaml, parse_train_config
+from .config.sections import SAMPLE_SCHEDULERS
 from .data.cache import open_cache
 from .data.stream import open_source
 from .errors import UserError
@@ -203,7 +204,7 @@ def _prepare(args: argparse.Namespace) -> None:
     if not {"max_train_steps", "num_epochs"} & (set(values) | set(file_values)):
         values["max_train_steps"] = 1  # the length of training does not matter for the cache
     cfg = build_config(file_values, values)
-    images = open_cache(cfg, open_source(cfg))
+    images = open_cache(cfg.data, open_source(cfg.data))
     print(f"decode cache ready: {len(images)} images ({images.nbytes / 2**20:.1f} MB, {images.skipped} unreadable "
           f"skipped) in {images.folder}")
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from flowers_ddpm.cli import main
-from flowers_ddpm.config.loading import TrainConfig
+from flowers_ddpm.config.sections import DataSettings
 from flowers_ddpm.evaluation.metrics import compute_metrics, frechet_distance, kernel_distance, precision_recall
 from flowers_ddpm.evaluation.reference import load_or_compute_reference
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
@@ -94,8 +94,8 @@ def test_precision_recall_on_a_hand_checked_case():
 def _reference(accelerator, data, cache, network, **changes):
     calls = []
     hook = network.register_forward_hook(lambda *args: calls.append(1))
-    cfg = TrainConfig(**{"train_data_dir": str(data), "resolution": 16, "center_crop": True, **changes})
-    features = load_or_compute_reference(accelerator, cfg, {"inception": network}, str(cache), batch_size=8)
+    data_settings = DataSettings(**{"train_data_dir": str(data), "resolution": 16, "center_crop": True, **changes})
+    features = load_or_compute_reference(accelerator, data_settings, {"inception": network}, str(cache), batch_size=8)
     hook.remove()
     return features["inception"], len(calls)
 

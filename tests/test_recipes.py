@@ -19,12 +19,12 @@ def test_recipe_fills_only_unset_settings():
     cfg = build_config({"recipe": "small-data", "max_train_steps": 5, "model_preset": "tiny",
                         "prediction_type": "epsilon"}, {"learning_rate": "3e-4"})
     recipe = recipe_settings("small-data", "tiny")
-    assert cfg.prediction_type == "epsilon"  # YAML beats the recipe
-    assert cfg.learning_rate == 3e-4  # flags beat the recipe
-    assert cfg.ema_max_decay == recipe["ema_max_decay"] and cfg.ema_power == recipe["ema_power"]
-    assert cfg.ddpm_beta_schedule == recipe["ddpm_beta_schedule"]
+    assert cfg.model.prediction_type == "epsilon"  # YAML beats the recipe
+    assert cfg.optim.learning_rate == 3e-4  # flags beat the recipe
+    assert cfg.ema.ema_max_decay == recipe["ema_max_decay"] and cfg.ema.ema_power == recipe["ema_power"]
+    assert cfg.model.ddpm_beta_schedule == recipe["ddpm_beta_schedule"]
     plain = build_config({"max_train_steps": 5}, {})
-    assert (plain.prediction_type, plain.ema_power) == ("epsilon", 0.75)  # no recipe: diffusers' defaults
+    assert (plain.model.prediction_type, plain.ema.ema_power) == ("epsilon", 0.75)  # no recipe: diffusers' defaults
 
 
 def test_recipe_learning_rate_depends_on_model_size():

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config.loading import TrainConfig
+from ..config.sections import DataSettings
 from ..errors import UserError
 from .imaging import TransformSettings, crop_and_flip_view, decode_resized
 from .stream import DataSource, example_id
@@ -60,14 +60,14 @@ def folder_fingerprint(folder: str) -> str:
     return digest.hexdigest()
 
 
-def cache_identity(cfg: TrainConfig, source: DataSource) -> dict:
+def cache_identity(data: DataSettings, source: DataSource) -> dict:
     """Everything the cached pixels depend on."""
-    identity = {"format": FORMAT_VERSION, "split": cfg.dataset_split, "image_column": source.image_column,
-                "label_column": source.label_column, "resolution": cfg.resolution, "center_crop": cfg.center_crop}
-    if cfg.train_data_dir:
-        identity.update(source=str(Path(cfg.train_data_dir).resolve()), files=folder_fingerprint(cfg.train_data_dir))
+    identity = {"format": FORMAT_VERSION, "split": data.dataset_split, "image_column": source.image_column,
+                "label_column": source.label_column, "resolution": data.resolution, "center_crop": data.center_crop}
+    if data.train_data_dir:
+        identity.update(source=str(Path(data.train_data_dir).resolve()), files=folder_fingerprint(data.train_data_dir))
     else:
-        identity.update(source=cfg.dataset_name, config=cfg.dataset_config_name, num_examples=source.num_examples)
+        identity.update(source=data.dataset_name, config=data.dataset_config_name, num_examples=source.num_examples)
     return identity
 
 
@@ -75,10 +75,10 @@ def cache_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cache_folder(cfg: TrainConfig, source: DataSource) -> tuple[Path, dict]:
+def cache_folder(data: DataSettings, source: DataSource) -> tuple[Path, dict]:
     """Where the cache for this config and source lives, and the identity it is keyed by."""
-    identity = cache_identity(cfg, source)
-    root = Path(cfg.decode_cache_dir) if cfg.decode_cache_dir else default_cache_root()
+    identity = cache_identity(data, source)
+    root = Path(data.decode_cache_dir) if data.decode_cache_dir else default_cache_root()
     return root / cache_key(identity), identity
 
 
@@ -111,7 +111,6 @@ def _decoded_in_order(source: DataSource, settings: TransformSettings, num_worke
 def build_cache(source: DataSource, settings: TransformSettings, folder: Path, identity: dict,
                 num_workers: int = 0) -> Path:
     """Decode every example of `source` once into the cache folder `folder` (atomically); returns `folder`."""
-
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -169,17 +168,17 @@ class DecodedImages:
         return self.pixels[offset:offset + h * w * 3].reshape(h, w, 3)
 
 
-def open_cache(cfg: TrainConfig, source: DataSource, build: bool = True) -> DecodedImages:
+def open_cache(data: DataSettings, source: DataSource, build: bool = True) -> DecodedImages:
     """The decode cache for this config and source, built first when it does not exist yet (and `build`)."""
-    folder, identity = cache_folder(cfg, source)
+    folder, identity = cache_folder(data, source)
     if not (folder / "meta.json").is_file():
         if not build:
             raise UserError(f"no decode cache at {folder}; run `flowers-ddpm prepare` with the same settings")
         logger.info("building the decode cache %s from %s", folder, source.description)
-        settings = TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip)
-        build_cache(source, settings, folder, identity, cfg.dataloader_num_workers or min(8, os.cpu_count() or 1))
+        settings = TransformSettings(data.resolution, data.center_crop, data.random_flip)
+        build_cache(source, settings, folder, identity, data.dataloader_num_workers or min(8, os.cpu_count() or 1))
         logger.info("decode cache complete: %s", folder)
-    images = DecodedImages(folder, cfg.decode_cache_ram_mb * 2**20)
+    images = DecodedImages(folder, data.decode_cache_ram_mb * 2**20)
     logger.debug("decode cache %s: %d images, %.1f MB %s", folder, len(images), images.nbytes / 2**20,
                 "in RAM" if images.in_ram else "memory-mapped")
     return images
@@ -269,8 +268,9 @@ class CachedBatches:
             yield batch
 
 
-def build_cached_batches(cfg: TrainConfig, source: DataSource, rank: int, world_size: int) -> CachedBatches:
+def build_cached_batches(data: DataSettings, source: DataSource, rank: int, world_size: int, batch_size: int,
+                         seed: int, log_data_order: bool = False) -> CachedBatches:
     """The training batches of process `rank` read from the (already built) decode cache."""
-    images = open_cache(cfg, source, build=False)
-    settings = TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip)
-    return CachedBatches(images, settings, cfg.train_batch_size, cfg.seed, rank, world_size, cfg.log_data_order)
+    images = open_cache(data, source, build=False)
+    settings = TransformSettings(data.resolution, data.center_crop, data.random_flip)
+    return CachedBatches(images, settings, batch_size, seed, rank, world_size, log_data_order)

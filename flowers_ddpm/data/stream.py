@@ -23,7 +23,7 @@ import torch
 from datasets import ClassLabel, Image, IterableDatasetDict, concatenate_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from ..config.loading import FLOWERS_DATASET, TrainConfig
+from ..config.sections import FLOWERS_DATASET, DataSettings
 from ..errors import UserError
 from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
@@ -54,7 +54,6 @@ def count_local_images(folder: str) -> int:
 
 def detect_image_column(features, requested: Optional[str]) -> str:
     """The requested image column, or the first column of type Image, or a column called image/img."""
-
     names = list(features)
     if requested:
         if requested not in names:
@@ -71,64 +70,62 @@ def detect_image_column(features, requested: Optional[str]) -> str:
 
 def detect_label_column(features) -> Optional[str]:
     """The first ClassLabel column (or a column named label), else None."""
-
     for name, feature in features.items():
         if isinstance(feature, ClassLabel):
             return name
     return "label" if "label" in features else None
 
 
-def _load_streaming(cfg: TrainConfig):
+def _load_streaming(data: DataSettings):
 
-    if cfg.train_data_dir:
-        if count_local_images(cfg.train_data_dir) == 0:
+    if data.train_data_dir:
+        if count_local_images(data.train_data_dir) == 0:
             raise UserError(
-                f"train_data_dir {cfg.train_data_dir} contains no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                f"train_data_dir {data.train_data_dir} contains no image files ({', '.join(IMAGE_EXTENSIONS)})"
             )
-        return load_dataset("imagefolder", data_dir=cfg.train_data_dir, streaming=True, cache_dir=cfg.cache_dir)
+        return load_dataset("imagefolder", data_dir=data.train_data_dir, streaming=True, cache_dir=data.cache_dir)
     try:
-        return load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=True, cache_dir=cfg.cache_dir)
+        return load_dataset(data.dataset_name, data.dataset_config_name, streaming=True, cache_dir=data.cache_dir)
     except ConnectionError:
         raise UserError(
-            f"cannot reach the Hugging Face Hub to stream {cfg.dataset_name}; to train without network, "
+            f"cannot reach the Hugging Face Hub to stream {data.dataset_name}; to train without network, "
             "pass --train_data_dir PATH with a folder of images (sub-folders as classes)"
         ) from None
     except FileNotFoundError as e:
-        raise UserError(f"dataset {cfg.dataset_name} not found: {str(e).splitlines()[0]}") from None
+        raise UserError(f"dataset {data.dataset_name} not found: {str(e).splitlines()[0]}") from None
 
 
-def open_source(cfg: TrainConfig) -> DataSource:
+def open_source(data: DataSettings) -> DataSource:
     """Open the configured dataset for streaming; nothing is downloaded beyond metadata."""
-
-    loaded = _load_streaming(cfg)
+    loaded = _load_streaming(data)
     if isinstance(loaded, IterableDatasetDict):
-        if cfg.dataset_split == "all":
+        if data.dataset_split == "all":
             splits = list(loaded)
             dataset = concatenate_datasets([loaded[s] for s in splits]) if len(splits) > 1 else loaded[splits[0]]
-        elif cfg.dataset_split in loaded:
-            splits, dataset = [cfg.dataset_split], loaded[cfg.dataset_split]
+        elif data.dataset_split in loaded:
+            splits, dataset = [data.dataset_split], loaded[data.dataset_split]
         else:
-            raise UserError(f"dataset_split must be 'all' or one of {', '.join(loaded)}; got {cfg.dataset_split!r}")
+            raise UserError(f"dataset_split must be 'all' or one of {', '.join(loaded)}; got {data.dataset_split!r}")
     else:
-        splits, dataset = [cfg.dataset_split], loaded
+        splits, dataset = [data.dataset_split], loaded
     features = dataset.features
     if features is None:
         raise UserError("the dataset does not declare its columns; pass a dataset with features or a local folder")
-    image_column = detect_image_column(features, cfg.image_column)
+    image_column = detect_image_column(features, data.image_column)
     label_column = detect_label_column(features)
     class_names = getattr(features.get(label_column), "names", None) if label_column else None
     columns = [image_column] + ([label_column] if label_column else [])
     dataset = dataset.select_columns(columns).cast_column(image_column, Image(decode=False))
 
-    if cfg.train_data_dir:
-        num_examples = count_local_images(cfg.train_data_dir)
-        description = f"local folder {cfg.train_data_dir}"
+    if data.train_data_dir:
+        num_examples = count_local_images(data.train_data_dir)
+        description = f"local folder {data.train_data_dir}"
     else:
         info_splits = getattr(getattr(loaded, "info", None) or dataset.info, "splits", None) or {}
         sizes = [info_splits[s].num_examples for s in splits if s in info_splits]
         num_examples = sum(sizes) if sizes and len(sizes) == len(splits) else None
-        description = f"{cfg.dataset_name} ({'+'.join(splits)})"
-        if cfg.dataset_name == FLOWERS_DATASET and class_names:
+        description = f"{data.dataset_name} ({'+'.join(splits)})"
+        if data.dataset_name == FLOWERS_DATASET and class_names:
             from .flowers102 import display_names
 
             class_names = display_names(class_names)
@@ -283,9 +280,9 @@ class TrainBatches:
                 yield batch
 
 
-def build_train_batches(cfg: TrainConfig, source: DataSource, rank: int, world_size: int,
-                        jpeg_draft: bool = True) -> TrainBatches:
+def build_train_batches(data: DataSettings, source: DataSource, rank: int, world_size: int, batch_size: int,
+                        seed: int, log_data_order: bool = False, jpeg_draft: bool = True) -> TrainBatches:
     """The training batches of process `rank` out of `world_size` (`jpeg_draft`: see TransformSettings)."""
-    stream = ResumableStream(source.dataset, cfg.seed, cfg.shuffle_buffer_size, rank, world_size)
-    settings = TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip, jpeg_draft)
-    return TrainBatches(stream, source, settings, cfg.train_batch_size, cfg.dataloader_num_workers, cfg.log_data_order)
+    stream = ResumableStream(source.dataset, seed, data.shuffle_buffer_size, rank, world_size)
+    settings = TransformSettings(data.resolution, data.center_crop, data.random_flip, jpeg_draft)
+    return TrainBatches(stream, source, settings, batch_size, data.dataloader_num_workers, log_data_order)

@@ -12,7 +12,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from ..config.loading import TrainConfig
+from ..config.sections import DataSettings
 from ..errors import UserError
 from ..pipelines.export import TRAINING_CONFIG_NAME
 from ..pipelines.sampling import load_pipeline
@@ -41,10 +41,9 @@ DATA_SETTINGS = ("dataset_name", "dataset_config_name", "dataset_split", "train_
                  "cache_dir", "resolution")
 
 
-def reference_data_config(model: str, flags: dict, sample_size: int):
+def reference_data_config(model: str, flags: dict, sample_size: int) -> DataSettings:
     """Data settings of the reference set: flags > the pipeline's training_config.yaml > the model's resolution and
     the defaults. References are center crops unless center_crop is False."""
-
     values = {"resolution": sample_size, "center_crop": True}
     training_yaml = Path(model) / TRAINING_CONFIG_NAME
     if training_yaml.is_file():
@@ -53,7 +52,7 @@ def reference_data_config(model: str, flags: dict, sample_size: int):
     if flags.get("dataset_name") and not flags.get("train_data_dir"):
         values.pop("train_data_dir", None)  # an explicit Hub dataset replaces the folder the model was trained on
     values.update({k: v for k, v in flags.items() if v is not None})
-    return TrainConfig(**values)
+    return DataSettings(**values)
 
 
 @dataclass
@@ -80,7 +79,6 @@ class EvaluateOptions:
 
 def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]:
     """The `evaluate` command: returns the report on the main process (None elsewhere) after writing it."""
-
     accelerator = Accelerator()
     least = max(4 if options.precision_recall else 2, accelerator.num_processes)
     if options.num_images < least:
@@ -95,8 +93,8 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
     if dino is not None:
         networks["dinov2"] = dino
     networks = {name: network.to(accelerator.device) for name, network in networks.items()}
-    cfg = reference_data_config(options.model, data_flags, int(pipe.unet.config.sample_size))
-    reference = load_or_compute_reference(accelerator, cfg, networks, options.reference_cache_dir,
+    data = reference_data_config(options.model, data_flags, int(pipe.unet.config.sample_size))
+    reference = load_or_compute_reference(accelerator, data, networks, options.reference_cache_dir,
                                           options.batch_size, options.reference_num_images)
     runs = SCHEDULER_COMPARISON if options.compare_schedulers else ((options.scheduler, options.steps),)
     rows = []
@@ -108,8 +106,8 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
         return None
     report = {"model": options.model, "seed": options.seed,
               "feature_networks": {name: getattr(n, "name", type(n).__name__) for name, n in networks.items()},
-              "reference": {"description": cfg.train_data_dir or f"{cfg.dataset_name} ({cfg.dataset_split})",
-                            "resolution": cfg.resolution, "center_crop": cfg.center_crop,
+              "reference": {"description": data.train_data_dir or f"{data.dataset_name} ({data.dataset_split})",
+                            "resolution": data.resolution, "center_crop": data.center_crop,
                             "num_images": len(reference["inception"]["features"])},
               "results": rows}
     conditioning = conditioning_record(pipe, labels, options.guidance_scale)

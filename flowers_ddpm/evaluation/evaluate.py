@@ -40,7 +40,6 @@ def images_to_tensor(images) -> torch.Tensor:
 def generated_features(accelerator, pipe, networks: dict, sampling: SamplingSettings) -> tuple[dict, float]:
     """Features of `num_images` generated images for each network, gathered on every process in image order,
     and the generation throughput (images/s over all processes, feature extraction excluded)."""
-
     indices = list(range(sampling.num_images))
     outputs: dict[str, dict[str, list]] = {name: {} for name in networks}
     seconds = 0.0
@@ -75,7 +74,6 @@ def _block_labels(class_labels: Optional[list[int]], block: list[int]) -> Option
 def evaluation_labels(pipe, class_labels: Optional[list], guidance_scale: Optional[float]) -> Optional[list[int]]:
     """Class indices to evaluate with: the requested ones (indices or names), every class uniformly for a
     class-conditional pipeline given none, None for an unconditional pipeline (which takes neither option)."""
-
     num_classes = getattr(pipe, "num_classes", None)
     if num_classes is None and guidance_scale is not None:
         raise UserError("--guidance_scale needs a class-conditional pipeline; this model is unconditional")

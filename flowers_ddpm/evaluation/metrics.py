@@ -38,7 +38,6 @@ def _quiet_buffer_warning():
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (torchmetrics' FID, in float64)."""
-
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
@@ -48,7 +47,6 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
                     seed: int = 0) -> tuple[float, float]:
     """KID mean and std over random subsets (torchmetrics); subsets drawn from a fixed seed."""
-
     size = min(subset_size, len(real), len(fake))
     with _quiet_buffer_warning():
         metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size,
@@ -63,7 +61,6 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, 
 
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
     """Inception Score mean and std over splits (torchmetrics), from unbiased logits."""
-
     with _quiet_buffer_warning():
         metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=min(splits, len(logits)),
                                 sync_on_compute=False)

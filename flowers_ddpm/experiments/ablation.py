@@ -161,7 +161,6 @@ def _write_config(folder: Path, recipe: dict, data: digits.DigitsData, settings:
 
 def training_flops_per_image(recipe: dict, settings: AblationSettings) -> float:
     """Forward + backward FLOPs per training image of a variant's UNet (torch.utils.flop_counter)."""
-
     overrides = dict(recipe.get("unet_config") or {})
     model = build_unet(recipe.get("model_preset", settings.model_preset), settings.resolution, overrides,
                        digits.NUM_CLASSES + 1)
@@ -217,7 +216,6 @@ class Scorer:
 
     def score(self, pipeline_dir: Path, grid_path: Path) -> dict:
         """Frechet distance and class accuracy of `num_samples` samples (image i asks for digit i % 10)."""
-
         s = self.settings
         pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
         start = time.perf_counter()
@@ -298,7 +296,6 @@ def _check_same_settings(settings: AblationSettings) -> None:
 
 def run_ablation(settings: AblationSettings) -> list[dict]:
     """Run every variant (skipping finished ones), write the table and per-variant grids; return the rows."""
-
     settings.validate()
     _check_same_settings(settings)
     settings.output_dir.mkdir(parents=True, exist_ok=True)

@@ -37,12 +37,13 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from ..config.loading import SAMPLE_SCHEDULERS, build_config
+from ..config.loading import build_config
+from ..config.sections import SAMPLE_SCHEDULERS
 from ..data.cache import CachedBatches, build_cached_batches, open_cache
 from ..data.imaging import TransformSettings
 from ..data.stream import build_train_batches, open_source
 from ..errors import UserError
-from ..models.unet import build_noise_scheduler, build_unet
+from ..models.unet import build_noise_scheduler, build_unet, check_preset
 from ..objectives.diffusion import DiffusionObjective
 from ..pipelines.export import build_pipeline
 from ..pipelines.sampling import generate, prepare_for_sampling
@@ -84,7 +85,6 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
 # -- inputs ---------------------------------------------------------------------------------------------------
 def generate_jpeg_folder(folder: Path, count: int, size: int, seed: int = 0) -> Path:
     """`count` size x size JPEGs (smooth gradients plus noise, two class sub-folders) in `folder`."""
-
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 1, size, dtype=np.float32)
     for i in range(count):
@@ -102,7 +102,9 @@ def _config(args, data_dir: str, work: Path, resolution: int, **overrides):
                   shuffle_buffer_size=64, dataloader_num_workers=args.dataloader_num_workers,
                   decode_cache_dir=str(work / "caches"), logger="none", output_dir=str(work / "out"))
     values.update(overrides)
-    return build_config({}, values)
+    cfg = build_config({}, values)
+    check_preset(cfg.model, cfg.data.resolution)
+    return cfg
 
 
 def _take(batches, images: int) -> tuple[float, int]:
@@ -118,19 +120,19 @@ def _take(batches, images: int) -> tuple[float, int]:
 # -- data -----------------------------------------------------------------------------------------------------
 def benchmark_data(args, data_dir: str, work: Path) -> dict:
     """Streaming decode vs decode-once cache over one folder at --data_resolution."""
-
     cfg = _config(args, data_dir, work, args.data_resolution)
-    source = open_source(cfg)
+    source = open_source(cfg.data)
     total = source.num_examples
-    stream_s, stream_n = _take(build_train_batches(cfg, source, 0, 1), total)
+    stream_s, stream_n = _take(build_train_batches(cfg.data, source, 0, 1, cfg.optim.train_batch_size, cfg.run.seed),
+                               total)
     start = time.perf_counter()
-    images = open_cache(cfg, source)
+    images = open_cache(cfg.data, source)
     build_s = time.perf_counter() - start
-    cached = CachedBatches(images, TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip),
-                           cfg.train_batch_size, cfg.seed)
+    cached = CachedBatches(images, TransformSettings(cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip),
+                           cfg.optim.train_batch_size, cfg.run.seed)
     cache_s, cache_n = _take(cached, 5 * total)  # several epochs: one is too short to time
     stream_ips, cache_ips = stream_n / stream_s, cache_n / cache_s
-    return {"images": total, "resolution": cfg.resolution, "stream_images_per_sec": stream_ips,
+    return {"images": total, "resolution": cfg.data.resolution, "stream_images_per_sec": stream_ips,
             "cache_images_per_sec": cache_ips, "cache_build_sec": build_s, "cache_mb": images.nbytes / 2**20,
             "speedup": cache_ips / stream_ips}
 
@@ -146,25 +148,24 @@ class _NoPublisher:
 
 def _trainer(accelerator, cfg, optimized: bool, device: torch.device):
     """A Trainer for one benchmark mode, built the way `flowers_ddpm.training.diffusion_run` builds it."""
-
-    torch.manual_seed(cfg.seed)
-    model = build_unet(cfg.model_preset, cfg.resolution)
-    scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
-    optimizer = build_optimizer(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=optimized)
+    torch.manual_seed(cfg.run.seed)
+    model = build_unet(cfg.model.model_preset, cfg.data.resolution)
+    scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, fused=optimized)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, foreach=optimized)
+    ema = EMAModel(model.parameters(), decay=cfg.ema.ema_max_decay, use_ema_warmup=True, foreach=optimized)
     ema.to(device)
-    source = open_source(cfg)
+    source = open_source(cfg.data)
     if optimized:
-        model = prepare_model(model, compile=cfg.compile)
+        model = prepare_model(model, compile=cfg.speed.compile)
         model, optimizer = accelerator.prepare(model, optimizer)  # bf16 autocast when the accelerator has it
-        batches = build_cached_batches(cfg, source, 0, 1)
+        batches = build_cached_batches(cfg.data, source, 0, 1, cfg.optim.train_batch_size, cfg.run.seed)
     else:  # fp32, as diffusers' example with --mixed_precision no: not prepared, so no autocast
         model = model.to(device)
-        batches = build_train_batches(cfg, source, 0, 1, jpeg_draft=False)  # full-size decode, as diffusers does
+        # full-size decode, as diffusers does
+        batches = build_train_batches(cfg.data, source, 0, 1, cfg.optim.train_batch_size, cfg.run.seed, jpeg_draft=False)
     batches = DeviceBatches(batches, device, channels_last=optimized)
-    settings = LoopSettings(max_train_steps=10**9, output_dir=cfg.output_dir, logging_steps=10**9,
+    settings = LoopSettings(max_train_steps=10**9, output_dir=cfg.run.output_dir, logging_steps=10**9,
                             checkpointing_steps=10**9, save_images_steps=10**9)
     trainer = Trainer(accelerator, model, DiffusionObjective(scheduler), optimizer, lr_scheduler, ema, batches,
                       _NoPublisher(), settings)
@@ -188,7 +189,6 @@ def _timed_steps(trainer, batches, steps: int, device: torch.device) -> float:
 
 def model_flops_per_image(trainer, batches) -> float:
     """Forward + backward FLOPs of one training micro-batch per image (torch.utils.flop_counter)."""
-
     batch = next(batches)
     with FlopCounterMode(display=False) as counter:
         loss = trainer.objective(trainer.model, batch)
@@ -199,7 +199,6 @@ def model_flops_per_image(trainer, batches) -> float:
 
 def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Optional[float]:
     """The device's dense bf16 peak in FLOP/s (None on CPUs and unknown GPUs)."""
-
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda":
@@ -217,10 +216,9 @@ def _precision(args, device: torch.device) -> str:
 
 def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> dict:
     """Baseline vs optimized training step, alternating rounds, steady state."""
-
     precision = _precision(args, device)
     cfg = _config(args, data_dir, work, args.resolution, compile=args.compile)
-    open_cache(cfg, open_source(cfg))  # built before timing; the data section times the build
+    open_cache(cfg.data, open_source(cfg.data))  # built before timing; the data section times the build
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     modes = {}
     for name in ("baseline", "optimized"):
@@ -242,9 +240,9 @@ def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> di
             mode["seconds"] += _timed_steps(mode["trainer"], mode["batches"], args.steps, device)
             if device.type == "cuda":
                 mode["peak"] = max(mode["peak"], torch.cuda.max_memory_allocated(device))
-    images = args.rounds * args.steps * cfg.train_batch_size
+    images = args.rounds * args.steps * cfg.optim.train_batch_size
     peak = peak_flops(device, args.peak_tflops)
-    result = {"model_preset": cfg.model_preset, "resolution": cfg.resolution, "batch_size": cfg.train_batch_size,
+    result = {"model_preset": cfg.model.model_preset, "resolution": cfg.data.resolution, "batch_size": cfg.optim.train_batch_size,
               "timed_steps_per_mode": args.rounds * args.steps, "model_gflops_per_image": flops / 1e9}
     for name, mode in modes.items():
         ips = images / mode["seconds"]
@@ -272,7 +270,6 @@ def parse_samplers(text: str) -> dict[str, int]:
 
 def benchmark_sample(args, device: torch.device) -> dict:
     """Images/s of each sampler on a freshly initialised UNet (speed does not depend on the weights)."""
-
     torch.manual_seed(0)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     unet = build_unet(args.model_preset, args.resolution)
@@ -295,7 +292,6 @@ def benchmark_sample(args, device: torch.device) -> dict:
 # -- the command ----------------------------------------------------------------------------------------------
 def machine_description(device: torch.device) -> dict:
     """What the numbers were measured on, including the load from other programs."""
-
     info = {"device": str(device), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "load_average_start": list(os.getloadavg())}
@@ -330,7 +326,6 @@ def format_table(results: dict) -> str:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Run the requested parts and return (and optionally write) the results."""
-
     parts = set(filter(None, args.parts.split(",")))
     if parts - {"data", "train", "sample"} or not parts:
         raise UserError(f"parts must be a comma-separated subset of data,train,sample; got {args.parts!r}")

@@ -129,7 +129,6 @@ def predict(model: DigitsClassifier, images: torch.Tensor, batch_size: int = 256
 
 def train_classifier(data: DigitsData, cache_dir: str | Path, epochs: int = 15, seed: int = 0) -> tuple[DigitsClassifier, float]:
     """The digits classifier trained on the train split (cached by data + settings), and its test accuracy."""
-
     train, labels = load_folder(data.train_dir)
     test, test_labels = load_folder(data.test_dir)
     key = _fingerprint(train, labels, epochs, seed)

@@ -30,11 +30,13 @@ from typing import Optional
 import torch.distributed
 from tqdm.auto import tqdm
 
-from ..config.loading import _FIELDS, TrainConfig, build_config, load_yaml
+from ..config.loading import build_config, load_yaml
+from ..config.sections import FIELDS, TrainConfig
 from ..data.stream import open_source
 from ..errors import UserError
 from ..evaluation.command import run_evaluation
 from ..evaluation.features import load_factory, resolve_inception_weights
+from ..models.unet import check_preset
 from ..publish.report import LOSS_LOG
 from ..training.diffusion_run import run_training
 from ..training.stopping import InterruptOnSigterm, Preempted, TrainingStopped
@@ -63,7 +65,7 @@ class Trial:
 
     @property
     def folder(self) -> Path:
-        return Path(self.cfg.output_dir)
+        return Path(self.cfg.run.output_dir)
 
     @property
     def finished(self) -> bool:
@@ -72,7 +74,6 @@ class Trial:
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
     """`["learning_rate=1e-4,2e-4", ...]` -> {"learning_rate": ["1e-4", "2e-4"], ...}, keys in the given order."""
-
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -80,7 +81,7 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         choices = [v.strip() for v in values.split(",")]
         if not sep or not key or not all(choices):
             raise UserError(f"grid entry {item!r} must look like setting=value1,value2")
-        if key not in _FIELDS or not _FIELDS[key].metadata["cli"]:
+        if key not in FIELDS or not FIELDS[key].metadata["cli"]:
             raise UserError(f"grid key {key!r} is not a training setting; see `flowers-ddpm train --help`")
         if key in NOT_IN_GRID:
             raise UserError(f"grid key {key!r} cannot be swept: {NOT_IN_GRID[key]}")
@@ -107,6 +108,7 @@ def plan_trials(base: dict, grid: dict[str, list[str]], max_train_steps: int, sw
                      "resume_from_checkpoint": "latest"}
         try:
             cfg = build_config(base, overrides)
+            check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
         except UserError as e:
             raise UserError(f"trial {', '.join(f'{k}={v}' for k, v in values.items())}: {e}") from None
         trials.append(Trial(name, values, cfg))
@@ -120,7 +122,6 @@ def _is_main_process() -> bool:
 
 def _end_process_group() -> None:
     """What `accelerator.end_training()` does at the end of a training run, once for the whole sweep."""
-
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -151,7 +152,6 @@ def claim_folder(sweep_dir: Path, manifest: dict) -> None:
 
 def _train_log(folder: Path) -> list[dict]:
     """The trainer's loss log entries, one per step (a resumed run's later entry for a step wins)."""
-
     by_step = {}
     path = folder / "report" / LOSS_LOG
     if path.is_file():
@@ -164,9 +164,8 @@ def _train_log(folder: Path) -> list[dict]:
 
 def trial_result(trial: Trial, report: dict) -> dict:
     """The trial's row of the comparison: its grid values, final loss, training throughput and metrics."""
-
     log = _train_log(trial.folder)
-    return {"trial": trial.name, "settings": {key: getattr(trial.cfg, key) for key in trial.values},
+    return {"trial": trial.name, "settings": {key: trial.cfg.get(key) for key in trial.values},
             "final_loss": log[-1]["loss"] if log else None,
             "train_images_per_sec": statistics.median(e["images_per_sec"] for e in log) if log else None,
             "metrics": report["results"][0], "finished_at": datetime.now(timezone.utc).isoformat()}
@@ -174,7 +173,6 @@ def trial_result(trial: Trial, report: dict) -> dict:
 
 def run_trial(trial: Trial, evaluation) -> Optional[dict]:
     """Train (resuming from the trial's latest checkpoint), evaluate the exported pipeline, write result.json."""
-
     pipeline = run_training(trial.cfg, keep_process_group=True)  # the next trial uses the same process group
     options = dataclasses.replace(evaluation, model=str(pipeline), output=str(trial.folder / "metrics.json"),
                                   compare_schedulers=False)
@@ -188,7 +186,6 @@ def run_trial(trial: Trial, evaluation) -> Optional[dict]:
 
 def check_evaluation(evaluation) -> None:
     """Fail before the first trial on evaluation settings that would otherwise fail after it."""
-
     least = 4 if evaluation.precision_recall else 2
     if evaluation.num_images < least:
         raise UserError(f"num_images must be >= {least} (4 for precision/recall with k=3); got {evaluation.num_images}")
@@ -205,12 +202,12 @@ def check_conditioning(evaluation, trials: list[Trial]) -> None:
     here, because a trial's evaluation would only find out after its training)."""
     if not evaluation.class_labels and evaluation.guidance_scale is None:
         return
-    if not all(trial.cfg.class_conditional for trial in trials):
+    if not all(trial.cfg.model.class_conditional for trial in trials):
         raise UserError("--class_labels and --guidance_scale need class-conditional trials (class_conditional: true)")
     if not evaluation.class_labels:
         return
 
-    names = [str(name).lower() for name in open_source(trials[0].cfg).class_names or []]
+    names = [str(name).lower() for name in open_source(trials[0].cfg.data).class_names or []]
     for label in evaluation.class_labels:
         known = str(label).strip().lower() in names or (str(label).isdigit() and int(label) < len(names))
         if not known:
@@ -230,7 +227,6 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
               evaluation) -> Optional[Path]:
     """The `sweep` command: run the unfinished trials, then write the comparison; returns the table path (main
     process) or None."""
-
     if max_train_steps < 1:
         raise UserError(f"max_train_steps must be >= 1; got {max_train_steps}")
     base = load_yaml(config)

@@ -6,6 +6,9 @@ from typing import Optional
 
 from diffusers import DDPMScheduler, UNet2DModel
 
+from ..config.sections import ModelSettings
+from ..errors import UserError
+
 # Pixel resolutions at which the ADM UNet has self-attention (Dhariwal & Nichol 2021, final architecture).
 ADM_ATTENTION_RESOLUTIONS = (32, 16, 8)
 
@@ -80,6 +83,17 @@ def downsample_factor(preset: str, overrides: Optional[dict] = None) -> int:
     return 2 ** (len(unet_kwargs(preset, overrides)["down_block_types"]) - 1)
 
 
+def check_preset(model: ModelSettings, resolution: int, pretrained: bool = False) -> None:
+    """A one-line UserError unless the preset exists and `resolution` suits its downsampling (a pretrained UNet
+    brings its own architecture, so only the name is checked then)."""
+    if model.model_preset not in PRESETS:
+        raise UserError(f"model_preset must be one of {', '.join(PRESETS)}; got {model.model_preset!r}")
+    factor = downsample_factor(model.model_preset, model.unet_config)
+    if not pretrained and resolution % factor:
+        raise UserError(f"resolution must be divisible by {factor} (the {model.model_preset} UNet's downsampling "
+                        f"factor); got {resolution}")
+
+
 def build_unet(preset: str, resolution: int, overrides: Optional[dict] = None, num_classes: Optional[int] = None,
                learn_sigma: bool = False):
     """A freshly initialised UNet2DModel for RGB images at `resolution`.
@@ -88,7 +102,6 @@ def build_unet(preset: str, resolution: int, overrides: Optional[dict] = None, n
     "no class" token used for classifier-free guidance. With `learn_sigma` it outputs 6 channels: the prediction
     and the interpolation weights of the learned variance (Improved DDPM's `learned_range`).
     """
-
     kwargs = unet_kwargs(preset, overrides, resolution)
     if num_classes is not None:
         kwargs["num_class_embeds"] = num_classes + 1
@@ -97,7 +110,6 @@ def build_unet(preset: str, resolution: int, overrides: Optional[dict] = None, n
 
 def build_noise_scheduler(num_steps: int, beta_schedule: str, prediction_type: str, learn_sigma: bool = False):
     """The DDPMScheduler used for training (and exported with the pipeline)."""
-
     return DDPMScheduler(num_train_timesteps=num_steps, beta_schedule=beta_schedule, prediction_type=prediction_type,
                          variance_type="learned_range" if learn_sigma else "fixed_small")
 

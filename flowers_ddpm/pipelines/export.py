@@ -32,7 +32,6 @@ def needs_guided_pipeline(unet) -> bool:
 
 def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None):
     """A plain diffusers DDPMPipeline for an unconditional UNet, a GuidedDDPMPipeline otherwise."""
-
     if needs_guided_pipeline(unet):
         from .guided import GuidedDDPMPipeline
 
@@ -48,7 +47,6 @@ def _ship_pipeline_code(folder: Path, pipe) -> None:
     it in model_index.json, diffusers' convention for custom pipelines (loaded with trust_remote_code=True). A
     saved classifier ships its source as `classifier/classifier.py`, diffusers' convention for custom components
     (`get_class_obj_and_candidates` loads `<component>/<library>.py` of a ["<library>", "<class>"] entry)."""
-
     shutil.copyfile(guided.__file__, folder / f"{GUIDED_PIPELINE_MODULE}.py")
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
@@ -63,7 +61,6 @@ def save_pipeline(pipe, path: str | Path, write_extra: Optional[Callable[[Path],
     """Write `pipe` as a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`,
     with the code of a GuidedDDPMPipeline and its classifier; `write_extra(folder)` adds more files before the
     folder is moved into place."""
-
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -83,7 +80,6 @@ def save_pipeline(pipe, path: str | Path, write_extra: Optional[Callable[[Path],
 def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None,
                     class_names: Optional[list] = None, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Export a trained UNet and its noise scheduler as a pipeline folder at `path` (see `save_pipeline`)."""
-
     def extras(folder: Path) -> None:
         if training_config_yaml is not None:
             (folder / TRAINING_CONFIG_NAME).write_text(training_config_yaml)

@@ -23,7 +23,6 @@ from .guided import GuidedDDPMPipeline
 
 def scheduler_classes() -> dict:
     """Sampler name -> diffusers scheduler class."""
-
     return {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
 
@@ -51,7 +50,6 @@ def check_sampler_steps(scheduler, steps: int) -> None:
 def _load_guided(model: str, dtype):
     """Build a GuidedDDPMPipeline from our own classes (no remote code is executed) and the folder's components;
     a saved classifier is loaded in float32, as classifier guidance differentiates it."""
-
     index = DiffusionPipeline.load_config(model)
     unet = UNet2DModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
     scheduler_class = getattr(importlib.import_module("diffusers"), index["scheduler"][1])
@@ -69,7 +67,6 @@ def _load_guided(model: str, dtype):
 
 def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype] = None):
     """Load any diffusers pipeline from a local folder or a Hub id, with one-line errors for the usual mistakes."""
-
     local = Path(model)
     looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_local and not (local / "model_index.json").is_file():
@@ -112,7 +109,6 @@ def resolve_class_labels(pipe, class_labels: Optional[list], classifier=None) ->
 
 def load_classifier(path: str, device: torch.device):
     """A noise-aware classifier folder written by `train-classifier` (float32, eval mode)."""
-
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise UserError(f"--classifier {path} is not a classifier folder (no config.json; pass the --output_dir "
@@ -125,7 +121,6 @@ def load_classifier(path: str, device: torch.device):
 def with_classifier(pipe, classifier):
     """The pipeline as a GuidedDDPMPipeline (a plain DDPMPipeline is wrapped, sharing its UNet and scheduler),
     after checking that the classifier fits it: same resolution, noise schedule and classes."""
-
     config, unet = classifier.config, pipe.unet
     if config.sample_size != unet.config.sample_size:
         raise UserError(f"the classifier works at {config.sample_size} px but the model generates "
@@ -180,7 +175,6 @@ def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[s
 
 def image_grid(images: list[Image.Image]) -> Image.Image:
     """A near-square grid (diffusers' make_image_grid), padding the last row with black tiles."""
-
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     padded = images + [Image.new("RGB", images[0].size)] * (rows * cols - len(images))

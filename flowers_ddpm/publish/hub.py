@@ -18,7 +18,7 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from ..config.loading import FLOWERS_DATASET
+from ..config.sections import FLOWERS_DATASET
 from ..errors import UserError
 from ..pipelines.sampling import generate, image_grid, load_pipeline
 
@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 def require_token() -> None:
     """Fail early, with one sentence, when no Hub token is available."""
-
     if not get_token():
         raise UserError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login`")
 
@@ -75,7 +74,6 @@ def _card_images(pipeline_dir: Path) -> dict[str, Path]:
 
 def _sample_grid_now(pipeline_dir: Path, out: Path) -> Path:
     """For pipelines made elsewhere: 4 images with 25 DDIM steps."""
-
     pipe = load_pipeline(str(pipeline_dir), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     image_grid(generate(pipe, 4, 25, seed=0, scheduler="ddim", batch_size=4)).save(out)
     return out
@@ -151,7 +149,6 @@ def _usage(pipeline_dir: Path, repo_id: str, unet: dict) -> list[str]:
 
 def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], license: str = "apache-2.0"):
     """A `huggingface_hub.ModelCard` with Hub metadata, the sample grid, a usage snippet and the training facts."""
-
     run = _read_run(pipeline_dir)
     config, info, unet = run["config"], run["info"], run["unet"]
     data_text, datasets, data_tags = _dataset(config)
@@ -234,7 +231,6 @@ def push_pipeline(model: str | Path, repo_id: str, private: bool = False, revisi
                   commit_message: Optional[str] = None, license: str = "apache-2.0",
                   staging_dir: Optional[str | Path] = None) -> str:
     """Stage the pipeline with its card and upload it with `create_repo` + `upload_folder`; returns the commit URL."""
-
     require_token()
     with tempfile.TemporaryDirectory(prefix="flowers-ddpm-push-") as tmp:
         staging = Path(staging_dir) if staging_dir else Path(tmp) / "upload"

@@ -97,7 +97,6 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
 
     This repeats DDPMPipeline's sampling loop because the pipeline returns only the final image, not x_t.
     """
-
     unet = pipe.unet
     sched = make_scheduler(scheduler, pipe.scheduler.config) if scheduler else pipe.scheduler
     pipe.scheduler = sched
@@ -134,7 +133,6 @@ def _to_image(x: torch.Tensor) -> Image.Image:
 
 def write_report(output_dir: str | Path, steps: int = 50, scheduler: Optional[str] = None, seed: int = 0) -> Path:
     """Write loss_curve.png, samples_over_training.png, final_samples.png and denoising.png under report/."""
-
     output_dir = Path(output_dir)
     folder = output_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)

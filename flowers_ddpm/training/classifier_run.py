@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from ..config.loading import TrainConfig, classifier_eval_timesteps
+from ..config.sections import TrainConfig
+from ..config.validation import classifier_eval_timesteps
 from ..errors import UserError
 from ..evaluation.reference import real_image_batches
 from ..models.classifier import classifier_for_unet
@@ -42,14 +43,14 @@ class AccuracyEvaluator:
 
     def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
 
-        self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.seed
+        self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.run.seed
         self.levels = classifier_eval_timesteps(cfg)
-        self.split = cfg.classifier_eval_split or cfg.dataset_split
-        eval_cfg = dataclasses.replace(cfg, dataset_split=self.split, center_crop=True)
+        self.split = cfg.classifier.classifier_eval_split or cfg.data.dataset_split
+        eval_data = dataclasses.replace(cfg.data, dataset_split=self.split, center_crop=True)
         self.batches = [(images, labels) for _, images, labels in real_image_batches(
-            eval_cfg, accelerator.process_index, accelerator.num_processes, cfg.eval_batch_size,
-            cfg.classifier_eval_images)]
-        self.output = Path(cfg.output_dir) / ACCURACY_FILE
+            eval_data, accelerator.process_index, accelerator.num_processes, cfg.run.eval_batch_size,
+            cfg.classifier.classifier_eval_images)]
+        self.output = Path(cfg.run.output_dir) / ACCURACY_FILE
 
     @torch.no_grad()
     def accuracies(self, model) -> tuple[list[float], int]:
@@ -114,35 +115,33 @@ def classifier_classes(cfg: TrainConfig, source) -> list[str]:
 
 def build_classifier(cfg: TrainConfig, class_names: list[str], noise_scheduler):
     """The encoder half of the configured UNet preset with an attention-pooling head."""
-
     schedule = {k: noise_scheduler.config[k] for k in SCHEDULE_KEYS}
-    return classifier_for_unet(unet_kwargs(cfg.model_preset, unet_overrides(cfg.unet_config, cfg.dropout), cfg.resolution), cfg.resolution,
+    return classifier_for_unet(unet_kwargs(cfg.model.model_preset, unet_overrides(cfg.model.unet_config, cfg.model.dropout), cfg.data.resolution), cfg.data.resolution,
                                class_names, schedule)
 
 
 def run_classifier_training(cfg: TrainConfig) -> Path:
     """Train the noise-aware classifier as configured; returns the output folder (the exported classifier)."""
-
-    if cfg.init_from or cfg.lora_rank or cfg.class_conditional:
+    if cfg.finetune.init_from or cfg.finetune.lora_rank or cfg.model.class_conditional:
         raise UserError("train-classifier trains a classifier from scratch; init_from, lora_rank and "
                         "class_conditional apply to the diffusion model (train)")
-    if (Path(cfg.output_dir) / "pipeline").exists():
-        raise UserError(f"output_dir {cfg.output_dir} holds a diffusion training run; give train-classifier its own "
+    if (Path(cfg.run.output_dir) / "pipeline").exists():
+        raise UserError(f"output_dir {cfg.run.output_dir} holds a diffusion training run; give train-classifier its own "
                         "--output_dir")
     accelerator, source, class_names, max_steps, resume_from = start_run(cfg, classifier_classes)
-    configure_backends(cfg.allow_tf32)
-    set_seed(cfg.seed)  # identical initial weights on every process
-    noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
+    configure_backends(cfg.speed.allow_tf32)
+    set_seed(cfg.run.seed)  # identical initial weights on every process
+    noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type)
     model = build_classifier(cfg, class_names, noise_scheduler)
     evaluator = AccuracyEvaluator(cfg, accelerator, noise_scheduler)
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, model.parameters(), accelerator, max_steps)
     batches = device_batches(cfg, source, accelerator)
     init_trackers(cfg, accelerator)
-    settings = dataclasses.replace(loop_settings(cfg, max_steps), eval_steps=cfg.classifier_eval_steps or max_steps)
+    settings = dataclasses.replace(loop_settings(cfg, max_steps), eval_steps=cfg.classifier.classifier_eval_steps or max_steps)
     trainer = Trainer(accelerator, model, ClassifierObjective(noise_scheduler), optimizer, lr_scheduler, ema,
-                      batches, ClassifierPublisher(cfg.output_dir), settings, evaluator)
+                      batches, ClassifierPublisher(cfg.run.output_dir), settings, evaluator)
     run_trainer(trainer, accelerator, resume_from)
     if accelerator.is_main_process:
-        report = Path(cfg.output_dir) / "report"
+        report = Path(cfg.run.output_dir) / "report"
         plot_loss_curve(report / LOSS_LOG, report / LOSS_CURVE)
-    return Path(cfg.output_dir)
+    return Path(cfg.run.output_dir)

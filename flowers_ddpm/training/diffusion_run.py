@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from accelerate.utils import set_seed
 
-from ..config.loading import TrainConfig
+from ..config.sections import TrainConfig
 from ..errors import UserError
 from ..evaluation.evaluate import SamplingSettings, evaluate_pipeline
 from ..evaluation.features import build_inception_network
@@ -46,7 +46,7 @@ def class_guidance(model, cfg: TrainConfig) -> dict:
     if model.config.num_class_embeds is None:
         return {}
     labels = list(range(model.config.num_class_embeds - 1))  # the last embedding is the "no class" token
-    return {"class_labels": labels, "guidance_scale": cfg.sample_guidance_scale}
+    return {"class_labels": labels, "guidance_scale": cfg.run.sample_guidance_scale}
 
 
 class PipelinePublisher:
@@ -54,7 +54,7 @@ class PipelinePublisher:
 
     def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None, hardware: str = "unknown"):
         self.cfg, self.noise_scheduler, self.class_names = cfg, noise_scheduler, class_names
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = Path(cfg.run.output_dir)
         self.hardware, self.started = hardware, time.time()
 
     def _guidance(self, model) -> dict:
@@ -66,8 +66,8 @@ class PipelinePublisher:
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
-        images = generate(pipe, self.cfg.eval_batch_size, self.cfg.ddpm_num_inference_steps, seed=self.cfg.seed,
-                          scheduler=self.cfg.sample_scheduler, batch_size=self.cfg.eval_batch_size,
+        images = generate(pipe, self.cfg.run.eval_batch_size, self.cfg.run.ddpm_num_inference_steps, seed=self.cfg.run.seed,
+                          scheduler=self.cfg.run.sample_scheduler, batch_size=self.cfg.run.eval_batch_size,
                           **self._guidance(model))
         model.train(was_training)
         grid = image_grid(images)
@@ -79,7 +79,7 @@ class PipelinePublisher:
     def export(self, model, step: int) -> None:
 
         def write_extra(folder: Path) -> None:
-            save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.init_from)  # only for LoRA
+            save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.finetune.init_from)  # only for LoRA
             write_training_info(folder, step=step, seconds=time.time() - self.started, hardware=self.hardware)
 
         path = export_pipeline(merged_unet(model), self.noise_scheduler, self.output_dir / "pipeline",
@@ -95,13 +95,13 @@ class TrainingEvaluator:
 
         self.cfg, self.accelerator, self.noise_scheduler = cfg, accelerator, noise_scheduler
         self.class_names = class_names
-        self.best_dir = Path(cfg.output_dir) / "best"
-        network = build_inception_network(cfg.inception_weights, cfg.eval_feature_network)
+        self.best_dir = Path(cfg.run.output_dir) / "best"
+        network = build_inception_network(cfg.eval.inception_weights, cfg.eval.eval_feature_network)
         self.networks = {"inception": network.to(accelerator.device)}
         # center crops, like `flowers-ddpm evaluate`, so both share one cached reference
-        reference_cfg = dataclasses.replace(cfg, center_crop=True)
-        self.reference = load_or_compute_reference(accelerator, reference_cfg, self.networks, cfg.reference_cache_dir,
-                                                   cfg.eval_batch_size, cfg.reference_num_images)
+        reference_data = dataclasses.replace(cfg.data, center_crop=True)
+        self.reference = load_or_compute_reference(accelerator, reference_data, self.networks, cfg.eval.reference_cache_dir,
+                                                   cfg.run.eval_batch_size, cfg.eval.reference_num_images)
         best = self.best_dir / "metrics.json"
         self.best_fid = json.loads(best.read_text())["fid"] if best.is_file() else math.inf  # survives resumes
 
@@ -113,8 +113,8 @@ class TrainingEvaluator:
         was_training = model.training
         model.eval()
         guidance = class_guidance(pipe.unet, cfg)  # class-conditional: every class in turn, not "no class"
-        sampling = SamplingSettings(cfg.eval_num_images, cfg.sample_scheduler, cfg.ddpm_num_inference_steps,
-                                    cfg.seed, cfg.eval_batch_size, **guidance)
+        sampling = SamplingSettings(cfg.eval.eval_num_images, cfg.run.sample_scheduler, cfg.run.ddpm_num_inference_steps,
+                                    cfg.run.seed, cfg.run.eval_batch_size, **guidance)
         row = evaluate_pipeline(self.accelerator, pipe, self.networks, self.reference, sampling,
                                 with_precision_recall=False)
         model.train(was_training)
@@ -132,7 +132,7 @@ class TrainingEvaluator:
 
 def model_classes(cfg: TrainConfig, source):
     """The class names the UNet is conditioned on (None for an unconditional model)."""
-    if not cfg.class_conditional:
+    if not cfg.model.class_conditional:
         return None
     if not source.class_names:
         raise UserError(f"class_conditional needs class labels, but {source.description} has none "
@@ -143,25 +143,24 @@ def model_classes(cfg: TrainConfig, source):
 def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
     process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
-
     accelerator, source, class_names, max_steps, resume_from = start_run(cfg, model_classes)
     num_classes = len(class_names) if class_names else None
 
-    configure_backends(cfg.allow_tf32)
-    set_seed(cfg.seed)  # identical initial weights on every process
-    if cfg.init_from:
-        model, noise_scheduler = load_for_finetuning(cfg)
+    configure_backends(cfg.speed.allow_tf32)
+    set_seed(cfg.run.seed)  # identical initial weights on every process
+    if cfg.finetune.init_from:
+        model, noise_scheduler = load_for_finetuning(cfg.finetune.init_from, cfg.data.resolution, cfg.model)
         if num_classes:
             model = add_class_conditioning(model, num_classes + 1)  # zero-initialised: starts as the pretrained model
     else:
-        overrides = unet_overrides(cfg.unet_config, cfg.dropout)
-        model = build_unet(cfg.model_preset, cfg.resolution, overrides, num_classes, cfg.learn_sigma)
-        noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type,
-                                                cfg.learn_sigma)
-    model = select_trainable(model, cfg)  # everything, --train_only parts, or LoRA adapters
-    objective = DiffusionObjective(noise_scheduler, cfg.snr_gamma, cfg.learn_sigma, cfg.vlb_weight, num_classes,
-                                   cfg.class_dropout_prob)
-    evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler, class_names) if cfg.eval_steps else None
+        overrides = unet_overrides(cfg.model.unet_config, cfg.model.dropout)
+        model = build_unet(cfg.model.model_preset, cfg.data.resolution, overrides, num_classes, cfg.model.learn_sigma)
+        noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type,
+                                                cfg.model.learn_sigma)
+    model = select_trainable(model, cfg.finetune)  # everything, --train_only parts, or LoRA adapters
+    objective = DiffusionObjective(noise_scheduler, cfg.objective.snr_gamma, cfg.model.learn_sigma, cfg.objective.vlb_weight, num_classes,
+                                   cfg.objective.class_dropout_prob)
+    evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler, class_names) if cfg.eval.eval_steps else None
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, trainable_parameters(model), accelerator,
                                                              max_steps)
     batches = device_batches(cfg, source, accelerator)
@@ -172,17 +171,16 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:
         finish_run(cfg)
-    return Path(cfg.output_dir) / "pipeline"
+    return Path(cfg.run.output_dir) / "pipeline"
 
 
 def finish_run(cfg: TrainConfig) -> None:
     """Write the training report, then push the pipeline when --push_to_hub (main process only)."""
-
-    output_dir = Path(cfg.output_dir)
-    write_report(output_dir, steps=cfg.ddpm_num_inference_steps, scheduler=cfg.sample_scheduler, seed=cfg.seed)
-    if cfg.push_to_hub:
+    output_dir = Path(cfg.run.output_dir)
+    write_report(output_dir, steps=cfg.run.ddpm_num_inference_steps, scheduler=cfg.run.sample_scheduler, seed=cfg.run.seed)
+    if cfg.hub.push_to_hub:
         from ..publish.hub import push_pipeline
 
-        repo_id = cfg.hub_model_id or output_dir.resolve().name
-        url = push_pipeline(output_dir / "pipeline", repo_id, private=cfg.hub_private_repo)
+        repo_id = cfg.hub.hub_model_id or output_dir.resolve().name
+        url = push_pipeline(output_dir / "pipeline", repo_id, private=cfg.hub.hub_private_repo)
         logger.info("pushed %s to %s", output_dir / "pipeline", url)

@@ -12,10 +12,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from ..config.loading import TrainConfig
+from ..config.sections import TrainConfig
 from ..data.cache import build_cached_batches, open_cache
 from ..data.stream import build_train_batches, open_source
 from ..errors import UserError
+from ..models.unet import check_preset
 from . import checkpointing
 from .device import DeviceBatches
 from .trainer import LoopSettings
@@ -24,21 +25,21 @@ logger = logging.getLogger(__name__)
 
 def resolve_max_train_steps(cfg: TrainConfig, num_examples, world_size: int) -> int:
     """Optimizer steps to run: --max_train_steps, or --num_epochs over a dataset of known size."""
-    if cfg.max_train_steps is not None:
-        return cfg.max_train_steps
+    if cfg.optim.max_train_steps is not None:
+        return cfg.optim.max_train_steps
     if num_examples is None:
         raise UserError("num_epochs needs a dataset of known size; set max_train_steps instead")
-    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * world_size
-    return max(1, math.ceil(cfg.num_epochs * num_examples / per_step))
+    per_step = cfg.optim.train_batch_size * cfg.optim.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(cfg.optim.num_epochs * num_examples / per_step))
 
 
 def make_accelerator(cfg: TrainConfig):
 
-    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir))
+    project = ProjectConfiguration(project_dir=cfg.run.output_dir, logging_dir=str(Path(cfg.run.output_dir) / cfg.run.logging_dir))
     return Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.logger == "none" else cfg.logger,
+        gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+        mixed_precision=cfg.speed.mixed_precision,
+        log_with=None if cfg.run.logger == "none" else cfg.run.logger,
         project_config=project,
     )
 
@@ -50,63 +51,62 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 def _train_batches(cfg: TrainConfig, source, accelerator):
     """Batches from the decode-once cache (built first by one process per machine) or decoded from the stream."""
-
-    if not cfg.decode_cache:
-        return build_train_batches(cfg, source, accelerator.process_index, accelerator.num_processes)
+    if not cfg.data.decode_cache:
+        return build_train_batches(cfg.data, source, accelerator.process_index, accelerator.num_processes,
+                                   cfg.optim.train_batch_size, cfg.run.seed, cfg.run.log_data_order)
 
     with accelerator.local_main_process_first():
         if accelerator.is_local_main_process:
-            open_cache(cfg, source)
-    return build_cached_batches(cfg, source, accelerator.process_index, accelerator.num_processes)
+            open_cache(cfg.data, source)
+    return build_cached_batches(cfg.data, source, accelerator.process_index, accelerator.num_processes,
+                                cfg.optim.train_batch_size, cfg.run.seed, cfg.run.log_data_order)
 
 
 def start_run(cfg: TrainConfig, classes_of):
     """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the
     Accelerator, the data source, its classes (`classes_of(cfg, source)`, which may raise a UserError) and the
     number of optimizer steps. Returns (accelerator, source, class_names, max_steps, resume_from)."""
-
     # cheap checks first: nothing expensive happens before these pass
-    resume_from = checkpointing.resolve_resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
+    check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
+    resume_from = checkpointing.resolve_resume_path(cfg.run.output_dir, cfg.run.resume_from_checkpoint)
     if resume_from is not None:
         checkpointing.check_compatible(resume_from, cfg.to_dict())
-    if cfg.push_to_hub:
+    if cfg.hub.push_to_hub:
         from ..publish.hub import require_token
 
         require_token()
     accelerator = make_accelerator(cfg)
-    source = open_source(cfg)
+    source = open_source(cfg.data)
     class_names = classes_of(cfg, source)
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)
     if accelerator.is_main_process:
         logger.info("training on %s (%s examples) for %d steps on %d process(es)", source.description,
                     source.num_examples or "unknown", max_steps, accelerator.num_processes)
-        cfg.save_yaml(Path(cfg.output_dir) / "training_config.yaml")
-        (Path(cfg.output_dir) / "report").mkdir(exist_ok=True)  # the trainer appends report/loss.jsonl
+        cfg.save_yaml(Path(cfg.run.output_dir) / "training_config.yaml")
+        (Path(cfg.run.output_dir) / "report").mkdir(exist_ok=True)  # the trainer appends report/loss.jsonl
     return accelerator, source, class_names, max_steps, resume_from
 
 
 def loop_settings(cfg: TrainConfig, max_steps: int):
     """The trainer's LoopSettings from the config."""
-
     return LoopSettings(
-        max_train_steps=max_steps, output_dir=cfg.output_dir, max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps, checkpointing_steps=cfg.checkpointing_steps,
-        checkpoints_total_limit=cfg.checkpoints_total_limit, save_images_steps=cfg.save_images_steps,
-        save_model_steps=cfg.save_model_steps, log_data_order=cfg.log_data_order, eval_steps=cfg.eval_steps,
-        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite, run_settings=cfg.to_dict(),
+        max_train_steps=max_steps, output_dir=cfg.run.output_dir, max_grad_norm=cfg.optim.max_grad_norm,
+        logging_steps=cfg.run.logging_steps, checkpointing_steps=cfg.run.checkpointing_steps,
+        checkpoints_total_limit=cfg.run.checkpoints_total_limit, save_images_steps=cfg.run.save_images_steps,
+        save_model_steps=cfg.run.save_model_steps, log_data_order=cfg.run.log_data_order, eval_steps=cfg.eval.eval_steps,
+        max_consecutive_nonfinite=cfg.run.max_consecutive_nonfinite, run_settings=cfg.to_dict(),
     )
 
 
 def init_trackers(cfg: TrainConfig, accelerator) -> None:
     """Start the experiment tracker (main process) with the run's settings."""
     if accelerator.is_main_process:
-        accelerator.init_trackers(cfg.tracker_project_name, config=_tracker_config(cfg))
+        accelerator.init_trackers(cfg.run.tracker_project_name, config=_tracker_config(cfg))
 
 
 def device_batches(cfg: TrainConfig, source, accelerator):
     """This process's training batches on the accelerator's device."""
-
-    return DeviceBatches(_train_batches(cfg, source, accelerator), accelerator.device, cfg.channels_last)
+    return DeviceBatches(_train_batches(cfg, source, accelerator), accelerator.device, cfg.speed.channels_last)
 
 
 def run_trainer(trainer, accelerator, resume_from, keep_process_group: bool = False) -> None:
@@ -127,7 +127,6 @@ def run_trainer(trainer, accelerator, resume_from, keep_process_group: bool = Fa
 
 def describe_hardware(accelerator) -> str:
     """E.g. '2 x NVIDIA H100 80GB HBM3' or '1 x CPU (x86_64)', for the model card."""
-
     device = accelerator.device
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

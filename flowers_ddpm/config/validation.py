@@ -1,0 +1,78 @@
+"""Checks of the training settings that need no other stage: types, choices, ranges and combinations. Checks that
+need a stage's knowledge live with it (the UNet presets: models/unet.py `check_preset`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from .sections import FIELDS, TrainConfig
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject invalid values with one line naming the setting and what is allowed."""
+    for name, f in FIELDS.items():
+        value = cfg.get(name)
+        choices, minimum = f.metadata["choices"], f.metadata["min"]
+        if choices and value is not None and value not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        if minimum is not None and value is not None and value < minimum:
+            raise UserError(f"{name} must be >= {minimum}; got {value!r}")
+    if cfg.optim.max_train_steps is None and cfg.optim.num_epochs is None:
+        raise UserError("set max_train_steps (or num_epochs for a dataset of known size)")
+    if cfg.data.train_data_dir is not None and not Path(cfg.data.train_data_dir).is_dir():
+        raise UserError(f"train_data_dir {cfg.data.train_data_dir} does not exist or is not a directory")
+    _validate_evaluation(cfg)
+    validate_paper_model(cfg)
+    validate_finetune(cfg)
+    validate_classifier(cfg)
+
+
+def classifier_eval_timesteps(cfg: TrainConfig) -> list[int]:
+    """The noise levels of train-classifier's accuracy report."""
+    steps = cfg.model.ddpm_num_steps
+    if cfg.classifier.classifier_eval_timesteps is None:
+        return sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
+    try:
+        return [int(t) for t in cfg.classifier.classifier_eval_timesteps.split(",")]
+    except ValueError:
+        raise UserError("classifier_eval_timesteps must be comma-separated integers, e.g. 0,250,500,750,999; got "
+                        f"{cfg.classifier.classifier_eval_timesteps!r}") from None
+
+
+def validate_classifier(cfg: TrainConfig) -> None:
+    """Checks of the train-classifier settings (issue 5)."""
+    levels = classifier_eval_timesteps(cfg)
+    if not levels or not all(0 <= t < cfg.model.ddpm_num_steps for t in levels):
+        raise UserError(f"classifier_eval_timesteps must lie in [0, {cfg.model.ddpm_num_steps - 1}] (ddpm_num_steps - 1); "
+                        f"got {cfg.classifier.classifier_eval_timesteps!r}")
+
+
+def _validate_evaluation(cfg: TrainConfig) -> None:
+    if cfg.eval.inception_weights is not None and not Path(cfg.eval.inception_weights).is_file():
+        raise UserError(f"inception_weights {cfg.eval.inception_weights} does not exist; pass the path of "
+                        "weights-inception-2015-12-05-6726825d.pth")
+    if cfg.eval.eval_feature_network is not None and ":" not in cfg.eval.eval_feature_network:
+        raise UserError(f"eval_feature_network must be module:function; got {cfg.eval.eval_feature_network!r}")
+
+
+def validate_paper_model(cfg: TrainConfig) -> None:
+    """Checks of the issue-5 settings (loss weighting, learned variances, class conditioning)."""
+    if cfg.objective.class_dropout_prob > 1:
+        raise UserError(f"class_dropout_prob must be between 0 and 1; got {cfg.objective.class_dropout_prob}")
+    if cfg.objective.snr_gamma is not None and cfg.objective.snr_gamma <= 0:
+        raise UserError(f"snr_gamma must be > 0 (or unset); got {cfg.objective.snr_gamma}")
+    if cfg.model.dropout is not None and cfg.model.dropout >= 1:
+        raise UserError(f"dropout must be in [0, 1); got {cfg.model.dropout}")
+
+
+def validate_finetune(cfg: TrainConfig) -> None:
+    """Checks of the fine-tuning and publishing settings (issue 7)."""
+    if cfg.finetune.lora_rank is not None and cfg.finetune.init_from is None:
+        raise UserError("lora_rank needs init_from (LoRA adapts a pretrained UNet)")
+    if cfg.finetune.lora_rank is not None and cfg.finetune.train_only:
+        raise UserError("train_only and lora_rank cannot be combined (LoRA already trains only its adapters)")
+    if cfg.finetune.lora_rank is None and cfg.finetune.lora_alpha is not None:
+        raise UserError("lora_alpha needs lora_rank")
+    if cfg.finetune.init_from and cfg.model.learn_sigma:
+        raise UserError("learn_sigma cannot be combined with init_from (the pretrained UNet's output channels are fixed)")
