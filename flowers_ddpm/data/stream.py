@@ -25,6 +25,7 @@ from datasets.distributed import split_dataset_by_node
 
 from ..config.sections import FLOWERS_DATASET, DataSettings
 from ..errors import UserError
+from .flowers102 import display_names
 from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
 if TYPE_CHECKING:
@@ -126,8 +127,6 @@ def open_source(data: DataSettings) -> DataSource:
         num_examples = sum(sizes) if sizes and len(sizes) == len(splits) else None
         description = f"{data.dataset_name} ({'+'.join(splits)})"
         if data.dataset_name == FLOWERS_DATASET and class_names:
-            from .flowers102 import display_names
-
             class_names = display_names(class_names)
     return DataSource(dataset, image_column, label_column, class_names, num_examples, description)
 

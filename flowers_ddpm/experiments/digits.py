@@ -19,6 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
@@ -39,8 +41,6 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        from ..errors import UserError
-
         raise UserError("the digits data needs scikit-learn: pip install 'flowers-ddpm[recipes]'") from None
     digits = load_digits()
     return digits.images, digits.target  # (1797, 8, 8) in 0..16, labels 0..9

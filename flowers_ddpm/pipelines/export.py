@@ -33,8 +33,6 @@ def needs_guided_pipeline(unet) -> bool:
 def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None):
     """A plain diffusers DDPMPipeline for an unconditional UNet, a GuidedDDPMPipeline otherwise."""
     if needs_guided_pipeline(unet):
-        from .guided import GuidedDDPMPipeline
-
         return GuidedDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
     return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
 

@@ -31,6 +31,7 @@ from ..models.unet import build_noise_scheduler, build_unet, unet_overrides
 from ..objectives.diffusion import DiffusionObjective
 from ..pipelines.export import build_pipeline, export_pipeline
 from ..pipelines.sampling import generate, image_grid
+from ..publish.hub import push_pipeline
 from ..publish.report import write_report, write_training_info
 from .device import configure_backends
 from .optimization import build_optimization
@@ -179,8 +180,6 @@ def finish_run(cfg: TrainConfig) -> None:
     output_dir = Path(cfg.run.output_dir)
     write_report(output_dir, steps=cfg.run.ddpm_num_inference_steps, scheduler=cfg.run.sample_scheduler, seed=cfg.run.seed)
     if cfg.hub.push_to_hub:
-        from ..publish.hub import push_pipeline
-
         repo_id = cfg.hub.hub_model_id or output_dir.resolve().name
         url = push_pipeline(output_dir / "pipeline", repo_id, private=cfg.hub.hub_private_repo)
         logger.info("pushed %s to %s", output_dir / "pipeline", url)

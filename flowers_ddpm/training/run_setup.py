@@ -17,6 +17,7 @@ from ..data.cache import build_cached_batches, open_cache
 from ..data.stream import build_train_batches, open_source
 from ..errors import UserError
 from ..models.unet import check_preset
+from ..publish.hub import require_token
 from . import checkpointing
 from .device import DeviceBatches
 from .trainer import LoopSettings
@@ -72,8 +73,6 @@ def start_run(cfg: TrainConfig, classes_of):
     if resume_from is not None:
         checkpointing.check_compatible(resume_from, cfg.to_dict())
     if cfg.hub.push_to_hub:
-        from ..publish.hub import require_token
-
         require_token()
     accelerator = make_accelerator(cfg)
     source = open_source(cfg.data)
