@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import os
 import sys
@@ -13,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .config.loading import add_train_arguments, build_config, load_yaml, parse_train_config
+from . import __version__
+from .config.loading import TRAIN_SECTIONS, add_train_arguments, build_config, load_yaml, parse_train_config
 from .config.sections import SAMPLE_SCHEDULERS
 from .data.cache import open_cache
 from .data.stream import open_source
@@ -37,7 +39,6 @@ from .training.stopping import TrainingStopped
 
 
 def _train(args: argparse.Namespace) -> None:
-
     cfg = parse_train_config(args)
     path = run_training(cfg)
     if os.environ.get("RANK", "0") == "0":
@@ -45,7 +46,6 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _train_classifier(args: argparse.Namespace) -> None:
-
     cfg = parse_train_config(args)
     path = run_classifier_training(cfg)
     if os.environ.get("RANK", "0") == "0":
@@ -53,7 +53,6 @@ def _train_classifier(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -85,7 +84,6 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _attach_classifier(args: argparse.Namespace) -> None:
-
     path = attach_classifier(args.model, args.classifier, args.output, args.classifier_scale, args.guidance_scale)
     print(f"pipeline with classifier written to {path}")
 
@@ -101,7 +99,6 @@ def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("steps and batch_size must be >= 1")
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
@@ -162,7 +159,6 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
 
 
 def _sweep(args: argparse.Namespace) -> None:
-
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
     table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation)
@@ -184,7 +180,6 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-
     if args.dry_run:
         if not args.staging_dir:
             raise UserError("--dry_run needs --staging_dir (the folder to stage the upload in)")
@@ -198,7 +193,6 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-
     values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     file_values = load_yaml(args.config) if args.config else {}
     if not {"max_train_steps", "num_epochs"} & (set(values) | set(file_values)):
@@ -210,7 +204,6 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> None:
-
     results = run_benchmark(args)
     print(format_table(results))
     if args.json:
@@ -219,17 +212,20 @@ def _benchmark(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowers-ddpm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    settings_usage = "%(prog)s [--config FILE] [--SETTING VALUE ...]"
 
-    train = sub.add_parser("train", help="train a DDPM (run under `accelerate launch` for several processes)")
+    train = sub.add_parser("train", usage=settings_usage,
+                           help="train a DDPM (run under `accelerate launch` for several processes)")
     add_train_arguments(train)
     train.set_defaults(func=_train)
 
     train_classifier = sub.add_parser(
-        "train-classifier", help="train a noise-aware classifier for classifier guidance (same data, model preset "
-                                 "and noise-schedule flags as train; run under `accelerate launch` for several "
-                                 "processes)")
-    add_train_arguments(train_classifier)
+        "train-classifier", usage=settings_usage,
+        help="train a noise-aware classifier for classifier guidance (same data, model preset and noise-schedule "
+             "flags as train; run under `accelerate launch` for several processes)")
+    add_train_arguments(train_classifier, TRAIN_SECTIONS + ("classifier",))
     train_classifier.set_defaults(func=_train_classifier)
 
     sample = sub.add_parser("sample", help="generate images from a pipeline folder or Hub id")
@@ -281,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     push.set_defaults(func=_push)
 
-    prepare = sub.add_parser("prepare", help="build the decode-once cache for a training config (see --decode_cache)")
-    add_train_arguments(prepare)
+    prepare = sub.add_parser("prepare", usage=settings_usage,
+                             help="build the decode-once cache for a training config (see --decode_cache)")
+    add_train_arguments(prepare, ("data",), hidden=[name for name in TRAIN_SECTIONS if name != "data"])
     prepare.set_defaults(func=_prepare)
 
     benchmark = sub.add_parser("benchmark", help="measure data-path, training-step and sampling speed")
@@ -300,9 +297,25 @@ def _setup_logging() -> None:
     logging.getLogger("flowers_ddpm").setLevel(logging.INFO if main else logging.WARNING)
 
 
+def _reject_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """argparse names unknown flags with the top-level usage; name them with the subcommand's usage instead, and
+    the nearest flag that exists."""
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's own parser
+    known = [option for action in sub._actions for option in action.option_strings]
+    hints = []
+    for flag in (u for u in unknown if u.startswith("--")):
+        close = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.75)
+        if close:
+            hints.append(f"{flag.split('=')[0]}: did you mean {close[0]}?")
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else ""))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of `flowers-ddpm`; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _reject_unknown(parser, args, unknown)
     debug = bool(getattr(args, "debug", False))
     try:
         _setup_logging()

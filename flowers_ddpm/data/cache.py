@@ -185,7 +185,6 @@ def open_cache(data: DataSettings, source: DataSource, build: bool = True) -> De
 
 
 def _unit_range_table() -> np.ndarray:
-
     return torch.arange(256).float().div_(127.5).sub_(1.0).numpy()
 
 
@@ -251,7 +250,6 @@ class CachedBatches:
         return _TO_UNIT_RANGE[stacked]
 
     def __iter__(self):
-
         chunk: list[tuple[int, int]] = []
         for epoch, next_position, i in self._positions():
             chunk.append((epoch, i))

@@ -78,7 +78,6 @@ def detect_label_column(features) -> Optional[str]:
 
 
 def _load_streaming(data: DataSettings):
-
     if data.train_data_dir:
         if count_local_images(data.train_data_dir) == 0:
             raise UserError(
@@ -149,7 +148,6 @@ class ResumableStream:
     """
 
     def __init__(self, dataset, seed: int, buffer_size: int, rank: int = 0, world_size: int = 1):
-
         self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size) if world_size > 1 else dataset
         self.seed, self.rank, self.world_size, self.buffer_size = seed, rank, world_size, buffer_size
         self.epoch = 0
@@ -256,7 +254,6 @@ class TrainBatches:
             raise UserError(f"none of the images in {self.source.description} could be read")
 
     def __iter__(self):
-
         images, labels, ids = [], [], []
         for record, label, state, (array, reason) in self._decoded():
             if array is None:

@@ -142,7 +142,6 @@ def load_or_compute_reference(accelerator, data: DataSettings, networks: dict, c
 
 
 def _save_entry(tensors_file: Path, key: dict, features: dict) -> None:
-
     tensors_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = tensors_file.with_suffix(".tmp")
     save_file({kind: value.contiguous() for kind, value in features.items()}, str(tmp))

@@ -26,14 +26,20 @@ def scheduler_classes() -> dict:
     return {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
 
+# a beta schedule only DDPMScheduler computes (DDIM and DPM-Solver take them as trained_betas)
+OWN_BETA_SCHEDULES = ("sigmoid",)
+
+
 def make_scheduler(name: str, config):
     """A sampler built from a training scheduler's config (same betas, prediction type and timestep count)."""
     classes = scheduler_classes()
     if name not in classes:
         raise UserError(f"scheduler must be one of {', '.join(classes)}; got {name!r}")
-    if name == "dpmsolver++":
-        return classes[name].from_config(config, algorithm_type="dpmsolver++")
-    return classes[name].from_config(config)
+    extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    if config.get("beta_schedule") in OWN_BETA_SCHEDULES and config.get("trained_betas") is None and name != "ddpm":
+        # DDIM and DPM-Solver do not compute these schedules themselves: hand them the training betas
+        extra["trained_betas"] = DDPMScheduler.from_config(config).betas.tolist()
+    return classes[name].from_config(config, **extra)
 
 
 def check_sampler_steps(scheduler, steps: int) -> None:

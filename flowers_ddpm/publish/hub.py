@@ -25,9 +25,9 @@ from ..pipelines.sampling import generate, image_grid, load_pipeline
 logger = logging.getLogger(__name__)
 
 
-def require_token() -> None:
-    """Fail early, with one sentence, when no Hub token is available."""
-    if not get_token():
+def require_token(token: Optional[str] = None) -> None:
+    """Fail early, with one sentence, when no Hub token is available (`token`: one given explicitly)."""
+    if not (token or get_token()):
         raise UserError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login`")
 
 
@@ -229,13 +229,14 @@ def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, licen
 
 def push_pipeline(model: str | Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
                   commit_message: Optional[str] = None, license: str = "apache-2.0",
-                  staging_dir: Optional[str | Path] = None) -> str:
-    """Stage the pipeline with its card and upload it with `create_repo` + `upload_folder`; returns the commit URL."""
-    require_token()
+                  staging_dir: Optional[str | Path] = None, token: Optional[str] = None) -> str:
+    """Stage the pipeline with its card and upload it with `create_repo` + `upload_folder`; returns the commit URL.
+    `token` overrides HF_TOKEN and the stored login (diffusers' --hub_token); it is written nowhere."""
+    require_token(token)
     with tempfile.TemporaryDirectory(prefix="flowers-ddpm-push-") as tmp:
         staging = Path(staging_dir) if staging_dir else Path(tmp) / "upload"
         files = stage_upload(model, staging, repo_id, license)
-        api = HfApi()  # token: HF_TOKEN or the stored login, resolved by huggingface_hub itself
+        api = HfApi(token=token)  # None: HF_TOKEN or the stored login, resolved by huggingface_hub itself
         try:
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":

@@ -42,7 +42,6 @@ class AccuracyEvaluator:
     <output_dir>/accuracy.json."""
 
     def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
-
         self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.run.seed
         self.levels = classifier_eval_timesteps(cfg)
         self.split = cfg.classifier.classifier_eval_split or cfg.data.dataset_split
@@ -116,7 +115,7 @@ def classifier_classes(cfg: TrainConfig, source) -> list[str]:
 def build_classifier(cfg: TrainConfig, class_names: list[str], noise_scheduler):
     """The encoder half of the configured UNet preset with an attention-pooling head."""
     schedule = {k: noise_scheduler.config[k] for k in SCHEDULE_KEYS}
-    return classifier_for_unet(unet_kwargs(cfg.model.model_preset, unet_overrides(cfg.model.unet_config, cfg.model.dropout), cfg.data.resolution), cfg.data.resolution,
+    return classifier_for_unet(unet_kwargs(cfg.model.model_preset, unet_overrides(cfg.model), cfg.data.resolution), cfg.data.resolution,
                                class_names, schedule)
 
 
@@ -128,7 +127,7 @@ def run_classifier_training(cfg: TrainConfig) -> Path:
     if (Path(cfg.run.output_dir) / "pipeline").exists():
         raise UserError(f"output_dir {cfg.run.output_dir} holds a diffusion training run; give train-classifier its own "
                         "--output_dir")
-    accelerator, source, class_names, max_steps, resume_from = start_run(cfg, classifier_classes)
+    accelerator, source, class_names, max_steps, resume_from, per_epoch = start_run(cfg, classifier_classes)
     configure_backends(cfg.speed.allow_tf32)
     set_seed(cfg.run.seed)  # identical initial weights on every process
     noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type)
@@ -137,7 +136,7 @@ def run_classifier_training(cfg: TrainConfig) -> Path:
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, model.parameters(), accelerator, max_steps)
     batches = device_batches(cfg, source, accelerator)
     init_trackers(cfg, accelerator)
-    settings = dataclasses.replace(loop_settings(cfg, max_steps), eval_steps=cfg.classifier.classifier_eval_steps or max_steps)
+    settings = dataclasses.replace(loop_settings(cfg, max_steps, per_epoch), eval_steps=cfg.classifier.classifier_eval_steps or max_steps)
     trainer = Trainer(accelerator, model, ClassifierObjective(noise_scheduler), optimizer, lr_scheduler, ema,
                       batches, ClassifierPublisher(cfg.run.output_dir), settings, evaluator)
     run_trainer(trainer, accelerator, resume_from)
