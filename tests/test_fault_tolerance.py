@@ -23,12 +23,11 @@ from safetensors.torch import load_file
 from flowers_ddpm.cli import main
 from flowers_ddpm.data.stream import TrainBatches
 from flowers_ddpm.errors import UserError
+from flowers_ddpm.experiments.soak import assert_same_final_state, read_data_order
 from flowers_ddpm.training import checkpointing
 from flowers_ddpm.training.stopping import EXIT_NONFINITE, EXIT_PREEMPTED
 
 from .conftest import REPO, make_class_folder, tiny_train_args
-from .kill_harness import read_data_order
-from .test_kill_resume import assert_same_final_state
 
 SECRET = "hf_fault_tolerance_test_token_4242"
 
