@@ -1,4 +1,4 @@
-"""The small-data recipe preset and the recipe ablation script (issue 8); the measured numbers live in RECIPES.md."""
+"""The small-data recipe preset and the recipe ablation script (issue 8); the measured numbers live in docs/recipes.md."""
 
 from __future__ import annotations
 

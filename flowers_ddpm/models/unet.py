@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
         attention_head_dim=16,
     ),
     # CPU-sized (~1.1M parameters): three levels, self-attention only at the lowest (1/4 resolution), where it is
-    # cheap. The recipe ablation's model (RECIPES.md); resolution a multiple of 4.
+    # cheap. The recipe ablation's model (docs/recipes.md); resolution a multiple of 4.
     "small": dict(
         layers_per_block=1,
         block_out_channels=(32, 64, 64),
