@@ -224,6 +224,7 @@ def rank_process(launcher: subprocess.Popen, rank: int, timeout: float = 120):
     raise TimeoutError(f"no rank {rank} process")
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_on_sigterm_and_resume_exactly(image_folder, tmp_path):
     # constant LR: the preempted run may use a larger max_train_steps (safe to change on resume) without
     # changing the schedule, so that the signal surely lands before its end

@@ -3,6 +3,8 @@ same command, ends with exactly the weights, optimizer state and data order of a
 
 from __future__ import annotations
 
+import pytest
+
 from flowers_ddpm.cli import main
 from flowers_ddpm.experiments.soak import assert_same_final_state, interrupt_and_resume, read_data_order
 
@@ -12,6 +14,7 @@ FLAGS = dict(max_train_steps=24, checkpointing_steps=1, checkpoints_total_limit=
              random_flip=True, shuffle_buffer_size=10, train_batch_size=3, dataloader_num_workers=2)
 
 
+@pytest.mark.slow
 def test_kills_and_signals_at_random_moments_then_resume_gives_the_uninterrupted_result(image_folder, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert main(["train", *tiny_train_args(image_folder, straight, **FLAGS)]) == 0

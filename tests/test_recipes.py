@@ -62,12 +62,14 @@ def test_flowers_config_uses_the_recipe():
         assert values.get(key) == (pytest.approx(value) if isinstance(value, float) else value), key
 
 
+@pytest.mark.slow
 def test_unknown_recipe_is_a_user_error(tmp_path):
     result = run_command([sys.executable, "-m", "flowers_ddpm.cli", "train", "--recipe", "big-data",
                           "--max_train_steps", "1", "--output_dir", str(tmp_path)])
     assert result.returncode == 2 and "recipe must be one of small-data" in result.stderr
 
 
+@pytest.mark.slow
 def test_ablation_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "ablation"
     args = [sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(out), "--budget_images", "48",
@@ -95,6 +97,7 @@ def test_ablation_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "diffusers-defaults" / "result.json").is_file()
 
 
+@pytest.mark.slow
 def test_ablation_rejects_unknown_variant(tmp_path):
     result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(tmp_path),
                           "--variants", "magic"])
