@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from flowers_ddpm.config.sections import TrainConfig
+
 from .conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -68,10 +70,14 @@ def test_every_file_module_and_test_named_exists(page):
     text = page.read_text()
     missing = [p for p in REPO_PATH.findall(text) if not (REPO / p).exists()]
     for dotted in MODULE.findall(text):
-        folder = REPO
-        for part in dotted.split("."):
-            if (folder / f"{part}.py").is_file():
-                break  # a module; the rest of the name is inside it
+        folder, parts = REPO, dotted.split(".")
+        for i, part in enumerate(parts):
+            if (folder / f"{part}.py").is_file():  # a module: the next name must be defined at its top level
+                source = (folder / f"{part}.py").read_text()
+                if i + 1 < len(parts) and not re.search(rf"(?m)^(?:def |class ){parts[i + 1]}\b|^{parts[i + 1]}\s*[:=]",
+                                                        source):
+                    missing.append(dotted)
+                break
             if not (folder / part).is_dir():
                 missing.append(dotted)
                 break
@@ -85,6 +91,14 @@ def test_every_file_module_and_test_named_exists(page):
             if file and file not in tests or name and not any(definition.search(s) for s in sources):
                 missing.append(span)
     assert not missing, missing
+
+
+def test_the_configuration_reference_lists_every_setting_with_its_default():
+    documented = {}
+    for line in (REPO / "docs" / "configuration.md").read_text().splitlines():
+        if row := re.match(r"^\| `(\w+)`(?: \(YAML only\))? \| `([^`]*)` \|", line):
+            documented[row.group(1)] = row.group(2)
+    assert documented == {name: str(value) for name, value in TrainConfig().to_dict().items()}
 
 
 def test_readme_is_a_front_page_with_a_two_command_quickstart():
