@@ -107,6 +107,7 @@ def test_sample_from_missing_model(capsys, tmp_path):
     assert code == 2 and "not a diffusers pipeline folder" in error_line(err)
 
 
+@pytest.mark.slow
 def test_exit_code_and_no_traceback_unless_debug(tmp_path):
     result = flowers_ddpm("train", "--config", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2

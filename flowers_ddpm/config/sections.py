@@ -135,7 +135,7 @@ class RunSettings:
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
     max_consecutive_nonfinite: int = _opt(10, "stop after this many consecutive steps with a non-finite loss or "
                                           "gradient (each such update is skipped)", minimum=1)
-    recipe: Optional[str] = _opt(None, "tuned defaults applied under your YAML and flags (see RECIPES.md)", ("small-data",))
+    recipe: Optional[str] = _opt(None, "tuned defaults applied under your YAML and flags (see docs/recipes.md)", ("small-data",))
     debug: bool = _opt(False, "show tracebacks for user errors")
     local_rank: int = _opt(-1, "accepted for diffusers compatibility; the launcher (accelerate) sets each process's "
                            "rank")

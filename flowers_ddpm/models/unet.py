@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
         attention_head_dim=16,
     ),
     # CPU-sized (~1.1M parameters): three levels, self-attention only at the lowest (1/4 resolution), where it is
-    # cheap. The recipe ablation's model (RECIPES.md); resolution a multiple of 4.
+    # cheap. The recipe ablation's model (docs/recipes.md); resolution a multiple of 4.
     "small": dict(
         layers_per_block=1,
         block_out_channels=(32, 64, 64),
@@ -39,9 +39,9 @@ PRESETS: dict[str, dict] = {
         norm_num_groups=8,
         attention_head_dim=16,
     ),
-    # ADM (the paper's final architecture) scaled for 64x64 Flowers; the README's "ADM preset" table maps every
-    # paper choice to these settings. Block types depend on the resolution (attention at 32, 16 and 8 px) and are
-    # filled in by `unet_kwargs`.
+    # ADM (the paper's final architecture) scaled for 64x64 Flowers; the "ADM preset" table of
+    # docs/adm-and-guidance.md maps every paper choice to these settings. Block types depend on the resolution
+    # (attention at 32, 16 and 8 px) and are filled in by `unet_kwargs`.
     "adm": dict(
         layers_per_block=2,
         block_out_channels=(128, 256, 384, 512),
