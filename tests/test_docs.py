@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from flowers_ddpm.config.reference import render
 from flowers_ddpm.config.sections import TrainConfig
 
 from .conftest import REPO
@@ -98,7 +99,7 @@ def test_the_configuration_reference_lists_every_setting_with_its_default():
     for line in (REPO / "docs" / "configuration.md").read_text().splitlines():
         if row := re.match(r"^\| `(\w+)`(?: \(YAML only\))? \| `([^`]*)` \|", line):
             documented[row.group(1)] = row.group(2)
-    assert documented == {name: str(value) for name, value in TrainConfig().to_dict().items()}
+    assert documented == {name: str(value) for name, value in TrainConfig().to_dict(secrets=True).items()}
 
 
 def test_readme_is_a_front_page_with_a_two_command_quickstart():
@@ -113,3 +114,8 @@ def test_readme_is_a_front_page_with_a_two_command_quickstart():
     assert train.startswith("pip install -e . && ") and config and (REPO / config.group(1)).is_file(), train
     assert test == 'pip install -e ".[test]" && python -m pytest', test
     assert {"## Architecture", "## Errors", "## Development"} <= set(lines)
+
+
+def test_the_configuration_reference_is_generated_from_the_settings():
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert page == render(page), "run: python -m flowers_ddpm.config.reference docs/configuration.md"
