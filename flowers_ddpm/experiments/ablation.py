@@ -28,6 +28,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from .._util.atomic import atomic_write_text
 from ..config.recipes import recipe_settings
 from ..errors import UserError
 from ..evaluation.evaluate import images_to_tensor
@@ -255,7 +256,7 @@ def run_variant(name: str, data: digits.DigitsData, scorer: Scorer, settings: Ab
            "final_loss": losses[-1]["loss"], "real_vs_real": scorer.real_vs_real,
            **scorer.score(run_dir / "pipeline", folder / "grid.png")}
     row["frechet_ratio"] = row["frechet"] / scorer.real_vs_real
-    result_path.write_text(json.dumps(row, indent=2))
+    atomic_write_text(result_path, json.dumps(row, indent=2))  # a half-written result would count as finished
     return row
 
 

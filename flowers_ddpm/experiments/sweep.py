@@ -30,6 +30,7 @@ from typing import Optional
 import torch.distributed
 from tqdm.auto import tqdm
 
+from .._util.atomic import atomic_write_text
 from ..config.loading import _FIELDS, TrainConfig, build_config, load_yaml
 from ..data.stream import open_source
 from ..errors import UserError
@@ -125,13 +126,6 @@ def _end_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _write_json(path: Path, value: dict) -> None:
-    """Write atomically, so a killed sweep never leaves a half-written result that counts as finished."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def claim_folder(sweep_dir: Path, manifest: dict) -> None:
     """Record the sweep's arguments in a new folder, or check that a rerun into it uses the same ones."""
     path = sweep_dir / MANIFEST
@@ -146,7 +140,7 @@ def claim_folder(sweep_dir: Path, manifest: dict) -> None:
         raise UserError(f"{sweep_dir} has trials but no {MANIFEST}; choose another --output_dir")
     if _is_main_process():
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(path, manifest)
+        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def _train_log(folder: Path) -> list[dict]:
@@ -182,7 +176,8 @@ def run_trial(trial: Trial, evaluation) -> Optional[dict]:
     if report is None:  # not the main process
         return None
     result = trial_result(trial, report)
-    _write_json(trial.folder / RESULT_FILE, result)
+    # atomically: a killed sweep never leaves a half-written result that counts as finished
+    atomic_write_text(trial.folder / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from huggingface_hub import file_exists
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from .._util.hub_ids import is_hub_id
 from ..errors import UserError
 from .unet import build_noise_scheduler
 
@@ -33,7 +34,7 @@ def _unet_location(init_from: str) -> tuple[str, Optional[str]]:
         if (local / "config.json").is_file():
             return init_from, None
         raise UserError(f"init_from {init_from} is neither a pipeline folder (with unet/) nor a UNet2DModel folder")
-    if init_from.startswith((".", "/", "~")) or init_from.count("/") > 1:
+    if not is_hub_id(init_from):
         raise UserError(f"init_from {init_from} does not exist")
 
     try:  # a Hub id: a pipeline repo has unet/config.json, a bare UNet repo has config.json at its root

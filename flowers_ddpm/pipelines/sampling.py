@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 from diffusers.utils import make_image_grid
 from PIL import Image
 
+from .._util.hub_ids import is_hub_id
 from ..errors import UserError
 from ..models.classifier import NoiseAwareClassifier
 from .guided import GuidedDDPMPipeline
@@ -70,9 +71,7 @@ def _load_guided(model: str, dtype):
 def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype] = None):
     """Load any diffusers pipeline from a local folder or a Hub id, with one-line errors for the usual mistakes."""
 
-    local = Path(model)
-    looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_local and not (local / "model_index.json").is_file():
+    if not is_hub_id(model) and not (Path(model) / "model_index.json").is_file():
         raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
     try:
         class_name = DiffusionPipeline.load_config(model).get("_class_name")

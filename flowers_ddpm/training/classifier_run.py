@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
+from .._util.atomic import atomic_files_into
 from ..config.loading import TrainConfig, classifier_eval_timesteps
 from ..errors import UserError
 from ..evaluation.reference import real_image_batches
@@ -95,12 +94,9 @@ class ClassifierPublisher:
         return None
 
     def export(self, model, step: int) -> None:
-        tmp = self.output_dir / "classifier.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        for path in tmp.iterdir():  # file by file, each atomically, so a reader never sees a half-written file
-            os.replace(path, self.output_dir / path.name)
-        tmp.rmdir()
+        # file by file, each atomically: the output folder also holds checkpoints, logs and the report
+        with atomic_files_into(self.output_dir, "classifier.tmp") as staging:
+            model.save_pretrained(str(staging), safe_serialization=True)
         logger.info("exported the classifier at step %d to %s", step, self.output_dir)
 
 
