@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ._util.distributed import is_main_process
 from .config.loading import SAMPLE_SCHEDULERS, add_train_arguments, build_config, load_yaml, parse_train_config
 from .data.cache import open_cache
 from .data.stream import open_source
@@ -39,7 +39,7 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = parse_train_config(args)
     path = run_training(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         print(f"pipeline written to {path}")
 
 
@@ -47,7 +47,7 @@ def _train_classifier(args: argparse.Namespace) -> None:
 
     cfg = parse_train_config(args)
     path = run_classifier_training(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         print(f"classifier written to {path}")
 
 
@@ -292,9 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    # Read the rank from the launcher's environment: creating accelerate's PartialState here would fix the
-    # distributed setup before the Accelerator (which honours ACCELERATE_USE_CPU) is built.
-    main = os.environ.get("RANK", "0") == "0"
+    main = is_main_process()
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("flowers_ddpm").setLevel(logging.INFO if main else logging.WARNING)
 

@@ -20,8 +20,6 @@ import json
 import logging
 import os
 import socket
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +31,7 @@ from .._util.atomic import atomic_folder
 from .._util.cache import cache_location, folder_fingerprint, identity_key
 from ..config.loading import TrainConfig
 from ..errors import UserError
+from .decode_pool import decode_in_order
 from .imaging import TransformSettings, crop_and_flip_view, decode_resized
 from .stream import DataSource, example_id
 
@@ -69,19 +68,10 @@ def _decoded_in_order(source: DataSource, settings: TransformSettings, num_worke
     """(record, label, (array | None, reason)) for every example of the source in stream order."""
     image_col, label_col = source.image_column, source.label_column
     examples = ((ex[image_col], ex[label_col] if label_col else -1) for ex in source.dataset)
-    if num_workers == 0:
-        for record, label in examples:
-            yield record, label, _decode(record, settings)
-        return
-    pending: deque = deque()
-    with ThreadPoolExecutor(num_workers, thread_name_prefix="cache-decode") as pool:
-        for record, label in examples:
-            pending.append((record, label, pool.submit(_decode, record, settings)))
-            if len(pending) >= 8 * num_workers:  # bounded window: records are not all held in memory
-                record, label, future = pending.popleft()
-                yield record, label, future.result()
-        for record, label, future in pending:
-            yield record, label, future.result()
+    jobs = (((record, label), (record, settings)) for record, label in examples)
+    # a bounded window: the records are not all held in memory
+    for (record, label), decoded in decode_in_order(_decode, jobs, num_workers, 8 * num_workers, "cache-decode"):
+        yield record, label, decoded
 
 
 def build_cache(source: DataSource, settings: TransformSettings, folder: Path, identity: dict,

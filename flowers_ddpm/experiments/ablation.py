@@ -35,6 +35,7 @@ from ..evaluation.evaluate import images_to_tensor
 from ..evaluation.metrics import frechet_distance
 from ..models.unet import build_unet
 from ..pipelines.sampling import generate, image_grid, load_pipeline
+from ..publish.run_log import read_records
 from . import digits
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,8 @@ def _run_train(config: Path, extra: list[str], log: Path) -> float:
 
 
 def _logged_images_per_sec(run_dir: Path) -> float:
-    """Steady-state images/s from report/loss.jsonl, skipping the first interval (it holds the warm-up)."""
-    rows = [json.loads(line) for line in (run_dir / "report" / "loss.jsonl").read_text().splitlines() if line]
+    """Steady-state images/s from the run log, skipping the first interval (it holds the warm-up)."""
+    rows = read_records(run_dir)
     rates = [r["images_per_sec"] for r in rows[1:]] or [rows[-1]["images_per_sec"]]
     return sum(rates) / len(rates)
 
@@ -249,7 +250,7 @@ def run_variant(name: str, data: digits.DigitsData, scorer: Scorer, settings: Ab
     seconds = _run_train(config, ["--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
                                   "--save_images_steps", str(steps)], folder / "train.log")
     run_dir = folder / "run"
-    losses = [json.loads(line) for line in (run_dir / "report" / "loss.jsonl").read_text().splitlines() if line]
+    losses = read_records(run_dir)
     row = {"variant": name, "changes": describe(name), "steps": steps,
            "train_images": steps * recipe["train_batch_size"],
            "images_per_sec": _logged_images_per_sec(run_dir), "train_sec": seconds,

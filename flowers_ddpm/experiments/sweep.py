@@ -19,7 +19,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import re
 import statistics
 from dataclasses import dataclass
@@ -31,12 +30,13 @@ import torch.distributed
 from tqdm.auto import tqdm
 
 from .._util.atomic import atomic_write_text
+from .._util.distributed import is_main_process
 from ..config.loading import _FIELDS, TrainConfig, build_config, load_yaml
 from ..data.stream import open_source
 from ..errors import UserError
 from ..evaluation.command import run_evaluation
 from ..evaluation.features import load_factory, resolve_inception_weights
-from ..publish.report import LOSS_LOG
+from ..publish.run_log import read_records
 from ..training.diffusion_run import run_training
 from ..training.stopping import InterruptOnSigterm, Preempted, TrainingStopped
 from .sweep_report import write_comparison
@@ -114,11 +114,6 @@ def plan_trials(base: dict, grid: dict[str, list[str]], max_train_steps: int, sw
     return trials
 
 
-def _is_main_process() -> bool:
-    # the launcher's environment, read before any Accelerator exists (as in cli._setup_logging)
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _end_process_group() -> None:
     """What `accelerator.end_training()` does at the end of a training run, once for the whole sweep."""
 
@@ -138,28 +133,15 @@ def claim_folder(sweep_dir: Path, manifest: dict) -> None:
         return
     if (sweep_dir / TRIALS_DIR).exists():
         raise UserError(f"{sweep_dir} has trials but no {MANIFEST}; choose another --output_dir")
-    if _is_main_process():
+    if is_main_process():
         sweep_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
-
-
-def _train_log(folder: Path) -> list[dict]:
-    """The trainer's loss log entries, one per step (a resumed run's later entry for a step wins)."""
-
-    by_step = {}
-    path = folder / "report" / LOSS_LOG
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                by_step[entry["step"]] = entry
-    return [by_step[step] for step in sorted(by_step)]
 
 
 def trial_result(trial: Trial, report: dict) -> dict:
     """The trial's row of the comparison: its grid values, final loss, training throughput and metrics."""
 
-    log = _train_log(trial.folder)
+    log = read_records(trial.folder)
     return {"trial": trial.name, "settings": {key: getattr(trial.cfg, key) for key in trial.values},
             "final_loss": log[-1]["loss"] if log else None,
             "train_images_per_sec": statistics.median(e["images_per_sec"] for e in log) if log else None,
@@ -241,7 +223,7 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
         logger.info("%d of %d trials already finished; running the other %d", len(trials) - len(pending),
                     len(trials), len(pending))
     try:
-        for trial in tqdm(pending, desc="sweep", unit="trial", disable=not _is_main_process()):
+        for trial in tqdm(pending, desc="sweep", unit="trial", disable=not is_main_process()):
             logger.info("trial %s", trial.name)
             try:
                 with InterruptOnSigterm():
@@ -256,7 +238,7 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
                                 "sweep command to continue") from None
     finally:
         _end_process_group()
-    if not _is_main_process():
+    if not is_main_process():
         return None
     results = [json.loads((trial.folder / RESULT_FILE).read_text()) for trial in trials]
     return write_comparison(results, list(grid), sweep_dir)

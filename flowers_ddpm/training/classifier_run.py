@@ -23,7 +23,7 @@ from ..evaluation.reference import real_image_batches
 from ..models.classifier import classifier_for_unet
 from ..models.unet import build_noise_scheduler, unet_kwargs, unet_overrides
 from ..objectives.classifier import ClassifierObjective
-from ..publish.report import LOSS_CURVE, LOSS_LOG, plot_loss_curve
+from ..publish.report import LOSS_CURVE, plot_loss_curve
 from .device import configure_backends
 from .optimization import build_optimization
 from .run_setup import device_batches, init_trackers, loop_settings, run_trainer, start_run
@@ -139,6 +139,5 @@ def run_classifier_training(cfg: TrainConfig) -> Path:
                       batches, ClassifierPublisher(cfg.output_dir), settings, evaluator)
     run_trainer(trainer, accelerator, resume_from)
     if accelerator.is_main_process:
-        report = Path(cfg.output_dir) / "report"
-        plot_loss_curve(report / LOSS_LOG, report / LOSS_CURVE)
+        plot_loss_curve(cfg.output_dir, Path(cfg.output_dir) / "report" / LOSS_CURVE)
     return Path(cfg.output_dir)
