@@ -1,6 +1,9 @@
-"""The shared helpers of flowers_ddpm._util: atomic writes, the cache root, Hub ids, markdown tables."""
+"""The helpers that do a shared job once: atomic writes, the cache root, Hub ids, the decode pool, the run log,
+markdown tables and class-label resolution."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 from accelerate import Accelerator
@@ -8,10 +11,15 @@ from accelerate import Accelerator
 from flowers_ddpm._util.atomic import atomic_file, atomic_files_into, atomic_folder, atomic_write_text
 from flowers_ddpm._util.cache import cache_location, cache_root, folder_fingerprint
 from flowers_ddpm._util.hub_ids import is_hub_id
+from flowers_ddpm._util.tables import markdown_table
 from flowers_ddpm.config.loading import build_config
 from flowers_ddpm.data.cache import open_cache
+from flowers_ddpm.data.decode_pool import decode_in_order
 from flowers_ddpm.data.stream import open_source
+from flowers_ddpm.errors import UserError
 from flowers_ddpm.evaluation.reference import load_or_compute_reference
+from flowers_ddpm.pipelines.conditioning import class_ids
+from flowers_ddpm.publish import run_log
 from tests.feature_nets import tiny_conv_net
 
 
@@ -118,3 +126,48 @@ def test_hub_ids_and_local_paths(tmp_path, monkeypatch):
     assert not is_hub_id("gpt2", namespaced=True)
     for local in ("runs/pipeline", "./model", "/abs/model", "~/model", "does/not/exist/here", "a b/c", "", None):
         assert not is_hub_id(local), local
+
+
+@pytest.mark.parametrize("num_workers", [0, 3])
+def test_the_decode_pool_keeps_stream_order_and_a_bounded_window(num_workers):
+    pulled, threads = [], set()
+
+    def jobs():
+        for i in range(40):
+            pulled.append(i)
+            yield f"ctx{i}", (i,)
+
+    def decode(i):
+        threads.add(threading.current_thread().name)
+        return i * i
+
+    results = []
+    for context, value in decode_in_order(decode, jobs(), num_workers, window=5, thread_name_prefix="test-decode"):
+        results.append((context, value))
+        assert len(pulled) - len(results) <= 5  # never more than the window submitted ahead of the consumer
+    assert results == [(f"ctx{i}", i * i) for i in range(40)]
+    assert all(name.startswith("test-decode") for name in threads) == (num_workers > 0)
+
+
+def test_the_run_log_keeps_the_later_record_of_a_step_logged_twice(tmp_path):
+    (tmp_path / "report").mkdir()
+    for step, loss in ((1, 0.9), (2, 0.8), (3, 0.7), (2, 0.6), (3, 0.5), (4, 0.4)):  # resumed from step 1
+        run_log.append_record(tmp_path, {"step": step, "loss": loss})
+    assert run_log.loss_curve(tmp_path) == ([1, 2, 3, 4], [0.9, 0.6, 0.5, 0.4])
+    assert run_log.read_records(tmp_path / "nothing") == []
+
+
+def test_markdown_table():
+    rows = [{"name": "a", "value": 1.0}, {"name": "b", "value": None}]
+    table = markdown_table(rows, [("name", "sampler"), ("value", "FID")],
+                           lambda key, value: "-" if value is None else str(value), right_aligned=["value"])
+    assert table == "| sampler | FID |\n| --- | ---: |\n| a | 1.0 |\n| b | - |\n"
+
+
+def test_class_labels_by_index_digit_string_or_name():
+    names = ["Pink Primrose", "sunflower"]
+    assert class_ids([1, "0", " SUNFLOWER ", "pink primrose"], names, 2) == [1, 0, 1, 0]
+    with pytest.raises(UserError, match="unknown class 'rose'; classes are pink primrose, sunflower"):
+        class_ids(["rose"], names, 2)
+    with pytest.raises(UserError, match="class index 2 is out of range for 2 classes"):
+        class_ids(["2"], names, 2)

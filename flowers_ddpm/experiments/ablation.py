@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .._util.atomic import atomic_write_text
+from .._util.tables import markdown_table
 from ..config.recipes import recipe_settings
 from ..errors import UserError
 from ..evaluation.evaluate import images_to_tensor
@@ -277,10 +278,8 @@ def write_table(rows: list[dict], output_dir: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
     path = output_dir / "results.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(markdown_table(rows, [(c, c) for c in COLUMNS], lambda key, value: _cell(value)))
     return path
 
 

@@ -36,6 +36,7 @@ from ..data.stream import open_source
 from ..errors import UserError
 from ..evaluation.command import run_evaluation
 from ..evaluation.features import load_factory, resolve_inception_weights
+from ..pipelines.conditioning import class_ids
 from ..publish.run_log import read_records
 from ..training.diffusion_run import run_training
 from ..training.stopping import InterruptOnSigterm, Preempted, TrainingStopped
@@ -184,14 +185,9 @@ def check_conditioning(evaluation, trials: list[Trial]) -> None:
         return
     if not all(trial.cfg.class_conditional for trial in trials):
         raise UserError("--class_labels and --guidance_scale need class-conditional trials (class_conditional: true)")
-    if not evaluation.class_labels:
-        return
-
-    names = [str(name).lower() for name in open_source(trials[0].cfg).class_names or []]
-    for label in evaluation.class_labels:
-        known = str(label).strip().lower() in names or (str(label).isdigit() and int(label) < len(names))
-        if not known:
-            raise UserError(f"unknown class {label!r}; classes are {', '.join(names)} or their indices")
+    if evaluation.class_labels:
+        names = open_source(trials[0].cfg).class_names or []
+        class_ids(evaluation.class_labels, names, len(names))
 
 
 # evaluation arguments that do not change a result (images are seeded one by one, so the batch size does not matter)

@@ -95,20 +95,6 @@ def prepare_for_sampling(pipe):
     return pipe
 
 
-def resolve_class_labels(pipe, class_labels: Optional[list], classifier=None) -> Optional[list[int]]:
-    """Class indices for labels given as indices or names (of the pipeline's classes, or of the guiding
-    classifier's for an unconditional model); one-sentence errors for a wrong label or model."""
-    if not class_labels:
-        return None
-    classifier = classifier if classifier is not None else getattr(pipe, "classifier", None)
-    if getattr(pipe, "num_classes", None) is None and classifier is None:
-        raise UserError("--class_labels needs a class-conditional pipeline or --classifier; this model is unconditional")
-    try:
-        return pipe.label_ids(class_labels, classifier)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 def load_classifier(path: str, device: torch.device):
     """A noise-aware classifier folder written by `train-classifier` (float32, eval mode)."""
 

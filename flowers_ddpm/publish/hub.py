@@ -19,6 +19,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from .._util.hub_ids import is_hub_id
+from .._util.tables import markdown_table
 from ..config.loading import FLOWERS_DATASET
 from ..errors import UserError
 from ..pipelines.sampling import generate, image_grid, load_pipeline
@@ -123,8 +124,10 @@ def _metrics_section(metrics: Optional[dict]) -> str:
         return ""
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     rest = {k: v for k, v in metrics.items() if k not in scalars}
-    lines = ["## Metrics", "", "| metric | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()]
+    table = markdown_table([{"metric": k, "value": v} for k, v in scalars.items()],
+                           [("metric", "metric"), ("value", "value")],
+                           lambda key, value: f"{value:.4g}" if isinstance(value, float) else str(value))
+    lines = ["## Metrics", "", table.rstrip("\n")]
     if rest:
         lines += ["", "```json", json.dumps(rest, indent=2), "```"]
     return "\n".join(lines) + "\n\n"
