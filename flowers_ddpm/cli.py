@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import difflib
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,6 +14,7 @@ from typing import Optional
 import torch
 
 from . import __version__
+from ._util.distributed import is_main_process
 from .config.loading import TRAIN_SECTIONS, add_train_arguments, build_config, load_yaml, parse_train_config
 from .config.sections import SAMPLE_SCHEDULERS
 from .data.cache import open_cache
@@ -23,15 +23,9 @@ from .errors import UserError
 from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
 from .experiments.benchmark import add_benchmark_arguments, format_table, run_benchmark
 from .experiments.sweep import run_sweep
+from .pipelines.conditioning import resolve_conditioning
 from .pipelines.export import attach_classifier
-from .pipelines.sampling import (
-    generate,
-    image_grid,
-    load_classifier,
-    load_pipeline,
-    resolve_class_labels,
-    with_classifier,
-)
+from .pipelines.sampling import generate, image_grid, load_classifier, load_pipeline, with_classifier
 from .publish.hub import push_pipeline, stage_upload
 from .training.classifier_run import run_classifier_training
 from .training.diffusion_run import run_training
@@ -41,14 +35,14 @@ from .training.stopping import TrainingStopped
 def _train(args: argparse.Namespace) -> None:
     cfg = parse_train_config(args)
     path = run_training(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         print(f"pipeline written to {path}")
 
 
 def _train_classifier(args: argparse.Namespace) -> None:
     cfg = parse_train_config(args)
     path = run_classifier_training(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         print(f"classifier written to {path}")
 
 
@@ -61,15 +55,7 @@ def _sample(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, device, dtype)
     if classifier is not None:
         pipe = with_classifier(pipe, classifier)
-    if args.classifier_scale is not None and classifier is None and getattr(pipe, "classifier", None) is None:
-        raise UserError("--classifier_scale needs --classifier (the folder written by train-classifier) or a "
-                        "pipeline that carries one (attach-classifier)")
-    labels = resolve_class_labels(pipe, args.class_labels, classifier)
-    if classifier is not None and labels is None:
-        raise UserError("--classifier needs --class_labels (the classes to guide the samples towards)")
-    if args.guidance_scale is not None and (labels is None or getattr(pipe, "num_classes", None) is None):
-        raise UserError("--guidance_scale needs --class_labels and a class-conditional model (classifier-free "
-                        "guidance); use --classifier_scale to guide an unconditional model")
+    labels = resolve_conditioning(pipe, args.class_labels, args.guidance_scale, classifier, args.classifier_scale)
     images = generate(pipe, args.num_images, args.steps, args.seed, args.scheduler, args.batch_size,
                       class_labels=labels, guidance_scale=args.guidance_scale, classifier=classifier,
                       classifier_scale=args.classifier_scale)
@@ -290,9 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    # Read the rank from the launcher's environment: creating accelerate's PartialState here would fix the
-    # distributed setup before the Accelerator (which honours ACCELERATE_USE_CPU) is built.
-    main = os.environ.get("RANK", "0") == "0"
+    main = is_main_process()
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("flowers_ddpm").setLevel(logging.INFO if main else logging.WARNING)
 

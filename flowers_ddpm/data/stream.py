@@ -13,8 +13,6 @@ import copy
 import hashlib
 import logging
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -26,6 +24,7 @@ from datasets.distributed import split_dataset_by_node
 from ..config.sections import FLOWERS_DATASET, DataSettings
 from ..errors import UserError
 from .flowers102 import display_names
+from .decode_pool import decode_in_order
 from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
 if TYPE_CHECKING:
@@ -225,24 +224,17 @@ class TrainBatches:
         self.consumed_state = state
 
     def _jobs(self):
+        """(record, label, stream state after it) and the arguments of its `try_decode`, in stream order."""
         image_col, label_col = self.source.image_column, self.source.label_column
         for example in self.stream:
+            record, label = example[image_col], (example[label_col] if label_col else -1)
             key = (self.stream.seed, self.stream.rank, self.stream.produced - 1)
-            yield example[image_col], (example[label_col] if label_col else -1), key, self.stream.state_dict()
+            yield (record, label, self.stream.state_dict()), (record, self.settings, key)
 
     def _decoded(self):
-        if self.num_workers == 0:
-            for record, label, key, state in self._jobs():
-                yield record, label, state, try_decode(record, self.settings, key)
-            return
         window = max(2 * self.batch_size, 4 * self.num_workers)
-        pending: deque = deque()
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="decode") as pool:
-            for record, label, key, state in self._jobs():
-                pending.append((record, label, state, pool.submit(try_decode, record, self.settings, key)))
-                if len(pending) >= window:
-                    record, label, state, future = pending.popleft()
-                    yield record, label, state, future.result()
+        for (record, label, state), decoded in decode_in_order(try_decode, self._jobs(), self.num_workers, window):
+            yield record, label, state, decoded
 
     def _check_bad(self, record, reason: str) -> None:
         self.skipped += 1

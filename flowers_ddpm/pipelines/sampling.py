@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 from diffusers.utils import make_image_grid
 from PIL import Image
 
+from .._util.hub_ids import is_hub_id
 from ..errors import UserError
 from ..models.classifier import NoiseAwareClassifier
 from .guided import GuidedDDPMPipeline
@@ -73,9 +74,8 @@ def _load_guided(model: str, dtype):
 
 def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype] = None):
     """Load any diffusers pipeline from a local folder or a Hub id, with one-line errors for the usual mistakes."""
-    local = Path(model)
-    looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_local and not (local / "model_index.json").is_file():
+
+    if not is_hub_id(model) and not (Path(model) / "model_index.json").is_file():
         raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
     try:
         class_name = DiffusionPipeline.load_config(model).get("_class_name")
@@ -97,20 +97,6 @@ def prepare_for_sampling(pipe):
     if unet is not None and unet.device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     return pipe
-
-
-def resolve_class_labels(pipe, class_labels: Optional[list], classifier=None) -> Optional[list[int]]:
-    """Class indices for labels given as indices or names (of the pipeline's classes, or of the guiding
-    classifier's for an unconditional model); one-sentence errors for a wrong label or model."""
-    if not class_labels:
-        return None
-    classifier = classifier if classifier is not None else getattr(pipe, "classifier", None)
-    if getattr(pipe, "num_classes", None) is None and classifier is None:
-        raise UserError("--class_labels needs a class-conditional pipeline or --classifier; this model is unconditional")
-    try:
-        return pipe.label_ids(class_labels, classifier)
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def load_classifier(path: str, device: torch.device):

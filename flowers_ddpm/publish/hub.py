@@ -18,6 +18,8 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
+from .._util.hub_ids import is_hub_id
+from .._util.tables import markdown_table
 from ..config.sections import FLOWERS_DATASET
 from ..errors import UserError
 from ..pipelines.sampling import generate, image_grid, load_pipeline
@@ -91,10 +93,6 @@ def _dataset(config: dict) -> tuple[str, list[str], list[str]]:
     return f"[{name}](https://huggingface.co/datasets/{name})", [name], [name.split("/")[-1].lower()]
 
 
-def _is_hub_id(value: Optional[str]) -> bool:
-    return bool(value) and value.count("/") == 1 and not Path(value).exists() and not value.startswith((".", "/", "~"))
-
-
 # Settings that hold local file-system paths: the card shows only their last component, so a published card does
 # not reveal the trainer's directory layout (user names, mount points).
 LOCAL_PATH_SETTINGS = ("train_data_dir", "cache_dir", "output_dir", "resume_from_checkpoint", "inception_weights",
@@ -107,7 +105,7 @@ def public_config_yaml(config: dict) -> str:
     shown = dict(config)
     for key in LOCAL_PATH_SETTINGS:
         value = shown.get(key)
-        if isinstance(value, str) and value != "latest" and not _is_hub_id(value):
+        if isinstance(value, str) and value != "latest" and not is_hub_id(value, namespaced=True):
             shown[key] = Path(value).name or value
     return yaml.safe_dump(shown, sort_keys=False)
 
@@ -124,8 +122,10 @@ def _metrics_section(metrics: Optional[dict]) -> str:
         return ""
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     rest = {k: v for k, v in metrics.items() if k not in scalars}
-    lines = ["## Metrics", "", "| metric | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()]
+    table = markdown_table([{"metric": k, "value": v} for k, v in scalars.items()],
+                           [("metric", "metric"), ("value", "value")],
+                           lambda key, value: f"{value:.4g}" if isinstance(value, float) else str(value))
+    lines = ["## Metrics", "", table.rstrip("\n")]
     if rest:
         lines += ["", "```json", json.dumps(rest, indent=2), "```"]
     return "\n".join(lines) + "\n\n"
@@ -153,15 +153,16 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
     config, info, unet = run["config"], run["info"], run["unet"]
     data_text, datasets, data_tags = _dataset(config)
     init_from = config.get("init_from")
+    from_hub = is_hub_id(init_from, namespaced=True)
     metadata = ModelCardData(
         library_name="diffusers", pipeline_tag="unconditional-image-generation", license=license,
         tags=["diffusers", "ddpm", "unconditional-image-generation", "pytorch", *data_tags],
-        datasets=datasets or None, base_model=init_from if _is_hub_id(init_from) else None,
+        datasets=datasets or None, base_model=init_from if from_hub else None,
     )
     size = unet.get("sample_size", "?")
     origin = ""
     if init_from:  # local paths stay out of the card
-        origin = (f"fine-tuned from [{init_from}](https://huggingface.co/{init_from}) " if _is_hub_id(init_from)
+        origin = (f"fine-tuned from [{init_from}](https://huggingface.co/{init_from}) " if from_hub
                   else "fine-tuned from a local pretrained model ")
     lora = ""
     if config.get("lora_rank"):

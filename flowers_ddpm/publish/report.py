@@ -1,6 +1,6 @@
 """The training report in <output_dir>/report/: loss curve, sample grids over training, a denoising progression.
 
-Reads only what a run wrote (report/loss.jsonl, samples/, the exported pipeline/), never the trainer.
+Reads only what a run wrote (the run log report/loss.jsonl, samples/, the exported pipeline/), never the trainer.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..pipelines.sampling import load_pipeline, make_scheduler
+from .run_log import loss_curve
 
 logger = logging.getLogger(__name__)
-LOSS_LOG = "loss.jsonl"
 TRAINING_INFO = "training_info.json"
 FINAL_SAMPLES, SAMPLES_OVER_TRAINING = "final_samples.png", "samples_over_training.png"
 LOSS_CURVE, DENOISING = "loss_curve.png", "denoising.png"
@@ -29,21 +29,9 @@ def write_training_info(pipeline_dir: Path, step: int, seconds: float, hardware:
     (Path(pipeline_dir) / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def read_loss_log(path: Path) -> tuple[list[int], list[float]]:
-    """(steps, losses) from the trainer's JSON lines; a resumed run's later entry for a step wins."""
-    by_step: dict[int, float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                by_step[entry["step"]] = entry["loss"]
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
-
-
-def plot_loss_curve(loss_log: Path, out: Path) -> Optional[Path]:
-    """Loss against optimizer step as a PNG; None when nothing was logged."""
-    steps, losses = read_loss_log(loss_log)
+def plot_loss_curve(output_dir: str | Path, out: Path) -> Optional[Path]:
+    """The run's loss against optimizer step as a PNG; None when nothing was logged."""
+    steps, losses = loss_curve(output_dir)
     if not steps:
         return None
     import matplotlib
@@ -136,7 +124,7 @@ def write_report(output_dir: str | Path, steps: int = 50, scheduler: Optional[st
     output_dir = Path(output_dir)
     folder = output_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    plot_loss_curve(folder / LOSS_LOG, folder / LOSS_CURVE)
+    plot_loss_curve(output_dir, folder / LOSS_CURVE)
     if samples_over_training(output_dir / "samples", folder / SAMPLES_OVER_TRAINING):
         shutil.copyfile(sorted((output_dir / "samples").glob("step-*.png"))[-1], folder / FINAL_SAMPLES)
     if (output_dir / "pipeline" / "model_index.json").is_file():

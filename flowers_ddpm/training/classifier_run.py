@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
+from .._util.atomic import atomic_files_into
 from ..config.sections import TrainConfig
 from ..config.validation import classifier_eval_timesteps
 from ..errors import UserError
@@ -25,7 +24,7 @@ from ..evaluation.reference import real_image_batches
 from ..models.classifier import classifier_for_unet
 from ..models.unet import build_noise_scheduler, unet_kwargs, unet_overrides
 from ..objectives.classifier import ClassifierObjective
-from ..publish.report import LOSS_CURVE, LOSS_LOG, plot_loss_curve
+from ..publish.report import LOSS_CURVE, plot_loss_curve
 from .device import configure_backends
 from .optimization import build_optimization
 from .run_setup import device_batches, init_trackers, loop_settings, run_trainer, start_run
@@ -95,12 +94,9 @@ class ClassifierPublisher:
         return None
 
     def export(self, model, step: int) -> None:
-        tmp = self.output_dir / "classifier.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        for path in tmp.iterdir():  # file by file, each atomically, so a reader never sees a half-written file
-            os.replace(path, self.output_dir / path.name)
-        tmp.rmdir()
+        # file by file, each atomically: the output folder also holds checkpoints, logs and the report
+        with atomic_files_into(self.output_dir, "classifier.tmp") as staging:
+            model.save_pretrained(str(staging), safe_serialization=True)
         logger.info("exported the classifier at step %d to %s", step, self.output_dir)
 
 
@@ -141,6 +137,5 @@ def run_classifier_training(cfg: TrainConfig) -> Path:
                       batches, ClassifierPublisher(cfg.run.output_dir), settings, evaluator)
     run_trainer(trainer, accelerator, resume_from)
     if accelerator.is_main_process:
-        report = Path(cfg.run.output_dir) / "report"
-        plot_loss_curve(report / LOSS_LOG, report / LOSS_CURVE)
+        plot_loss_curve(cfg.run.output_dir, Path(cfg.run.output_dir) / "report" / LOSS_CURVE)
     return Path(cfg.run.output_dir)

@@ -119,10 +119,11 @@ class TrainingEvaluator:
         if row["fid"] < self.best_fid:
             self.best_fid = row["fid"]
             if self.accelerator.is_main_process:
+                metrics = json.dumps({"step": step, **row, **guidance}, indent=2) + "\n"
+                # inside the new folder before it replaces the old one: best/ and its metrics always match
                 export_pipeline(merged_unet(model), self.noise_scheduler, self.best_dir,
-                                yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names)
-                (self.best_dir / "metrics.json").write_text(json.dumps({"step": step, **row, **guidance}, indent=2)
-                                                            + "\n")
+                                yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names,
+                                lambda folder: (folder / "metrics.json").write_text(metrics))
                 logger.info("step %d: FID %.4f, the best so far; pipeline written to %s", step, row["fid"], self.best_dir)
         self.accelerator.wait_for_everyone()
         return {f"eval/{key}": row[key] for key in ("fid", "kid_mean", "kid_std", "is_mean") if key in row}
