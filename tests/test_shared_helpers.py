@@ -104,9 +104,9 @@ def test_the_decode_cache_and_the_reference_cache_honour_the_variable(image_fold
     monkeypatch.setenv("FLOWERS_DDPM_CACHE", str(tmp_path / "caches"))
     cfg = build_config({}, dict(train_data_dir=str(image_folder), model_preset="tiny", resolution=16, center_crop=True,
                                 max_train_steps=1, output_dir=str(tmp_path / "out")))
-    images = open_cache(cfg, open_source(cfg))
+    images = open_cache(cfg.data, open_source(cfg.data))
     assert images.folder.parent == tmp_path / "caches" / "decoded"
-    load_or_compute_reference(Accelerator(cpu=True), cfg, {"net": tiny_conv_net()}, max_images=4)
+    load_or_compute_reference(Accelerator(cpu=True), cfg.data, {"net": tiny_conv_net()}, max_images=4)
     assert [p.suffix for p in sorted((tmp_path / "caches" / "reference").iterdir())] == [".json", ".safetensors"]
 
 
