@@ -1,5 +1,5 @@
 """The `flowers-ddpm` command: `train`, `train-classifier`, `sample`, `attach-classifier`, `evaluate`, `sweep`,
-`push`, `prepare` and `benchmark`. Thin: parse, then call the module that does the work."""
+`push`, `demo`, `prepare` and `benchmark`. Thin: parse, then call the module that does the work."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .config.loading import add_train_arguments, build_config, load_yaml, parse_
 from .config.sections import SAMPLE_SCHEDULERS
 from .data.cache import open_cache
 from .data.stream import open_source
+from .demo.app import launch_demo
 from .errors import UserError
 from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
 from .experiments.benchmark import add_benchmark_arguments, format_table, run_benchmark
@@ -197,6 +198,29 @@ def _push(args: argparse.Namespace) -> None:
     print(f"pushed to {url}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+
+    launch_demo(args.model, host=args.host, port=args.port, share=args.share, device=args.device)
+
+
+def _true_or_false(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub id (anything `sample` loads)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", type=_true_or_false, nargs="?", const=True, default=False, metavar="true|false",
+                        help="also serve through a temporary public gradio.live link (default: false)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+
+
 def _prepare(args: argparse.Namespace) -> None:
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
@@ -280,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--staging_dir", default=None, help="empty folder to stage the upload in")
     push.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     push.set_defaults(func=_push)
+
+    demo = sub.add_parser("demo", help="a Gradio page that generates images from a pipeline folder or Hub id "
+                                       "(needs the demo extra: pip install -e \".[demo]\")")
+    _add_demo_arguments(demo)
+    demo.set_defaults(func=_demo)
 
     prepare = sub.add_parser("prepare", help="build the decode-once cache for a training config (see --decode_cache)")
     add_train_arguments(prepare)
