@@ -32,6 +32,7 @@ from .pipelines.sampling import (
     with_classifier,
 )
 from .publish.hub import push_pipeline, stage_upload
+from .publish.space import check_repo_id, push_space, stage_space
 from .training.classifier_run import run_classifier_training
 from .training.diffusion_run import run_training
 from .training.stopping import TrainingStopped
@@ -186,16 +187,30 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _push(args: argparse.Namespace) -> None:
 
+    if args.space_id:
+        check_repo_id(args.space_id, "--space_id")
+        if args.revision not in (None, "main"):
+            raise UserError("--space_id: the Space serves the model's main branch; push it without --revision")
     if args.dry_run:
         if not args.staging_dir:
             raise UserError("--dry_run needs --staging_dir (the folder to stage the upload in)")
-        files = stage_upload(args.model, args.staging_dir, args.repo_id, args.license)
+        files = stage_upload(args.model, args.staging_dir, args.repo_id, args.license, args.space_id)
         print(f"dry run: would upload {len(files)} files from {args.staging_dir} to {args.repo_id}:")
         print("\n".join(f"  {name}" for name in files))
+        if args.space_id:
+            space_dir = args.space_staging_dir or f"{args.staging_dir.rstrip('/')}-space"
+            files = stage_space(args.space_id, args.repo_id, space_dir, args.license)
+            print(f"dry run: would upload {len(files)} files from {space_dir} to the Space {args.space_id}:")
+            print("\n".join(f"  {name}" for name in files))
         return
     url = push_pipeline(args.model, args.repo_id, private=args.private, revision=args.revision,
-                        commit_message=args.commit_message, license=args.license, staging_dir=args.staging_dir)
+                        commit_message=args.commit_message, license=args.license, staging_dir=args.staging_dir,
+                        space_id=args.space_id)
     print(f"pushed to {url}")
+    if args.space_id:
+        url = push_space(args.space_id, args.repo_id, private=args.private, license=args.license,
+                         staging_dir=args.space_staging_dir)
+        print(f"pushed the demo Space to {url}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -302,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--license", default="apache-2.0", help="license in the card's metadata")
     push.add_argument("--dry_run", action="store_true", help="only stage the upload in --staging_dir and list it")
     push.add_argument("--staging_dir", default=None, help="empty folder to stage the upload in")
+    push.add_argument("--space_id", default=None, metavar="USER/NAME",
+                      help="also push a Gradio Space serving the model (the `demo` page) and link it from the card")
+    push.add_argument("--space_staging_dir", default=None,
+                      help="empty folder to stage the Space in (default with --dry_run: <staging_dir>-space)")
     push.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     push.set_defaults(func=_push)
 
