@@ -63,7 +63,11 @@ def test_a_request_draws_the_grid_sample_writes_and_the_first_images_steps(pipel
 
     # the strip: 4 steps give 5 states (noise, 3 x_t, the image), tiles enlarged x4 under a 14 px caption strip
     assert result.strip.size == (5 * 64, 64 + 14)
-    tile = lambda i: np.asarray(result.strip)[14:, i * 64:(i + 1) * 64]  # noqa: E731
+    strip = np.asarray(result.strip)
+
+    def tile(i: int) -> np.ndarray:
+        return strip[14:, i * 64:(i + 1) * 64]
+
     noise = torch.randn((1, 3, 16, 16), generator=torch.Generator("cpu").manual_seed(3))  # image 0's start
     assert np.array_equal(tile(0), np.asarray(tensor_to_image(noise).resize((64, 64), Image.NEAREST)))
     assert np.array_equal(tile(4), np.asarray(result.images[0].resize((64, 64), Image.NEAREST)))
@@ -99,8 +103,8 @@ def test_without_gradio_the_command_says_how_to_install_it_and_exits_2(pipeline_
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now fails as if it were not installed
     assert main(["demo", "--model", str(pipeline_dir)]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ['error: the demo needs gradio, which is not installed: pip install -e '
-                                        '".[demo]" (or pip install gradio)']
+    assert err.strip().splitlines() == [('error: the demo needs gradio, which is not installed: pip install -e '
+                                         '".[demo]" (or pip install gradio)')]
 
 
 # --- in a real browser ---------------------------------------------------------------------------------------
@@ -238,8 +242,17 @@ def test_the_page_shows_the_images_sample_writes(server, browser, pipeline_dir, 
 
 
 @pytest.mark.slow
-def test_wrong_input_is_a_message_on_the_page_and_the_server_keeps_serving(server, browser):
+def test_wrong_input_is_a_message_on_the_page_and_the_server_keeps_serving(server, browser, pipeline_dir, tmp_path):
     page = Page(browser, server)
+    model = page.find("#model textarea, #model input")
+    model.send_keys(page.keys.CONTROL, "a")
+    model.send_keys(str(tmp_path))
+    before = page.status()
+    page.find("#load").click()
+    page.wait.until(lambda d: page.status() != before)
+    assert page.status() == (f"error: {tmp_path} is not a diffusers pipeline folder (no model_index.json) (still "
+                             f"serving {pipeline_dir})")
+
     page.add_class("tulip")
     assert page.generate() == "error: unknown class 'tulip'; classes are blue, red"
     assert "Traceback" not in browser.page_source

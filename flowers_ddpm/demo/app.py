@@ -51,7 +51,7 @@ def build_demo(model: str | DemoModel, device: Optional[str] = None, allow_model
             current["model"] = DemoModel(name.strip(), device)
         except UserError as e:
             return [gr.update()] * 4 + [f"error: {e} (still serving {current['model'].model})"]
-        except Exception as e:  # noqa: BLE001 - the page shows one line; the server log keeps the traceback
+        except Exception as e:  # the page shows one line; the server log keeps the traceback
             logger.exception("loading %s failed", name)
             return [gr.update()] * 4 + [f"error: cannot load {name}: {type(e).__name__}: {_first_line(e)}"]
         return conditioning_updates(current["model"]) + [f"loaded {name}"]
@@ -64,7 +64,7 @@ def build_demo(model: str | DemoModel, device: Optional[str] = None, allow_model
             result = current["model"].run(request)
         except UserError as e:
             return None, None, f"error: {e}"
-        except Exception as e:  # noqa: BLE001 - the page shows one line; the server log keeps the traceback
+        except Exception as e:  # the page shows one line; the server log keeps the traceback
             logger.exception("generating failed for %s", request)
             return None, None, f"error: generation failed: {type(e).__name__}: {_first_line(e)}"
         return result.grid, result.strip, result.summary
