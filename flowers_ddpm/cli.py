@@ -1,5 +1,5 @@
 """The `flowers-ddpm` command: `train`, `train-classifier`, `sample`, `attach-classifier`, `evaluate`, `sweep`,
-`push`, `prepare` and `benchmark`. Thin: parse, then call the module that does the work."""
+`push`, `demo`, `prepare` and `benchmark`. Thin: parse, then call the module that does the work."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .config.loading import TRAIN_SECTIONS, add_train_arguments, build_config, l
 from .config.sections import SAMPLE_SCHEDULERS
 from .data.cache import open_cache
 from .data.stream import open_source
+from .demo.app import launch_demo
 from .errors import UserError
 from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
 from .experiments.benchmark import add_benchmark_arguments, format_table, run_benchmark
@@ -27,6 +28,7 @@ from .pipelines.conditioning import resolve_conditioning
 from .pipelines.export import attach_classifier
 from .pipelines.sampling import generate, image_grid, load_classifier, load_pipeline, with_classifier
 from .publish.hub import push_pipeline, stage_upload
+from .publish.space import check_repo_id, push_space, stage_space
 from .training.classifier_run import run_classifier_training
 from .training.diffusion_run import run_training
 from .training.stopping import TrainingStopped
@@ -166,16 +168,53 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
+    if args.space_id:
+        check_repo_id(args.space_id, "--space_id")
+        if args.revision not in (None, "main"):
+            raise UserError("--space_id: the Space serves the model's main branch; push it without --revision")
     if args.dry_run:
         if not args.staging_dir:
             raise UserError("--dry_run needs --staging_dir (the folder to stage the upload in)")
-        files = stage_upload(args.model, args.staging_dir, args.repo_id, args.license)
+        files = stage_upload(args.model, args.staging_dir, args.repo_id, args.license, args.space_id)
         print(f"dry run: would upload {len(files)} files from {args.staging_dir} to {args.repo_id}:")
         print("\n".join(f"  {name}" for name in files))
+        if args.space_id:
+            space_dir = args.space_staging_dir or f"{args.staging_dir.rstrip('/')}-space"
+            files = stage_space(args.space_id, args.repo_id, space_dir, args.license)
+            print(f"dry run: would upload {len(files)} files from {space_dir} to the Space {args.space_id}:")
+            print("\n".join(f"  {name}" for name in files))
         return
     url = push_pipeline(args.model, args.repo_id, private=args.private, revision=args.revision,
-                        commit_message=args.commit_message, license=args.license, staging_dir=args.staging_dir)
+                        commit_message=args.commit_message, license=args.license, staging_dir=args.staging_dir,
+                        space_id=args.space_id)
     print(f"pushed to {url}")
+    if args.space_id:
+        url = push_space(args.space_id, args.repo_id, private=args.private, license=args.license,
+                         staging_dir=args.space_staging_dir)
+        print(f"pushed the demo Space to {url}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+
+    launch_demo(args.model, host=args.host, port=args.port, share=args.share, device=args.device)
+
+
+def _true_or_false(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub id (anything `sample` loads)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", type=_true_or_false, nargs="?", const=True, default=False, metavar="true|false",
+                        help="also serve through a temporary public gradio.live link (default: false)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -260,8 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--license", default="apache-2.0", help="license in the card's metadata")
     push.add_argument("--dry_run", action="store_true", help="only stage the upload in --staging_dir and list it")
     push.add_argument("--staging_dir", default=None, help="empty folder to stage the upload in")
+    push.add_argument("--space_id", default=None, metavar="USER/NAME",
+                      help="also push a Gradio Space serving the model (the `demo` page) and link it from the card")
+    push.add_argument("--space_staging_dir", default=None,
+                      help="empty folder to stage the Space in (default with --dry_run: <staging_dir>-space)")
     push.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     push.set_defaults(func=_push)
+
+    demo = sub.add_parser("demo", help="a Gradio page that generates images from a pipeline folder or Hub id "
+                                       "(needs the demo extra: pip install -e \".[demo]\")")
+    _add_demo_arguments(demo)
+    demo.set_defaults(func=_demo)
 
     prepare = sub.add_parser("prepare", usage=settings_usage,
                              help="build the decode-once cache for a training config (see --decode_cache)")

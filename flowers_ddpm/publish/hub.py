@@ -147,8 +147,10 @@ def _usage(pipeline_dir: Path, repo_id: str, unet: dict) -> list[str]:
     return [load, f"images = pipe(class_labels=[{label}] * 4, num_inference_steps=50).images"]
 
 
-def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], license: str = "apache-2.0"):
-    """A `huggingface_hub.ModelCard` with Hub metadata, the sample grid, a usage snippet and the training facts."""
+def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], license: str = "apache-2.0",
+                     space_id: Optional[str] = None):
+    """A `huggingface_hub.ModelCard` with Hub metadata, the sample grid, a usage snippet and the training facts;
+    with `space_id`, a link to the demo Space."""
     run = _read_run(pipeline_dir)
     config, info, unet = run["config"], run["info"], run["unet"]
     data_text, datasets, data_tags = _dataset(config)
@@ -186,6 +188,9 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
     body = [f"# {repo_id.split('/')[-1]}", ""]
     if "samples.png" in image_names:
         body += ["![Samples](images/samples.png)", ""]
+    if space_id:
+        body += [f"Try it in your browser: [{space_id}](https://huggingface.co/spaces/{space_id}) (a Gradio demo "
+                 "page).", ""]
     body += [
         f"A denoising diffusion probabilistic model (DDPM) {origin}on {data_text}, generating {size}x{size} RGB "
         f"images, trained with flowers_ddpm (diffusers + accelerate).{lora}", "",
@@ -205,9 +210,10 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{text}")
 
 
-def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, license: str = "apache-2.0") -> list[str]:
+def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, license: str = "apache-2.0",
+                 space_id: Optional[str] = None) -> list[str]:
     """Write exactly what would be uploaded into `staging_dir` (which must be empty): the pipeline folder, README.md
-    and images/. Returns the staged files, relative and sorted."""
+    (linking the demo Space `space_id`, if any) and images/. Returns the staged files, relative and sorted."""
     pipeline_dir = resolve_pipeline_dir(model)
     staging = Path(staging_dir)
     if staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
@@ -224,19 +230,20 @@ def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, licen
     if "samples.png" not in images:
         _sample_grid_now(pipeline_dir, staging / "images" / "samples.png")
     names = sorted(p.name for p in (staging / "images").iterdir())
-    build_model_card(pipeline_dir, repo_id, names, license).save(staging / "README.md")
+    build_model_card(pipeline_dir, repo_id, names, license, space_id).save(staging / "README.md")
     return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
 
 
 def push_pipeline(model: str | Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
                   commit_message: Optional[str] = None, license: str = "apache-2.0",
-                  staging_dir: Optional[str | Path] = None, token: Optional[str] = None) -> str:
+                  staging_dir: Optional[str | Path] = None, space_id: Optional[str] = None,
+                  token: Optional[str] = None) -> str:
     """Stage the pipeline with its card and upload it with `create_repo` + `upload_folder`; returns the commit URL.
     `token` overrides HF_TOKEN and the stored login (diffusers' --hub_token); it is written nowhere."""
     require_token(token)
     with tempfile.TemporaryDirectory(prefix="flowers-ddpm-push-") as tmp:
         staging = Path(staging_dir) if staging_dir else Path(tmp) / "upload"
-        files = stage_upload(model, staging, repo_id, license)
+        files = stage_upload(model, staging, repo_id, license, space_id)
         api = HfApi(token=token)  # None: HF_TOKEN or the stored login, resolved by huggingface_hub itself
         try:
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)

@@ -52,7 +52,7 @@ def plot_loss_curve(output_dir: str | Path, out: Path) -> Optional[Path]:
     return out
 
 
-def _labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
+def labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
     """Tiles side by side, each with a caption strip above it; tiny tiles are enlarged so captions fit."""
     caption = 14
     scale = max(1, -(-64 // min(t.width for t in tiles)))
@@ -73,9 +73,15 @@ def samples_over_training(samples_dir: Path, out: Path, max_columns: int = 6) ->
         return None
     picks = sorted({round(i * (len(grids) - 1) / max(max_columns - 1, 1)) for i in range(min(max_columns, len(grids)))})
     chosen = [grids[i] for i in picks]
-    _labelled_row([Image.open(p).convert("RGB") for p in chosen],
+    labelled_row([Image.open(p).convert("RGB") for p in chosen],
                   [f"step {int(p.stem.split('-')[1])}" for p in chosen]).save(out)
     return out
+
+
+def strip_indices(steps: int, columns: int) -> set[int]:
+    """Which of the states x_T .. x_0 of `steps` sampling steps a denoising strip shows: `columns` evenly spaced
+    indices into the steps taken, 0 = the initial noise, `steps` = the image."""
+    return {round(i * steps / (columns - 1)) for i in range(columns)}
 
 
 @torch.inference_mode()
@@ -92,7 +98,7 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
     model_output = getattr(pipe, "scheduler_input", lambda x, t: unet(x, t).sample)
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    keep = {round(i * steps / (columns - 1)) for i in range(columns)}  # indices into the steps taken, 0 = noise
+    keep = strip_indices(steps, columns)
     rows, labels = [], []
     for seed in seeds:
         sched.set_timesteps(steps)  # also resets multistep solvers' state (DPM-Solver++ fails without it)
@@ -101,12 +107,12 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
         tiles, labels = [], []
         for i, t in enumerate(list(sched.timesteps) + [None]):
             if i in keep:
-                tiles.append(_to_image(x))
+                tiles.append(tensor_to_image(x))
                 labels.append("noise" if i == 0 else f"t={int(t)}" if t is not None else "t=0")
             if t is not None:
                 x = sched.step(model_output(x, t), t, x, generator=generator).prev_sample
         rows.append(tiles)
-    grid = [_labelled_row(tiles, labels if r == 0 else [""] * len(tiles)) for r, tiles in enumerate(rows)]
+    grid = [labelled_row(tiles, labels if r == 0 else [""] * len(tiles)) for r, tiles in enumerate(rows)]
     strip = Image.new("RGB", (grid[0].width, sum(g.height for g in grid)), "white")
     for r, row in enumerate(grid):
         strip.paste(row, (0, sum(g.height for g in grid[:r])))
@@ -114,7 +120,8 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
     return out
 
 
-def _to_image(x: torch.Tensor) -> Image.Image:
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """The first image of a batch in [-1, 1] as an RGB image."""
     array = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
 
