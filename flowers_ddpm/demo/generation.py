@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..pipelines.sampling import generate, image_grid, load_pipeline, resolve_class_labels, scheduler_classes
+from ..pipelines.conditioning import resolve_conditioning
+from ..pipelines.sampling import generate, image_grid, load_pipeline, scheduler_classes
 from ..publish.report import labelled_row, strip_indices, tensor_to_image
 
 MAX_IMAGES = 16
@@ -101,7 +102,7 @@ class DemoModel:
         if request.sampler and request.sampler not in SAMPLERS:
             raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}; got {request.sampler!r}")
         self.pipe.scheduler = self._scheduler
-        labels = resolve_class_labels(self.pipe, [c for c in request.classes if str(c).strip()])
+        labels = resolve_conditioning(self.pipe, [c for c in request.classes if str(c).strip()] or None)
         # as `sample`: guidance scales only with labels, the classifier's only for a pipeline that carries one
         guidance_scale = request.guidance_scale if labels and self.conditional else None
         classifier_scale = request.classifier_scale if labels and self.classifier is not None else None

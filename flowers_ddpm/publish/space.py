@@ -7,6 +7,7 @@ sampling and the pipeline classes; never training), so the Space needs nothing t
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import logging
 import platform
@@ -22,12 +23,30 @@ from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-# what `flowers_ddpm.demo.app` imports, relative to the package (the Space's test imports it from this copy alone)
-SPACE_MODULES = (
-    "__init__.py", "errors.py", "demo/__init__.py", "demo/app.py", "demo/generation.py",
-    "pipelines/__init__.py", "pipelines/sampling.py", "pipelines/guided.py", "models/__init__.py",
-    "models/classifier.py", "publish/__init__.py", "publish/report.py",
-)
+SPACE_ENTRY = "demo/app.py"  # the page; the Space gets it and every package module it imports, found by walking
+
+
+def space_modules(entry: str = SPACE_ENTRY) -> list[str]:
+    """`entry` and the package modules it imports, directly or not, with the __init__.py of each folder on the way
+    (paths relative to the package; the Space's test imports the page from this copy alone)."""
+    todo, found = [entry], {"__init__.py"}
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        parts = Path(name).parent.parts
+        for i in range(1, len(parts) + 1):
+            found.add("/".join(parts[:i]) + "/__init__.py")
+        for node in ast.walk(ast.parse((PACKAGE_DIR / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = list(parts[:len(parts) - node.level + 1])
+                modules = [node.module] if node.module else [a.name for a in node.names]
+                for module in modules:
+                    target = Path(*base, *module.split("."))
+                    todo.append(f"{target.as_posix()}/__init__.py" if (PACKAGE_DIR / target).is_dir()
+                                else f"{target.as_posix()}.py")
+    return sorted(found)
 # distribution -> the module the copied code imports; pinned to the installed versions
 REQUIREMENTS = {"gradio": "gradio", "torch": "torch", "diffusers": "diffusers", "huggingface_hub": "huggingface_hub",
                 "safetensors": "safetensors", "numpy": "numpy", "pillow": "PIL"}
@@ -96,7 +115,7 @@ def stage_space(space_id: str, model_id: str, staging_dir: str | Path, license: 
     if staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
         raise UserError(f"Space staging folder {staging} must be an empty or new folder")
     staging.mkdir(parents=True, exist_ok=True)
-    for name in SPACE_MODULES:
+    for name in space_modules():
         target = staging / "flowers_ddpm" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PACKAGE_DIR / name, target)
