@@ -14,7 +14,7 @@ import yaml
 
 from ..errors import UserError
 from .recipes import RECIPES, recipe_settings
-from .sections import FIELDS, SECTIONS, TrainConfig
+from .sections import EDM_SAMPLERS, FIELDS, SECTIONS, TrainConfig
 from .validation import validate
 
 FINETUNE_LEARNING_RATE = 2e-5  # default LR when fine-tuning all (or --train_only) weights of a pretrained UNet
@@ -119,6 +119,7 @@ def build_config(file_values: dict, cli_values: dict) -> TrainConfig:
     explicit = frozenset(merged)
     _recipe_defaults(merged)
     _finetune_defaults(merged)
+    _objective_defaults(merged, explicit)
     cfg = TrainConfig.from_flat(merged)
     cfg.explicit = explicit
     validate(cfg)
@@ -135,6 +136,12 @@ def _recipe_defaults(merged: dict) -> None:
     model_preset = merged.get("model_preset", FIELDS["model_preset"].default)
     for key, value in recipe_settings(merged["recipe"], model_preset).items():
         merged.setdefault(key, value)
+
+
+def _objective_defaults(merged: dict, explicit: frozenset) -> None:
+    """EDM models sample with EDM schedulers: the sample grids' default sampler becomes edm-dpmsolver++."""
+    if merged.get("objective") == "edm" and "sample_scheduler" not in explicit:
+        merged["sample_scheduler"] = EDM_SAMPLERS[0]
 
 
 def _finetune_defaults(merged: dict) -> None:

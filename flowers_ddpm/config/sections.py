@@ -23,7 +23,10 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "piecewise_constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOGGERS = ("tensorboard", "wandb", "none")
-SAMPLE_SCHEDULERS = ("ddpm", "ddim", "dpmsolver++")
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # for models trained with --objective ddpm
+EDM_SAMPLERS = ("edm-dpmsolver++", "edm-euler")  # for models trained with --objective edm
+SAMPLE_SCHEDULERS = DDPM_SAMPLERS + EDM_SAMPLERS
+OBJECTIVES = ("ddpm", "edm")
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2"  # attention projections and ResNet convolutions
 
 
@@ -70,8 +73,16 @@ class DataSettings:
 
 @dataclass
 class ObjectiveSettings:
-    """The loss: weighting, the hybrid VLB term, label dropout for classifier-free guidance."""
+    """The loss: DDPM or EDM training, weighting, the hybrid VLB term, label dropout for classifier-free guidance."""
 
+    objective: str = _opt("ddpm", "ddpm: discrete-time DDPM noising with --prediction_type targets; edm: Karras et "
+                          "al. (2022) preconditioning, log-normal noise levels and loss weight (exported with "
+                          "diffusers' EDM schedulers; --prediction_type epsilon or v_prediction)", OBJECTIVES)
+    sigma_data: float = _opt(0.5, "edm: standard deviation of the data (images in [-1, 1])", minimum=0.0)
+    edm_p_mean: float = _opt(-1.2, "edm: mean of log(sigma) of the training noise levels")
+    edm_p_std: float = _opt(1.2, "edm: standard deviation of log(sigma) of the training noise levels", minimum=0.0)
+    edm_sigma_min: float = _opt(0.002, "edm: smallest noise level of the exported sampler", minimum=0.0)
+    edm_sigma_max: float = _opt(80.0, "edm: largest noise level of the exported sampler", minimum=0.0)
     snr_gamma: Optional[float] = _opt(None, "Min-SNR-gamma loss weighting (5.0 recommended); unset = plain MSE", minimum=0.0)
     vlb_weight: float = _opt(0.001, "weight of L_vlb in the hybrid loss (with --learn_sigma)", minimum=0.0)
     class_dropout_prob: float = _opt(0.1, "probability of training a label as 'no class' (classifier-free guidance)", minimum=0.0)
@@ -130,7 +141,8 @@ class RunSettings:
                                             "needs a dataset of known size)", minimum=1)
     eval_batch_size: int = _opt(16, "images in each sample grid", minimum=1)
     ddpm_num_inference_steps: int = _opt(50, "sampler steps for the sample grids", minimum=1)
-    sample_scheduler: str = _opt("ddim", "sampler for the sample grids", SAMPLE_SCHEDULERS)
+    sample_scheduler: str = _opt("ddim", "sampler for the sample grids (with --objective edm: edm-dpmsolver++ unless "
+                                 "given)", SAMPLE_SCHEDULERS)
     sample_guidance_scale: float = _opt(3.0, "classifier-free guidance scale of the sample grids of class-conditional runs", minimum=0.0)
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
     max_consecutive_nonfinite: int = _opt(10, "stop after this many consecutive steps with a non-finite loss or "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .sections import FIELDS, TrainConfig
+from .sections import DDPM_SAMPLERS, EDM_SAMPLERS, FIELDS, TrainConfig
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -22,6 +22,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"train_data_dir {cfg.data.train_data_dir} does not exist or is not a directory")
     _validate_evaluation(cfg)
     validate_paper_model(cfg)
+    validate_edm(cfg)
     validate_finetune(cfg)
     validate_lr_schedule(cfg)
     validate_classifier(cfg)
@@ -63,6 +64,28 @@ def validate_paper_model(cfg: TrainConfig) -> None:
         raise UserError(f"snr_gamma must be > 0 (or unset); got {cfg.objective.snr_gamma}")
     if cfg.model.dropout is not None and cfg.model.dropout >= 1:
         raise UserError(f"dropout must be in [0, 1); got {cfg.model.dropout}")
+
+
+def validate_edm(cfg: TrainConfig) -> None:
+    """EDM training (issue 16): what it can be combined with, and which samplers draw from it."""
+    edm = cfg.objective.objective == "edm"
+    if not edm:
+        if cfg.run.sample_scheduler in EDM_SAMPLERS:
+            raise UserError(f"sample_scheduler {cfg.run.sample_scheduler} samples models trained with --objective edm; "
+                            f"use one of {', '.join(DDPM_SAMPLERS)}")
+        return
+    if cfg.model.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"objective edm takes prediction_type epsilon or v_prediction (diffusers' EDM schedulers); "
+                        f"got {cfg.model.prediction_type}")
+    for name, given in (("learn_sigma", cfg.model.learn_sigma), ("snr_gamma", cfg.objective.snr_gamma is not None),
+                        ("init_from", cfg.finetune.init_from is not None)):
+        if given:
+            raise UserError(f"{name} cannot be combined with objective edm")
+    if cfg.run.sample_scheduler not in EDM_SAMPLERS:
+        raise UserError(f"sample_scheduler {cfg.run.sample_scheduler} is a DDPM sampler; a model trained with "
+                        f"objective edm samples with {', '.join(EDM_SAMPLERS)}")
+    if not 0 < cfg.objective.edm_sigma_min < cfg.objective.edm_sigma_max or cfg.objective.sigma_data <= 0:
+        raise UserError("objective edm needs 0 < edm_sigma_min < edm_sigma_max and sigma_data > 0")
 
 
 def validate_lr_schedule(cfg: TrainConfig) -> None:

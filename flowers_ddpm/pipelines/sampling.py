@@ -6,25 +6,44 @@ Nothing here imports the trainer: sampling works on pipelines made elsewhere too
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 from pathlib import Path
 from typing import Optional
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    UNet2DModel,
+)
 from diffusers.utils import make_image_grid
 from PIL import Image
 
 from .._util.hub_ids import is_hub_id
 from ..errors import UserError
 from ..models.classifier import NoiseAwareClassifier
-from .guided import GuidedDDPMPipeline
+from .guided import GuidedDDPMPipeline, is_edm_scheduler
 
 
 def scheduler_classes() -> dict:
-    """Sampler name -> diffusers scheduler class."""
+    """Sampler name -> diffusers scheduler class, for DDPM-trained models."""
     return {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+
+
+def edm_scheduler_classes() -> dict:
+    """Sampler name -> diffusers scheduler class, for EDM-trained models (`--objective edm`)."""
+    return {"edm-dpmsolver++": EDMDPMSolverMultistepScheduler, "edm-euler": EDMEulerScheduler}
+
+
+def is_edm_config(config) -> bool:
+    """Whether a scheduler config belongs to an EDM scheduler (it has sigma_data; DDPM-family ones have betas)."""
+    return "sigma_data" in config
 
 
 # a beta schedule only DDPMScheduler computes (DDIM and DPM-Solver take them as trained_betas)
@@ -32,10 +51,17 @@ OWN_BETA_SCHEDULES = ("sigmoid",)
 
 
 def make_scheduler(name: str, config):
-    """A sampler built from a training scheduler's config (same betas, prediction type and timestep count)."""
-    classes = scheduler_classes()
-    if name not in classes:
-        raise UserError(f"scheduler must be one of {', '.join(classes)}; got {name!r}")
+    """A sampler built from a training scheduler's config (same betas or sigmas, prediction type and timestep
+    count). DDPM-family samplers refuse EDM-trained models and the EDM samplers refuse DDPM-trained ones."""
+    ddpm, edm = scheduler_classes(), edm_scheduler_classes()
+    if name not in ddpm and name not in edm:
+        raise UserError(f"scheduler must be one of {', '.join([*ddpm, *edm])}; got {name!r}")
+    if is_edm_config(config) != (name in edm):
+        kind, fits = ("an EDM-trained", edm) if is_edm_config(config) else ("a DDPM-trained", ddpm)
+        raise UserError(f"scheduler {name} cannot sample {kind} model; use one of {', '.join(fits)}")
+    if name in edm:  # only the settings the chosen EDM scheduler takes (the others would be warned about)
+        accepted = inspect.signature(edm[name].__init__).parameters
+        return edm[name].from_config({k: v for k, v in config.items() if k in accepted})
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
     if config.get("beta_schedule") in OWN_BETA_SCHEDULES and config.get("trained_betas") is None and name != "ddpm":
         # DDIM and DPM-Solver do not compute these schedules themselves: hand them the training betas
@@ -46,6 +72,10 @@ def make_scheduler(name: str, config):
 def check_sampler_steps(scheduler, steps: int) -> None:
     """A one-sentence error for step counts the sampler cannot take (diffusers would fail with an IndexError
     halfway through sampling: DPM-Solver++ needs fewer steps than the training timesteps)."""
+    if is_edm_scheduler(scheduler):  # continuous noise levels: any positive step count
+        if steps < 1:
+            raise UserError(f"{steps} sampling steps: this sampler takes at least 1 step")
+        return
     limit = scheduler.config.num_train_timesteps
     multistep = isinstance(scheduler, scheduler_classes()["dpmsolver++"])
     if steps < 1 or steps > limit or (multistep and steps >= limit):
@@ -117,6 +147,8 @@ def with_classifier(pipe, classifier):
     if config.sample_size != unet.config.sample_size:
         raise UserError(f"the classifier works at {config.sample_size} px but the model generates "
                         f"{unet.config.sample_size} px images")
+    if is_edm_scheduler(pipe.scheduler):
+        raise UserError("classifier guidance needs a DDPM-trained model; this one samples with an EDM scheduler")
     schedule = {k: pipe.scheduler.config.get(k) for k in (config.noise_schedule or {})}
     if schedule != (config.noise_schedule or {}):
         raise UserError(f"the classifier was trained on the noise schedule {config.noise_schedule} but the model "

@@ -28,8 +28,9 @@ from ..models.finetune import (
     select_trainable,
     trainable_parameters,
 )
-from ..models.unet import build_noise_scheduler, build_unet, unet_overrides
+from ..models.unet import build_edm_scheduler, build_noise_scheduler, build_unet, unet_overrides
 from ..objectives.diffusion import DiffusionObjective
+from ..objectives.edm import EDMObjective
 from ..pipelines.export import build_pipeline, export_pipeline
 from ..pipelines.sampling import generate, image_grid
 from ..publish.hub import push_pipeline
@@ -139,6 +140,24 @@ def model_classes(cfg: TrainConfig, source):
     return list(source.class_names)
 
 
+def build_scheduler(cfg: TrainConfig):
+    """The scheduler trained through and exported with the pipeline: DDPM's, or diffusers' EDM DPM-Solver++."""
+    if cfg.objective.objective == "edm":
+        o = cfg.objective
+        return build_edm_scheduler(o.sigma_data, o.edm_sigma_min, o.edm_sigma_max, cfg.model.prediction_type)
+    return build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type,
+                                 cfg.model.learn_sigma)
+
+
+def build_objective(cfg: TrainConfig, noise_scheduler, num_classes):
+    """`--objective ddpm` (DiffusionObjective) or `edm` (EDMObjective), from the objective section."""
+    o = cfg.objective
+    if o.objective == "edm":
+        return EDMObjective(noise_scheduler, o.edm_p_mean, o.edm_p_std, num_classes, o.class_dropout_prob)
+    return DiffusionObjective(noise_scheduler, o.snr_gamma, cfg.model.learn_sigma, o.vlb_weight, num_classes,
+                              o.class_dropout_prob)
+
+
 def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
     process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
@@ -157,11 +176,9 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     else:
         overrides = unet_overrides(cfg.model)
         model = build_unet(cfg.model.model_preset, cfg.data.resolution, overrides, num_classes, cfg.model.learn_sigma)
-        noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type,
-                                                cfg.model.learn_sigma)
+        noise_scheduler = build_scheduler(cfg)
     model = select_trainable(model, cfg.finetune)  # everything, --train_only parts, or LoRA adapters
-    objective = DiffusionObjective(noise_scheduler, cfg.objective.snr_gamma, cfg.model.learn_sigma, cfg.objective.vlb_weight, num_classes,
-                                   cfg.objective.class_dropout_prob)
+    objective = build_objective(cfg, noise_scheduler, num_classes)
     evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler, class_names) if cfg.eval.eval_steps else None
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, trainable_parameters(model), accelerator,
                                                              max_steps)
