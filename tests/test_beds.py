@@ -82,3 +82,28 @@ def test_script_refuses_a_bed_without_its_file(tmp_path):
     result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(tmp_path / "x"),
                           "--bed", "cifar10-5k"])
     assert result.returncode == 2 and "needs --bed_path" in result.stderr
+
+
+@pytest.mark.slow
+def test_ablation_on_an_npz_bed_reports_conditional_and_unconditional_rows(tmp_path):
+    import csv
+    import json
+
+    npz = make_npz(tmp_path / "tiny.npz", per_class=(100, 100, 100))
+    out = tmp_path / "ablation"
+    result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(out), "--bed", "cifar10-5k",
+                          "--bed_path", str(npz), "--budget_images", "48", "--variants", "small-data", "edm",
+                          "--conditioning", "class", "none", "--num_samples", "30", "--sampler_steps", "2",
+                          "--resolution", "8", "--classifier_epochs", "2"], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["variant"], r["conditioning"], r["sampler"]) for r in rows] == [
+        ("small-data", "class", "dpmsolver++"), ("small-data", "none", "dpmsolver++"),
+        ("edm", "class", "edm-dpmsolver++"), ("edm", "none", "edm-dpmsolver++")]
+    for row in rows:
+        assert float(row["frechet"]) > 0 and float(row["real_vs_real"]) > 0
+        assert (row["class_accuracy"] == "") == (row["conditioning"] == "none")
+    assert json.loads((out / "judge.json").read_text())["classifier_held_out_accuracy"] > 0.5
+    assert (out / "edm-uncond" / "grid.png").is_file() and not (out / "bed").exists()
+    assert (out / "cifar10-5k" / "test" / "0_red").is_dir()  # the bed is written under output_dir, by its name
