@@ -99,8 +99,8 @@ def test_ablation_on_an_npz_bed_reports_conditional_and_unconditional_rows(tmp_p
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["variant"], r["conditioning"], r["sampler"]) for r in rows] == [
-        ("small-data", "class", "dpmsolver++"), ("small-data", "none", "dpmsolver++"),
-        ("edm", "class", "edm-dpmsolver++"), ("edm", "none", "edm-dpmsolver++")]
+        ("small-data", "class", "dpmsolver++"), ("edm", "class", "edm-dpmsolver++"),
+        ("small-data", "none", "dpmsolver++"), ("edm", "none", "edm-dpmsolver++")]
     for row in rows:
         assert float(row["frechet"]) > 0 and float(row["real_vs_real"]) > 0
         assert (row["class_accuracy"] == "") == (row["conditioning"] == "none")

@@ -345,7 +345,7 @@ def run_ablation(settings: AblationSettings) -> list[dict]:
     atomic_write_text(settings.output_dir / "judge.json", json.dumps(judge, indent=2))
     logger.info("%s classifier held-out accuracy %.3f; real-vs-real Frechet %.3f", settings.bed,
                 scorer.classifier_accuracy, scorer.real_vs_real)
-    runs = [(name, mode == "class") for name in settings.variants for mode in settings.conditioning]
+    runs = [(name, mode == "class") for mode in settings.conditioning for name in settings.variants]
     rows = []
     for name, conditional in tqdm(runs, desc="variants", dynamic_ncols=True):
         rows.append(run_variant(name, data, scorer, settings, conditional))

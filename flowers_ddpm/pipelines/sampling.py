@@ -66,7 +66,7 @@ def make_scheduler(name: str, config):
     if config.get("beta_schedule") in OWN_BETA_SCHEDULES and config.get("trained_betas") is None and name != "ddpm":
         # DDIM and DPM-Solver do not compute these schedules themselves: hand them the training betas
         extra["trained_betas"] = DDPMScheduler.from_config(config).betas.tolist()
-    return classes[name].from_config(config, **extra)
+    return ddpm[name].from_config(config, **extra)
 
 
 def check_sampler_steps(scheduler, steps: int) -> None:
