@@ -69,6 +69,15 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} images to {args.output}" + (f" and {args.output_dir}/" if args.output_dir else ""))
 
 
+def _ema_reconstruct(args: argparse.Namespace) -> None:
+    from .training.phema import export_reconstructions
+
+    if not args.sigma_rel or not all(0 < v < 0.28 for v in args.sigma_rel):
+        raise UserError(f"--sigma_rel values must lie in (0, 0.28); got {args.sigma_rel}")
+    for path in export_reconstructions(args.run_dir, args.sigma_rel, args.output_dir):
+        print(f"pipeline written to {path}")
+
+
 def _attach_classifier(args: argparse.Namespace) -> None:
     from .pipelines.export import attach_classifier
 
@@ -316,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     sample.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sample.set_defaults(func=_sample)
+
+    reconstruct = sub.add_parser("ema-reconstruct", help="post-hoc EMA (EDM2): export a pipeline for each EMA "
+                                 "length, synthesised from the snapshots of a run trained with --phema_sigma_rel")
+    reconstruct.add_argument("--run_dir", required=True, help="the training --output_dir")
+    reconstruct.add_argument("--sigma_rel", type=float, nargs="+", required=True,
+                             help="relative EMA widths to synthesise, e.g. 0.05 0.1 0.15")
+    reconstruct.add_argument("--output_dir", help="where the pipelines go (default <run_dir>/ema-reconstruct); one "
+                             "folder sigma_rel-<value> each")
+    reconstruct.set_defaults(func=_ema_reconstruct)
 
     attach = sub.add_parser("attach-classifier", help="save a pipeline with a noise-aware classifier and default "
                                                       "guidance scales, loadable with only diffusers installed")

@@ -116,6 +116,11 @@ class EMASettings:
     ema_inv_gamma: float = _opt(1.0, "EMA warm-up inverse gamma", minimum=0.0)
     ema_power: float = _opt(0.75, "EMA warm-up power", minimum=0.0)
     ema_max_decay: float = _opt(0.9999, "EMA maximum decay", minimum=0.0)
+    phema_sigma_rel: Optional[str] = _opt(None, "post-hoc EMA (EDM2): comma-separated relative widths of the "
+                                          "power-function EMA profiles kept during training, e.g. 0.05,0.1 "
+                                          "(unset = off); `flowers-ddpm ema-reconstruct` synthesises others")
+    phema_snapshot_steps: int = _opt(500, "post-hoc EMA: write both profiles to <output_dir>/phema/ every N "
+                                     "optimizer steps (and at the end)", minimum=1)
 
 
 @dataclass

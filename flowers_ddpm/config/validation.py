@@ -23,6 +23,7 @@ def validate(cfg: TrainConfig) -> None:
     _validate_evaluation(cfg)
     validate_paper_model(cfg)
     validate_edm(cfg)
+    validate_phema(cfg)
     validate_finetune(cfg)
     validate_lr_schedule(cfg)
     validate_classifier(cfg)
@@ -86,6 +87,21 @@ def validate_edm(cfg: TrainConfig) -> None:
                         f"objective edm samples with {', '.join(EDM_SAMPLERS)}")
     if not 0 < cfg.objective.edm_sigma_min < cfg.objective.edm_sigma_max or cfg.objective.sigma_data <= 0:
         raise UserError("objective edm needs 0 < edm_sigma_min < edm_sigma_max and sigma_data > 0")
+
+
+def validate_phema(cfg: TrainConfig) -> None:
+    """Post-hoc EMA profiles: numbers in (0, 0.28); not with LoRA (the exported UNet is the merged one)."""
+    text = cfg.ema.phema_sigma_rel
+    if not text:
+        return
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"phema_sigma_rel must be comma-separated numbers, e.g. 0.05,0.1; got {text!r}") from None
+    if not values or not all(0 < v < 0.28 for v in values):  # the exponent gamma is positive below ~0.2887
+        raise UserError(f"phema_sigma_rel values must lie in (0, 0.28); got {text!r}")
+    if cfg.finetune.lora_rank is not None:
+        raise UserError("phema_sigma_rel cannot be combined with lora_rank")
 
 
 def validate_lr_schedule(cfg: TrainConfig) -> None:

@@ -37,6 +37,7 @@ from ..publish.hub import push_pipeline
 from ..publish.report import write_report, write_training_info
 from .device import configure_backends
 from .optimization import build_optimization
+from .phema import PowerFunctionEMA, parse_sigma_rels
 from .run_setup import describe_hardware, device_batches, init_trackers, loop_settings, run_trainer, start_run
 from .trainer import Trainer
 
@@ -184,9 +185,13 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
                                                              max_steps)
     batches = device_batches(cfg, source, accelerator)
     init_trackers(cfg, accelerator)
+    phema = None
+    if cfg.ema.phema_sigma_rel:  # post-hoc EMA profiles of the (unwrapped) model's parameters
+        phema = PowerFunctionEMA(accelerator.unwrap_model(model).named_parameters(),
+                                 parse_sigma_rels(cfg.ema.phema_sigma_rel))
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
                       PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator)),
-                      loop_settings(cfg, max_steps, per_epoch), evaluator)
+                      loop_settings(cfg, max_steps, per_epoch), evaluator, phema)
     run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:
         finish_run(cfg)

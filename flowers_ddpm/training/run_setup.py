@@ -143,6 +143,7 @@ def loop_settings(cfg: TrainConfig, max_steps: int, per_epoch: Optional[int] = N
         save_images_steps=_every(cfg.run.save_images_steps, cfg.run.save_images_epochs, per_epoch, "save_images"),
         save_model_steps=_every(cfg.run.save_model_steps, cfg.run.save_model_epochs, per_epoch, "save_model"), log_data_order=cfg.run.log_data_order, eval_steps=cfg.eval.eval_steps,
         max_consecutive_nonfinite=cfg.run.max_consecutive_nonfinite, run_settings=cfg.to_dict(),
+        phema_snapshot_steps=cfg.ema.phema_snapshot_steps,
     )
 
 

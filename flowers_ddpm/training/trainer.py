@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Optional, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..publish import run_log
 from . import checkpointing
 from .stopping import NonFiniteLoss, Preempted, StopRequest
@@ -22,6 +23,7 @@ from .stopping import NonFiniteLoss, Preempted, StopRequest
 logger = logging.getLogger(__name__)
 TRAINER_STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
+PHEMA_FILE = "phema.safetensors"  # post-hoc EMA profiles (training/phema.py)
 
 
 class Publisher(Protocol):
@@ -73,6 +75,7 @@ class LoopSettings:
     log_data_order: bool = False
     eval_steps: Optional[int] = None
     max_consecutive_nonfinite: int = 10
+    phema_snapshot_steps: int = 500
     run_settings: Optional[dict] = None  # the effective config, stored with each checkpoint for resume checks
 
 
@@ -80,11 +83,13 @@ class Trainer:
     """run_step = forward_backward per micro-batch + optimizer_step + update_ema; then log / save as due."""
 
     def __init__(self, accelerator, model, objective, optimizer, lr_scheduler, ema, batches: DataStream,
-                 publisher: Publisher, settings: LoopSettings, evaluator: Optional[Evaluator] = None):
+                 publisher: Publisher, settings: LoopSettings, evaluator: Optional[Evaluator] = None,
+                 phema=None):
         self.accelerator, self.model, self.objective = accelerator, model, objective
         self.optimizer, self.lr_scheduler, self.ema = optimizer, lr_scheduler, ema
         self.batches, self.publisher, self.settings = batches, publisher, settings
         self.evaluator = evaluator
+        self.phema = phema  # post-hoc EMA profiles (training/phema.py), or None
         self.progress = TrainingProgress()
         # lr schedule, counters and EMA are saved by us (JSON + safetensors), not register_for_checkpointing,
         # whose files are pickles that accelerate loads with weights_only=False
@@ -134,6 +139,8 @@ class Trainer:
     def update_ema(self) -> None:
         if self.ema is not None:
             self.ema.step(self._unwrapped().parameters())
+        if self.phema is not None:
+            self.phema.update(self._unwrapped().parameters(), self.progress.global_step)
 
     def run_step(self, micro_batches: Iterable[dict]) -> bool:
         """One optimizer step; returns whether every process agreed to stop (a signal arrived) after it."""
@@ -199,6 +206,9 @@ class Trainer:
                                     "--resume_from_checkpoint latest to continue")
                 if step % s.logging_steps == 0 or step == s.max_train_steps:
                     bar.set_postfix(self.log(step))
+                if self.phema is not None and self.accelerator.is_main_process and (
+                        step % s.phema_snapshot_steps == 0 or step == s.max_train_steps):
+                    self.phema.save_snapshot(s.output_dir, step)
                 if step % s.checkpointing_steps == 0 or step == s.max_train_steps:
                     self.save(step)
                 if step % s.save_images_steps == 0 or step == s.max_train_steps:
@@ -248,6 +258,10 @@ class Trainer:
             names = [name for name, _ in self._unwrapped().named_parameters()]
             save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, shadow)}, str(folder / EMA_FILE))
             state["ema"] = ema_state
+        if self.phema is not None:
+            from safetensors.torch import save_file
+
+            save_file(self.phema.tensors(), str(folder / PHEMA_FILE))
         checkpointing.dump_json(state, folder / TRAINER_STATE_FILE)
 
     def _read_trainer_state(self, folder: Path) -> None:
@@ -263,6 +277,12 @@ class Trainer:
             devices = [p.device for p in self.ema.shadow_params]
             self.ema.load_state_dict({**state["ema"], "shadow_params": [
                 weights[n].to(d) for n, d in zip(names, devices)]})
+        if self.phema is not None:
+            from safetensors.torch import load_file
+
+            if not (folder / PHEMA_FILE).is_file():
+                raise UserError(f"checkpoint {folder} has no post-hoc EMA profiles; resume without --phema_sigma_rel")
+            self.phema.load_tensors(load_file(str(folder / PHEMA_FILE)))
 
     def load(self, path: Path) -> None:
         data_state = checkpointing.load_checkpoint(self.accelerator, path)
