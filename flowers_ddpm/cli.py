@@ -26,10 +26,7 @@ from .training.stopping import TrainingStopped
 def _train(args: argparse.Namespace) -> None:
     from .training.diffusion_run import run_training
 
-    cfg = parse_train_config(args)
-    path = run_training(cfg)
-    if is_main_process():
-        print(f"pipeline written to {path}")
+    run_training(parse_train_config(args))  # prints a summary of the run, with where the pipeline is
 
 
 def _train_classifier(args: argparse.Namespace) -> None:

@@ -93,7 +93,7 @@ class ClassifierPublisher:
     def sample_grid(self, model, step: int):
         return None
 
-    def export(self, model, step: int) -> None:
+    def export(self, model, step: int, training_seconds: float) -> None:
         # file by file, each atomically: the output folder also holds checkpoints, logs and the report
         with atomic_files_into(self.output_dir, "classifier.tmp") as staging:
             model.save_pretrained(str(staging), safe_serialization=True)

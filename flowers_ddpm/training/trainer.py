@@ -21,6 +21,9 @@ from .stopping import NonFiniteLoss, Preempted, StopRequest
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE_FILE = "trainer_state.json"
+# wall-clock seconds of the run up to a checkpoint, over every resumed part; apart from trainer_state.json, which
+# is the same for a resumed run as for an uninterrupted one
+TRAINING_TIME_FILE = "training_time.json"
 EMA_FILE = "ema.safetensors"
 
 
@@ -29,7 +32,7 @@ class Publisher(Protocol):
 
     def sample_grid(self, model, step: int) -> Optional["PIL.Image.Image"]: ...  # noqa: F821
 
-    def export(self, model, step: int) -> None: ...
+    def export(self, model, step: int, training_seconds: float) -> None: ...  # seconds: over every resume
 
 
 class Evaluator(Protocol):
@@ -58,6 +61,21 @@ class TrainingProgress:
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step, self.images_seen = state["global_step"], state["images_seen"]
+
+
+@dataclass
+class SessionSummary:
+    """What one call of `Trainer.train` did (the console summary at the end of a run)."""
+
+    steps: int  # optimizer steps taken in this call (fewer than global_step after a resume)
+    images: int
+    seconds: float
+    global_step: int
+    training_seconds: float  # over every resumed part
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
 
 
 @dataclass
@@ -95,6 +113,9 @@ class Trainer:
         self.nonfinite_steps = 0  # skipped updates, total and in a row
         self.consecutive_nonfinite = 0
         self.stop_request = StopRequest()
+        self._session_start = (time.perf_counter(), 0, 0)  # (clock, global step, images seen) when train() began
+        self._seconds_before = 0.0  # training time of the parts before a resume (from the checkpoint)
+        self.summary: Optional[SessionSummary] = None  # set when train() returns
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def forward_backward(self, batch: dict) -> torch.Tensor:
@@ -183,6 +204,7 @@ class Trainer:
         accumulation = acc.gradient_accumulation_steps
         batches = iter(self.batches)
         self._last_log = (time.perf_counter(), self.progress.images_seen)
+        self._session_start = (time.perf_counter(), self.progress.global_step, self.progress.images_seen)
         if self.progress.global_step >= s.max_train_steps:
             # resumed from the final checkpoint: a run killed after saving it may have died before its export
             self.export(self.progress.global_step)
@@ -209,6 +231,14 @@ class Trainer:
                     self.export(step)
         if self._data_log:
             self._data_log.close()
+        started, step0, images0 = self._session_start
+        self.summary = SessionSummary(self.progress.global_step - step0, self.progress.images_seen - images0,
+                                      time.perf_counter() - started, self.progress.global_step,
+                                      self.training_seconds())
+
+    def training_seconds(self) -> float:
+        """Wall-clock seconds of the whole run so far: the resumed checkpoint's count plus this session's time."""
+        return self._seconds_before + time.perf_counter() - self._session_start[0]
 
     # -- logging, checkpoints, artefacts -----------------------------------------------------------------------
     def log(self, step: int) -> dict:
@@ -227,7 +257,8 @@ class Trainer:
         acc.log(values, step=step)
         if acc.is_main_process:  # also kept in the run log, for the report's loss curve, sweeps and ablations
             run_log.append_record(self.settings.output_dir, {"step": step, **values})
-        return {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.2e}"}
+        # the progress bar's postfix: what TensorBoard shows, also on the console
+        return {"loss": f"{loss:.4f}", "img/s": f"{values['images_per_sec']:.1f}", "lr": f"{values['lr']:.2e}"}
 
     def save(self, step: int) -> None:
         path = checkpointing.save_checkpoint(self.accelerator, self.settings.output_dir, step,
@@ -249,12 +280,15 @@ class Trainer:
             save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, shadow)}, str(folder / EMA_FILE))
             state["ema"] = ema_state
         checkpointing.dump_json(state, folder / TRAINER_STATE_FILE)
+        checkpointing.dump_json({"training_seconds": round(self.training_seconds(), 3)}, folder / TRAINING_TIME_FILE)
 
     def _read_trainer_state(self, folder: Path) -> None:
         state = checkpointing.load_json(folder / TRAINER_STATE_FILE)
         self.progress.load_state_dict(state["progress"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        if (folder / TRAINING_TIME_FILE).is_file():  # checkpoints of older versions lack it
+            self._seconds_before = checkpointing.load_json(folder / TRAINING_TIME_FILE)["training_seconds"]
         if self.ema is not None:
             from safetensors.torch import load_file
 
@@ -308,7 +342,7 @@ class Trainer:
     def export(self, step: int) -> None:
         if self.accelerator.is_main_process:
             with self.ema_weights():
-                self.publisher.export(self._unwrapped(), step)
+                self.publisher.export(self._unwrapped(), step, self.training_seconds())
         self.accelerator.wait_for_everyone()
 
     def _unwrapped(self):
