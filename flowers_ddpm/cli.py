@@ -55,7 +55,7 @@ def _sample(args: argparse.Namespace) -> None:
     labels = resolve_conditioning(pipe, args.class_labels, args.guidance_scale, classifier, args.classifier_scale)
     images = generate(pipe, args.num_images, args.steps, args.seed, args.scheduler, args.batch_size,
                       class_labels=labels, guidance_scale=args.guidance_scale, classifier=classifier,
-                      classifier_scale=args.classifier_scale)
+                      classifier_scale=args.classifier_scale, progress=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(args.output)
     if args.output_dir:

@@ -223,7 +223,7 @@ class Scorer:
         pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
         start = time.perf_counter()
         images = generate(pipe, s.num_samples, s.sampler_steps, s.seed, s.sampler, batch_size=100,
-                          class_labels=list(range(digits.NUM_CLASSES)), guidance_scale=s.guidance_scale)
+                          class_labels=list(range(digits.NUM_CLASSES)), guidance_scale=s.guidance_scale, progress=True)
         sample_sec = time.perf_counter() - start
         image_grid(images[:100]).save(grid_path)
 

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.utils import make_image_grid
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .._util.hub_ids import is_hub_id
 from ..errors import UserError
@@ -136,12 +137,13 @@ def with_classifier(pipe, classifier):
 def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[str] = None,
              batch_size: int = 16, class_labels: Optional[list[int]] = None,
              guidance_scale: Optional[float] = None, classifier=None,
-             classifier_scale: Optional[float] = None) -> list[Image.Image]:
+             classifier_scale: Optional[float] = None, progress: bool = False) -> list[Image.Image]:
     """Generate images; image i uses its own generator seeded with seed + i, so batch size does not change them.
 
     With `class_labels` image i is of class `class_labels[i % len(class_labels)]` (class-conditional pipelines, or
     any GuidedDDPMPipeline with a noise-aware `classifier` or a saved one, which guides with `classifier_scale`).
-    Scales left out (None) take the pipeline's defaults.
+    Scales left out (None) take the pipeline's defaults. The pipeline's own progress bar (one per batch) is off;
+    `progress` shows one bar over all images instead.
     """
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -149,20 +151,33 @@ def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[s
     images: list[Image.Image] = []
     # classifier guidance differentiates the classifier, which inference_mode tensors do not allow
     guided = classifier is not None or getattr(pipe, "classifier", None) is not None
-    with torch.no_grad() if guided else torch.inference_mode():
-        for start in range(0, num_images, batch_size):
-            count = min(batch_size, num_images - start)
-            generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
-            extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-            if classifier is not None:
-                extra["classifier"] = classifier
-            if classifier_scale is not None:
-                extra["classifier_scale"] = classifier_scale
-            if class_labels:
-                extra["class_labels"] = [class_labels[(start + i) % len(class_labels)] for i in range(count)]
-            images += pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="pil",
-                           **extra).images
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))  # the caller's settings, restored at the end
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        with torch.no_grad() if guided else torch.inference_mode(), \
+                tqdm(total=num_images, desc="sample", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, num_images, batch_size):
+                count = min(batch_size, num_images - start)
+                images += _generate_batch(pipe, start, count, steps, seed, class_labels, guidance_scale, classifier,
+                                          classifier_scale)
+                bar.update(count)
+    finally:
+        pipe.set_progress_bar_config(**bar_config)
     return images
+
+
+def _generate_batch(pipe, start: int, count: int, steps: int, seed: int, class_labels, guidance_scale, classifier,
+                    classifier_scale) -> list[Image.Image]:
+    """Images start .. start + count - 1 of `generate`."""
+    generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
+    extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    if classifier is not None:
+        extra["classifier"] = classifier
+    if classifier_scale is not None:
+        extra["classifier_scale"] = classifier_scale
+    if class_labels:
+        extra["class_labels"] = [class_labels[(start + i) % len(class_labels)] for i in range(count)]
+    return pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="pil", **extra).images
 
 
 def image_grid(images: list[Image.Image]) -> Image.Image:
