@@ -79,6 +79,25 @@ class EvaluateOptions:
     guidance_scale: Optional[float] = None
 
 
+def feature_networks(options: EvaluateOptions) -> dict:
+    """The Inception (or replacement) and DINOv2 networks; when some cannot be loaded (offline without the
+    download, not installed), one error names every one of them."""
+    builders = {"inception": lambda: build_inception_network(options.inception_weights, options.feature_network),
+                "dinov2": lambda: build_dinov2_network(options.dinov2_model)}
+    networks, problems = {}, []
+    for name, build in builders.items():
+        try:
+            networks[name] = build()
+        except UserError as e:
+            problems.append(str(e))
+    if len(problems) > 1:
+        raise UserError(f"evaluate needs {len(problems)} things it cannot load: "
+                        + " ".join(f"({i}) {problem}" for i, problem in enumerate(problems, 1)))
+    if problems:
+        raise UserError(problems[0])
+    return {name: network for name, network in networks.items() if network is not None}
+
+
 def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]:
     """The `evaluate` command: returns the report on the main process (None elsewhere) after writing it."""
     accelerator = Accelerator()
@@ -86,16 +105,13 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
     if options.num_images < least:
         raise UserError(f"num_images must be >= {least} (4 for precision/recall with k=3, and one per process); "
                         f"got {options.num_images}")
+    # the networks first: every download they miss is named before anything else is loaded
+    networks = {name: network.to(accelerator.device) for name, network in feature_networks(options).items()}
     dtype = torch.float16 if accelerator.device.type == "cuda" else None
     pipe = load_pipeline(options.model, accelerator.device, dtype)
     pipe.set_progress_bar_config(disable=True)
     # class-conditional: the requested classes, else every class in turn
     labels = resolve_conditioning(pipe, options.class_labels, options.guidance_scale, every_class=True)
-    networks = {"inception": build_inception_network(options.inception_weights, options.feature_network)}
-    dino = build_dinov2_network(options.dinov2_model)
-    if dino is not None:
-        networks["dinov2"] = dino
-    networks = {name: network.to(accelerator.device) for name, network in networks.items()}
     data = reference_data_config(options.model, data_flags, int(pipe.unet.config.sample_size))
     reference = load_or_compute_reference(accelerator, data, networks, options.reference_cache_dir,
                                           options.batch_size, options.reference_num_images)
