@@ -118,7 +118,10 @@ class TrainingEvaluator:
         if row["fid"] < self.best_fid:
             self.best_fid = row["fid"]
             if self.accelerator.is_main_process:
-                metrics = json.dumps({"step": step, **row, **guidance}, indent=2) + "\n"
+                network = self.networks["inception"]  # the card labels FIDs of other networks as not comparable
+                metrics = json.dumps({"step": step, **row, **guidance,
+                                      "feature_network": getattr(network, "name", type(network).__name__)},
+                                     indent=2) + "\n"
                 # inside the new folder before it replaces the old one: best/ and its metrics always match
                 export_pipeline(merged_unet(model), self.noise_scheduler, self.best_dir,
                                 yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names,
