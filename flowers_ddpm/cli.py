@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -178,8 +179,8 @@ def _push(args: argparse.Namespace) -> None:
         if args.revision not in (None, "main"):
             raise UserError("--space_id: the Space serves the model's main branch; push it without --revision")
     if args.dry_run:
-        if not args.staging_dir:
-            raise UserError("--dry_run needs --staging_dir (the folder to stage the upload in)")
+        if not args.staging_dir:  # kept after the command ends, for the user to look at
+            args.staging_dir = tempfile.mkdtemp(prefix="flowers-ddpm-push-")
         files = stage_upload(args.model, args.staging_dir, args.repo_id, args.license, args.space_id)
         print(f"dry run: would upload {len(files)} files from {args.staging_dir} to {args.repo_id}:")
         print("\n".join(f"  {name}" for name in files))
@@ -336,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="branch to push to (created if missing; default: main)")
     push.add_argument("--commit_message", default=None)
     push.add_argument("--license", default="apache-2.0", help="license in the card's metadata")
-    push.add_argument("--dry_run", action="store_true", help="only stage the upload in --staging_dir and list it")
+    push.add_argument("--dry_run", action="store_true",
+                      help="only stage the upload in --staging_dir (default: a new temporary folder) and list it")
     push.add_argument("--staging_dir", default=None, help="empty folder to stage the upload in")
     push.add_argument("--space_id", default=None, metavar="USER/NAME",
                       help="also push a Gradio Space serving the model (the `demo` page) and link it from the card")
