@@ -200,8 +200,8 @@ class SpeedSettings:
 class ClassifierSettings:
     """Train-classifier's accuracy report."""
 
-    classifier_eval_images: int = _opt(256, "train-classifier: images on which accuracy is reported per noise level",
-                                       minimum=1)
+    classifier_eval_images: int = _opt(256, "train-classifier: images on which accuracy is reported per noise level "
+                                            "(as many of each class as the data allow)", minimum=1)
     classifier_eval_split: Optional[str] = _opt(None, "train-classifier: dataset split of the accuracy report "
                                                 "(unset = the training split)")
     classifier_eval_timesteps: Optional[str] = _opt(None, "train-classifier: comma-separated noise levels t of the "
