@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,15 @@ from .training.diffusion_run import run_training
 from .training.stopping import TrainingStopped
 
 
+def _check_scales(args: argparse.Namespace, *names: str) -> None:
+    """Guidance scales (and other float flags) must be finite and not negative: NaN would pass every comparison
+    and sample noise, a negative scale guides away from the class."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{name} must be a finite number >= 0; got {value}")
+
+
 def _train(args: argparse.Namespace) -> None:
 
     cfg = parse_train_config(args)
@@ -54,6 +64,7 @@ def _train_classifier(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> None:
 
+    _check_scales(args, "guidance_scale", "classifier_scale")
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -86,6 +97,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _attach_classifier(args: argparse.Namespace) -> None:
 
+    _check_scales(args, "classifier_scale", "guidance_scale")
     path = attach_classifier(args.model, args.classifier, args.output, args.classifier_scale, args.guidance_scale)
     print(f"pipeline with classifier written to {path}")
 
@@ -102,6 +114,7 @@ def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
 
+    _check_scales(args, "guidance_scale")
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("steps and batch_size must be >= 1")
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
@@ -163,6 +176,7 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
 
 def _sweep(args: argparse.Namespace) -> None:
 
+    _check_scales(args, "guidance_scale")
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
     table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation)
@@ -211,6 +225,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _benchmark(args: argparse.Namespace) -> None:
 
+    _check_scales(args, "peak_tflops")
     results = run_benchmark(args)
     print(format_table(results))
     if args.json:

@@ -2,7 +2,8 @@
 
 Exit codes (documented in the README, returned by the CLI): 75 = preempted by a signal, a checkpoint of the stop
 step was written, rerun with `--resume_from_checkpoint latest` (75 is EX_TEMPFAIL: "try again later");
-3 = stopped after too many consecutive non-finite losses or gradients (the checkpoints on disk are intact).
+3 = stopped after too many consecutive non-finite losses or gradients, or because the weights themselves became
+non-finite (never checkpointed or exported; the checkpoints on disk are intact).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ class Preempted(TrainingStopped):
 
 
 class NonFiniteLoss(TrainingStopped):
+    exit_code = EXIT_NONFINITE
+
+
+class NonFiniteWeights(TrainingStopped):
+    """The weights (or their EMA) hold NaN/Inf: they are not checkpointed or exported."""
+
     exit_code = EXIT_NONFINITE
 
 

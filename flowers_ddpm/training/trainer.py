@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpointing
-from .stopping import NonFiniteLoss, Preempted, StopRequest
+from .stopping import NonFiniteLoss, NonFiniteWeights, Preempted, StopRequest
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -229,7 +229,25 @@ class Trainer:
                 f.write(json.dumps({"step": step, **values}) + "\n")
         return {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.2e}"}
 
+    def check_weights_finite(self, step: int) -> None:
+        """Raise NonFiniteWeights when a weight or EMA weight is NaN/Inf (on every process alike: the weights are
+        the same on all of them). A finite loss and gradient can still give non-finite weights (an absurd learning
+        rate); those are never checkpointed or exported."""
+        params = list(self._unwrapped().parameters()) + (list(self.ema.shadow_params) if self.ema is not None else [])
+        if torch.stack([torch.isfinite(p).all() for p in params]).all().item():
+            return
+        found = checkpointing.complete_checkpoints(self.settings.output_dir)
+        if found:
+            last = found[-1][1]
+            advice = (f"the last good checkpoint is {last} (lower the learning rate and rerun with "
+                      f"--resume_from_checkpoint {last})")
+        else:
+            advice = "no checkpoint was written before that (lower the learning rate and start again)"
+        raise NonFiniteWeights(f"stopped at step {step}: the weights are not finite any more (NaN or Inf), so they "
+                               f"were neither checkpointed nor exported; {advice}")
+
     def save(self, step: int) -> None:
+        self.check_weights_finite(step)
         path = checkpointing.save_checkpoint(self.accelerator, self.settings.output_dir, step,
                                              self.batches.state_dict(), self._write_trainer_state,
                                              self.settings.run_settings, self.settings.checkpoints_total_limit)
@@ -306,6 +324,7 @@ class Trainer:
         self.accelerator.log(values, step=step)
 
     def export(self, step: int) -> None:
+        self.check_weights_finite(step)
         if self.accelerator.is_main_process:
             with self.ema_weights():
                 self.publisher.export(self._unwrapped(), step)
