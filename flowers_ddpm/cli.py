@@ -34,7 +34,12 @@ from .pipelines.sampling import (
 from .publish.hub import push_pipeline, stage_upload
 from .training.classifier_run import run_classifier_training
 from .training.diffusion_run import run_training
-from .training.stopping import TrainingStopped
+from .training.stopping import SignalStop, StopOutsideSteps, TrainingStopped
+
+# SIGTERM/SIGINT during a training command's start-up or end-of-run report (the training steps have their own
+# handling, flowers_ddpm.training.stopping.StopRequest)
+OUTSIDE_STEPS = dict(where="outside the training steps (during start-up or the end-of-run report)",
+                     advice="no training step was lost: rerun with --resume_from_checkpoint latest to continue")
 
 
 def _check_scales(args: argparse.Namespace, *names: str) -> None:
@@ -48,16 +53,18 @@ def _check_scales(args: argparse.Namespace, *names: str) -> None:
 
 def _train(args: argparse.Namespace) -> None:
 
-    cfg = parse_train_config(args)
-    path = run_training(cfg)
+    with StopOutsideSteps(**OUTSIDE_STEPS):
+        cfg = parse_train_config(args)
+        path = run_training(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"pipeline written to {path}")
 
 
 def _train_classifier(args: argparse.Namespace) -> None:
 
-    cfg = parse_train_config(args)
-    path = run_classifier_training(cfg)
+    with StopOutsideSteps(**OUTSIDE_STEPS):
+        cfg = parse_train_config(args)
+        path = run_classifier_training(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"classifier written to {path}")
 
@@ -70,7 +77,7 @@ def _sample(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else None
     classifier = load_classifier(args.classifier, device) if args.classifier else None
-    pipe = load_pipeline(args.model, device, dtype)
+    pipe = load_pipeline(args.model, device, dtype, trust_remote_code=args.trust_remote_code)
     if classifier is not None:
         pipe = with_classifier(pipe, classifier)
     if args.classifier_scale is not None and classifier is None and getattr(pipe, "classifier", None) is None:
@@ -266,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier guidance scale s (default: the pipeline's saved one, else 1; the paper uses "
                              "1-10; 0 turns off a saved classifier)")
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    sample.add_argument("--trust_remote_code", action="store_true",
+                        help="run the Python code a pipeline ships (a custom pipeline or component class); read it "
+                             "first. Without it such a pipeline is refused")
     sample.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sample.set_defaults(func=_sample)
 
@@ -327,7 +337,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except TrainingStopped as e:  # preempted (75) or too many non-finite losses (3): see flowers_ddpm.training.stopping
+    except (TrainingStopped, SignalStop) as e:  # preempted (75) or non-finite (3): see flowers_ddpm.training.stopping
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
     return 0

@@ -3,20 +3,34 @@ changes, checkpoint rotation that loses work, disk and permission faults. Each t
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
+from PIL import Image
 
 from flowers_ddpm.cli import main
 from flowers_ddpm.config.sections import DataSettings
+from flowers_ddpm.data.imaging import TransformSettings, decode_and_transform
 from flowers_ddpm.data.stream import build_train_batches, open_source
 from flowers_ddpm.errors import UserError
+from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
+from flowers_ddpm.pipelines.export import export_pipeline
 from flowers_ddpm.training import checkpointing
-from flowers_ddpm.training.stopping import EXIT_NONFINITE
+from flowers_ddpm.training.stopping import EXIT_NONFINITE, EXIT_PREEMPTED
 
-from .conftest import make_class_folder, tiny_train_args
+from .conftest import REPO, make_class_folder, tiny_train_args
 
 
 def run_main(capsys, args):
@@ -139,3 +153,168 @@ def test_weights_that_became_non_finite_are_never_checkpointed_or_exported(capsy
     assert len(line) == 1 and "not finite" in line[0] and str(out / "checkpoints" / "checkpoint-1") in line[0]
     assert [step for step, _ in checkpointing.complete_checkpoints(out)] == [1]
     assert not (out / "pipeline").exists()
+
+
+# -- 5. things that changed without a word ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fp16_on_the_cpu_says_it_trains_in_fp32_and_records_what_ran(caplog, image_folder, tmp_path):
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert main(["train", *tiny_train_args(image_folder, out, mixed_precision="fp16", max_train_steps=1)]) == 0
+    assert "mixed_precision fp16" in caplog.text and "fp32" in caplog.text
+    for recorded in (out / "training_config.yaml", out / "pipeline" / "training_config.yaml"):
+        assert yaml.safe_load(recorded.read_text())["mixed_precision"] == "no"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_random_state_cannot_be_restored_is_not_resumed_silently(capsys, image_folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(["train", *tiny_train_args(image_folder, out, max_train_steps=2, checkpointing_steps=1)]) == 0
+    # as written by another accelerate version or device: a valid pickle without the numpy state; the manifest
+    # is rewritten to match, so only the content is wrong
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    rng = checkpoint / "random_states_0.pkl"
+    states = torch.load(rng, weights_only=False)
+    del states["numpy_random_seed"]
+    torch.save(states, rng)
+    (checkpoint / checkpointing.MANIFEST).unlink()
+    checkpointing.write_manifest(checkpoint)
+    checkpointing.verify_checkpoint(checkpoint)
+    capsys.readouterr()
+    code = main(["train", *tiny_train_args(image_folder, out, max_train_steps=3, checkpointing_steps=1,
+                                           resume_from_checkpoint="latest")])
+    line = error_line(capsys.readouterr().err)
+    assert code == 2 and "random_states_0.pkl" in line and "checkpoint-2" in line
+    assert not (out / "checkpoints" / "checkpoint-3").exists()
+
+
+def png16(values: np.ndarray) -> dict:
+    buffer = io.BytesIO()
+    image = Image.fromarray(values.astype(np.uint16))
+    assert image.mode.startswith("I;16")
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def test_16_bit_images_are_converted_by_their_real_range():
+    settings = TransformSettings(8, True, False)
+    ramp = np.linspace(82, 224, 64).reshape(8, 8).round()
+    low = decode_and_transform(png16(ramp), settings, np.random.default_rng(0))[..., 0]
+    assert abs(int(low.min()) - 82) <= 1 and abs(int(low.max()) - 224) <= 1  # 8-bit values in a 16-bit file
+    wide = decode_and_transform(png16(ramp * 257), settings, np.random.default_rng(0))[..., 0]
+    assert abs(int(wide.min()) - 82) <= 1 and abs(int(wide.max()) - 224) <= 1  # full 16-bit range
+    assert (decode_and_transform(png16(np.full((8, 8), 40000)), settings, np.random.default_rng(0)) == 156).all()
+
+
+def python_env() -> dict:
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": pythonpath}
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_command_is_still_loading_says_so_and_exits_75(image_folder, tmp_path):
+    # the `flowers-ddpm` entry point: the imports alone take seconds, so this lands before cli is loaded
+    process = subprocess.Popen([sys.executable, "-m", "flowers_ddpm", "train",
+                                *tiny_train_args(image_folder, tmp_path / "out")],
+                               env=python_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, err
+    assert err.strip().splitlines()[-1].startswith("stopped: stopped by SIGTERM during start-up")
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_run_set_up_says_so_and_exits_75(image_folder, tmp_path):
+    # the signal arrives while the data source is being opened (after the imports, before the first step)
+    code = (
+        "import os, signal, sys\n"
+        "from flowers_ddpm.training import run_setup\n"
+        "from flowers_ddpm.cli import main\n"
+        "real = run_setup.open_source\n"
+        "def open_source(data):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(data)\n"
+        "run_setup.open_source = open_source\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, "train", *tiny_train_args(image_folder, tmp_path / "out")],
+                            env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == EXIT_PREEMPTED, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: stopped by SIGTERM") and "--resume_from_checkpoint latest" in last
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_after_the_final_checkpoint_stops_before_the_export_and_a_resume_exports(capsys, monkeypatch,
+                                                                                          image_folder, tmp_path):
+    out = tmp_path / "out"
+    real_save = checkpointing.save_checkpoint
+
+    def save_then_signal(accelerator, output_dir, step, *args, **kwargs):
+        path = real_save(accelerator, output_dir, step, *args, **kwargs)
+        if step == 4:  # the final checkpoint: the run would now sample and export
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_signal)
+    args = tiny_train_args(image_folder, out, max_train_steps=4, checkpointing_steps=2)
+    code, err = run_main(capsys, ["train", *args])
+    assert code == EXIT_PREEMPTED
+    stopped = [line for line in err.splitlines() if line.startswith("stopped:")]
+    assert len(stopped) == 1 and "checkpoint-4" in stopped[0] and "export" in stopped[0]
+    assert not (out / "pipeline").exists()
+    monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
+    assert main(["train", *args, "--resume_from_checkpoint", "latest"]) == 0
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_hub_id_while_offline_says_offline(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_main(capsys, ["sample", "--model", "nobody/no-such-pipeline", "--output", str(tmp_path / "g.png")])
+    line = error_line(err)
+    assert code == 2 and "offline" in line and "HF_HUB_OFFLINE" in line and "nobody/no-such-pipeline" in line
+
+
+@pytest.fixture
+def planted_pipeline(tmp_path):
+    """An unconditional pipeline folder whose model_index names a pipeline class from a .py file it ships."""
+    folder = tmp_path / "planted"
+    export_pipeline(build_unet("tiny", 16), build_noise_scheduler(10, "linear", "epsilon"), folder)
+    marker = tmp_path / "code_ran"
+    (folder / "my_pipeline.py").write_text(
+        "from pathlib import Path\n"
+        "from diffusers import DDPMPipeline\n"
+        f"Path({str(marker)!r}).write_text('ran')\n"
+        "class MyPipeline(DDPMPipeline):\n"
+        "    pass\n")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = ["my_pipeline", "MyPipeline"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder, marker
+
+
+def test_a_pipeline_that_ships_code_is_refused_in_one_line_until_trusted(capsys, tmp_path, planted_pipeline):
+    folder, marker = planted_pipeline
+    common = ["sample", "--model", str(folder), "--num_images", "1", "--steps", "2", "--output",
+              str(tmp_path / "g.png"), "--device", "cpu"]
+    code, err = run_main(capsys, common)
+    line = error_line(err)
+    assert code == 2 and "my_pipeline.py" in line and "--trust_remote_code" in line
+    assert not marker.exists()  # the planted code did not run
+    assert main([*common, "--trust_remote_code"]) == 0
+    assert marker.exists() and (tmp_path / "g.png").is_file()
+
+
+def test_a_unet_that_ships_code_is_refused_in_one_line(capsys, tmp_path, planted_pipeline):
+    folder, marker = planted_pipeline
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "DDPMPipeline"
+    index["unet"] = ["my_unet", "MyUNet"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "my_pipeline.py").rename(folder / "unet" / "my_unet.py")
+    code, err = run_main(capsys, ["sample", "--model", str(folder), "--output", str(tmp_path / "g.png")])
+    line = error_line(err)
+    assert code == 2 and "my_unet.py" in line and "--trust_remote_code" in line
+    assert not marker.exists()

@@ -12,7 +12,8 @@ the diffusion process (architecture, resolution, prediction type ...) is refused
 
 Formats: weights are safetensors; our own state is JSON (bytes in the shuffle buffer are base64). The only
 pickles are accelerate's `optimizer.bin` and `random_states_<r>.pkl`, which accelerate loads with
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`. accelerate skips random states it cannot restore with an INFO log; a resume
+without them would not be exact, so loading checks that they were restored and refuses the checkpoint otherwise.
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
+
+import numpy as np
+import torch
+from accelerate.utils import load as accelerate_load
+from accelerate.utils.constants import RNG_STATE_NAME
 
 from ..errors import UserError
 
@@ -226,9 +233,52 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state: 
     return final
 
 
+def saved_num_processes(path: Path) -> Optional[int]:
+    """The number of processes that wrote a checkpoint (from its marker), None when it does not say."""
+    try:
+        fields = dict(line.split("=", 1) for line in (path / MARKER).read_text().split() if "=" in line)
+        return int(fields["num_processes"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _random_states_restored(states: dict) -> bool:
+    """Whether the RNGs accelerate sets (Python, numpy, torch CPU and CUDA) now hold `states`."""
+    saved_np, current_np = states["numpy_random_seed"], np.random.get_state()
+    same = (random.getstate() == tuple(states["random_state"])
+            and saved_np[0] == current_np[0] and np.array_equal(saved_np[1], current_np[1])
+            and tuple(saved_np[2:]) == tuple(current_np[2:])
+            and torch.equal(torch.get_rng_state(), states["torch_manual_seed"]))
+    if same and torch.cuda.is_available():
+        saved_cuda, current_cuda = states["torch_cuda_manual_seed"], torch.cuda.get_rng_state_all()
+        same = len(saved_cuda) == len(current_cuda) and all(map(torch.equal, saved_cuda, current_cuda))
+    return same
+
+
+def check_random_states(accelerator, path: Path) -> None:
+    """Right after `accelerator.load_state(path)`: raise a UserError unless this process's random states were
+    restored (accelerate skips ones it cannot load, e.g. a CPU checkpoint resumed on a GPU, with an INFO log).
+    A checkpoint of another number of processes restarts the data stream anyway (warned), so only warn there."""
+    name = f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    if saved_num_processes(path) != accelerator.num_processes:
+        logger.warning("checkpoint %s was written by another number of processes; the random states of this "
+                       "process are not restored", path)
+        return
+    try:
+        restored = _random_states_restored(accelerate_load(path / name))
+        reason = "it holds other states than the ones now set"
+    except Exception as e:  # a missing file, key or type: whatever accelerate tripped on
+        restored, reason = False, f"{type(e).__name__}: {e}"
+    if not restored:
+        raise UserError(f"cannot resume exactly from {path}: {name} (the random states of process "
+                        f"{accelerator.process_index}) cannot be restored ({reason}); resume on the kind of device "
+                        "that wrote it, or start a new run with another --output_dir")
+
+
 def load_checkpoint(accelerator, path: Path) -> Optional[dict]:
     """Restore accelerate's state; returns this process's data state (None if stored for another world size)."""
     accelerator.load_state(str(path))  # optimizer and RNG pickles are read with weights_only=True by accelerate
+    check_random_states(accelerator, path)  # nothing may draw random numbers in between
     data_file = path / f"data_state_rank{accelerator.process_index}.json"
     if not data_file.is_file():
         return None

@@ -45,6 +45,17 @@ def make_accelerator(cfg: TrainConfig):
     )
 
 
+def record_effective_precision(cfg: TrainConfig, accelerator) -> None:
+    """accelerate runs fp16 autocast only on accelerators: on the CPU --mixed_precision fp16 trains in fp32. Say so,
+    and record what runs (mixed_precision: no) in training_config.yaml, the checkpoints and the exported config."""
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        if accelerator.is_main_process:
+            logger.warning("mixed_precision fp16 is not available on the %s: training in fp32 (recorded as "
+                           "mixed_precision: no); use bf16 for mixed precision on the CPU",
+                           accelerator.device.type.upper())
+        cfg.speed.mixed_precision = "no"
+
+
 def _tracker_config(cfg: TrainConfig) -> dict:
     # TensorBoard hparams accept only scalars and strings
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
@@ -66,7 +77,8 @@ def _train_batches(cfg: TrainConfig, source, accelerator):
 def start_run(cfg: TrainConfig, classes_of):
     """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the
     Accelerator, the data source, its classes (`classes_of(cfg, source)`, which may raise a UserError) and the
-    number of optimizer steps. Returns (accelerator, source, class_names, max_steps, resume_from)."""
+    number of optimizer steps. Returns (accelerator, source, class_names, max_steps, resume_from). `cfg` then
+    records the mixed precision that actually runs (see `record_effective_precision`)."""
     # cheap checks first: nothing expensive happens before these pass
     check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
     resume_from = checkpointing.resolve_resume_path(cfg.run.output_dir, cfg.run.resume_from_checkpoint)
@@ -75,6 +87,7 @@ def start_run(cfg: TrainConfig, classes_of):
     if cfg.hub.push_to_hub:
         require_token()
     accelerator = make_accelerator(cfg)
+    record_effective_precision(cfg, accelerator)
     source = open_source(cfg.data)
     class_names = classes_of(cfg, source)
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)

@@ -174,7 +174,9 @@ class Trainer:
         """Train until max_train_steps, resuming from a checkpoint when given.
 
         SIGTERM/SIGINT stop the run at the next step boundary (all processes at the same step) after saving a
-        checkpoint, by raising `Preempted`.
+        checkpoint, by raising `Preempted`; one that arrives while a step's checkpoint, sample grid or evaluation is
+        being written stops the run before the next of those (a final checkpoint saved, the export left to the
+        resume). One that arrives during the final export lets it finish: the run is then complete.
         """
         if resume_from is not None:
             self.load(resume_from)
@@ -193,21 +195,42 @@ class Trainer:
                 bar.update(1)
                 if stop:
                     self.save(step)
-                    raise Preempted(f"preempted by {self.stop_request.received or 'a signal on another process'} "
-                                    f"at step {step}; checkpoint-{step} saved, rerun with "
-                                    "--resume_from_checkpoint latest to continue")
-                if step % s.logging_steps == 0 or step == s.max_train_steps:
+                    raise Preempted(self._preempted_message(step))
+                final = step == s.max_train_steps
+                if step % s.logging_steps == 0 or final:
                     bar.set_postfix(self.log(step))
-                if step % s.checkpointing_steps == 0 or step == s.max_train_steps:
+                saved = step % s.checkpointing_steps == 0 or final
+                if saved:
                     self.save(step)
-                if step % s.save_images_steps == 0 or step == s.max_train_steps:
-                    self.sample(step)
-                if self.evaluator is not None and (step % s.eval_steps == 0 or step == s.max_train_steps):
-                    self.evaluate(step)
-                if (s.save_model_steps and step % s.save_model_steps == 0) or step == s.max_train_steps:
-                    self.export(step)
+                due = [(step % s.save_images_steps == 0 or final, self.sample),
+                       (self.evaluator is not None and (step % s.eval_steps == 0 or final), self.evaluate),
+                       ((s.save_model_steps and step % s.save_model_steps == 0) or final, self.export)]
+                for _, action in filter(lambda pair: pair[0], due):
+                    if self._stop_agreed():  # a signal during this step's save, sample grid or evaluation
+                        if not saved:
+                            self.save(step)
+                        raise Preempted(self._preempted_message(step))
+                    action(step)
+        if self.stop_request.received is not None:
+            logger.warning("received %s while the final pipeline was written; it was completed, and so is the run",
+                           self.stop_request.received)
         if self._data_log:
             self._data_log.close()
+
+    def _stop_agreed(self) -> bool:
+        """Whether a signal reached any process (one small all-reduce, so that all of them stop together)."""
+        flag = torch.tensor(float(self.stop_request.received is not None), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return flag.item() > 0
+
+    def _preempted_message(self, step: int) -> str:
+        signal_name = self.stop_request.received or "a signal on another process"
+        if step >= self.settings.max_train_steps:
+            return (f"preempted by {signal_name} at step {step}, the last one; checkpoint-{step} saved, the pipeline "
+                    "not exported yet: rerun with --resume_from_checkpoint latest to export it")
+        return (f"preempted by {signal_name} at step {step}; checkpoint-{step} saved, rerun with "
+                "--resume_from_checkpoint latest to continue")
 
     # -- logging, checkpoints, artefacts -----------------------------------------------------------------------
     def log(self, step: int) -> dict:

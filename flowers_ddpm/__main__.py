@@ -1,0 +1,30 @@
+"""`python -m flowers_ddpm` and the `flowers-ddpm` command: the process entry point.
+
+The command line's imports (torch, diffusers, datasets, accelerate) take seconds. This module installs the
+start-up signal handling first, so that a SIGTERM or Ctrl-C in those seconds ends the process with one `stopped:`
+line and exit code 75 instead of a silent death by signal; that is why `cli` is imported inside `main`, the one
+deliberate exception to "imports at module top". The training commands then keep that handling through their own
+start-up (flowers_ddpm.cli) and hand the training steps to flowers_ddpm.training.stopping.StopRequest.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from .training.stopping import SignalStop, StopOutsideSteps
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        with StopOutsideSteps("during start-up, while the command was loading", "nothing was done yet: rerun "
+                              "the same command"):
+            from .cli import main as cli_main
+    except SignalStop as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
