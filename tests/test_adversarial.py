@@ -318,3 +318,90 @@ def test_a_unet_that_ships_code_is_refused_in_one_line(capsys, tmp_path, planted
     line = error_line(err)
     assert code == 2 and "my_unet.py" in line and "--trust_remote_code" in line
     assert not marker.exists()
+
+
+# -- 2. checkpoint rotation and `latest` that lose work --------------------------------------------------------------
+def damage(checkpoint: Path) -> None:
+    model = checkpoint / "model.safetensors"
+    raw = bytearray(model.read_bytes())
+    raw[-1] ^= 0xFF
+    model.write_bytes(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A 4-step run with checkpoints 2 and 4 (copied by the tests that damage them)."""
+    root = tmp_path_factory.mktemp("rotation")
+    data = make_class_folder(root / "images")
+    assert main(["train", *tiny_train_args(data, root / "run", max_train_steps=4, checkpointing_steps=2)]) == 0
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return data, root / "run"
+
+
+@pytest.mark.slow
+def test_rotation_counts_only_intact_checkpoints_and_sets_damaged_ones_aside(four_steps, tmp_path, caplog):
+    data, original = four_steps
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    damage(out / "checkpoints" / "checkpoint-4")
+    with caplog.at_level("WARNING"):  # resumes from checkpoint-2; checkpoint-3 must survive the limit of 1
+        assert main(["train", *tiny_train_args(data, out, resume_from_checkpoint="latest", max_train_steps=3,
+                                               checkpointing_steps=1, checkpoints_total_limit=1)]) == 0
+    assert [step for step, _ in checkpointing.complete_checkpoints(out)] == [3]
+    checkpointing.verify_checkpoint(out / "checkpoints" / "checkpoint-3")
+    assert (out / "checkpoints" / "damaged" / "checkpoint-4" / "model.safetensors").is_file()
+    assert any("checkpoint-4" in r.getMessage() and "damaged" in r.getMessage() and "moved to" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_latest_with_only_damaged_checkpoints_refuses_unless_a_fresh_start_is_asked(four_steps, tmp_path, capsys,
+                                                                                    caplog):
+    data, original = four_steps
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    for step in (2, 4):
+        damage(out / "checkpoints" / f"checkpoint-{step}")
+    args = tiny_train_args(data, out, resume_from_checkpoint="latest", checkpoints_total_limit=1)
+    code, err = run_main(capsys, ["train", *args])
+    line = error_line(err)
+    assert code == 2 and "none of the checkpoints" in line and "checkpoint-4" in line and "checkpoint-2" in line
+    assert "--overwrite_output_dir" in line
+    assert [step for step, _ in checkpointing.complete_checkpoints(out)] == [2, 4]  # nothing touched
+    with caplog.at_level("WARNING"):
+        assert main(["train", *args, "--overwrite_output_dir"]) == 0
+    assert "starting a new run from step 0" in caplog.text
+    assert [step for step, _ in checkpointing.complete_checkpoints(out)] == [6]
+    checkpointing.verify_checkpoint(out / "checkpoints" / "checkpoint-6")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", [None, "latest"])
+def test_a_checkpoint_folder_this_run_did_not_write_is_never_overwritten(capsys, image_folder, tmp_path, resume):
+    out = tmp_path / "out"
+    foreign = out / "checkpoints" / "checkpoint-2"  # another tool's, or an older layout: no COMPLETE marker
+    foreign.mkdir(parents=True)
+    (foreign / "weights.bin").write_bytes(b"not ours")
+    extra = {"resume_from_checkpoint": resume} if resume else {}
+    code, err = run_main(capsys, ["train", *tiny_train_args(image_folder, out, **extra)])
+    line = error_line(err)
+    assert code == 2 and "checkpoint-2" in line and "COMPLETE" in line
+    assert "--output_dir" in line and "--overwrite_output_dir" in line
+    assert (foreign / "weights.bin").read_bytes() == b"not ours"
+
+
+@pytest.mark.slow
+def test_a_new_run_does_not_mix_its_checkpoints_with_another_runs(capsys, four_steps, tmp_path):
+    data, original = four_steps
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    args = tiny_train_args(data, out, max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=1)
+    code, err = run_main(capsys, ["train", *args])  # no --resume_from_checkpoint: a new run
+    assert code == 2 and "holds another run's checkpoints" in error_line(err)
+    assert [step for step, _ in checkpointing.complete_checkpoints(out)] == [2, 4]
+    assert main(["train", *args, "--overwrite_output_dir"]) == 0
+    assert [step for step, _ in checkpointing.complete_checkpoints(out)] == [2]  # the new run's, not the old 4

@@ -106,6 +106,8 @@ class RunSettings:
     """The run's outputs, seed, logging, checkpoints and sample grids."""
 
     output_dir: str = _opt("ddpm-flowers-64", "where checkpoints, logs, samples and the pipeline go")
+    overwrite_output_dir: bool = _opt(False, "allow starting a new run in an output_dir that holds another run's "
+                                      "checkpoints (they are replaced)")
     seed: int = _opt(0, "seed for weights, noise, data order and augmentation")
     logger: str = _opt("tensorboard", "experiment tracker", LOGGERS)
     logging_dir: str = _opt("logs", "tracker directory, relative to --output_dir")

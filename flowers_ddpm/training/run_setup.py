@@ -81,13 +81,19 @@ def start_run(cfg: TrainConfig, classes_of):
     records the mixed precision that actually runs (see `record_effective_precision`)."""
     # cheap checks first: nothing expensive happens before these pass
     check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
-    resume_from = checkpointing.resolve_resume_path(cfg.run.output_dir, cfg.run.resume_from_checkpoint)
+    resume_from = checkpointing.resolve_resume_path(cfg.run.output_dir, cfg.run.resume_from_checkpoint,
+                                                    cfg.run.overwrite_output_dir)
+    checkpointing.check_output_dir(cfg.run.output_dir, resume_from is not None, cfg.run.overwrite_output_dir)
     if resume_from is not None:
         checkpointing.check_compatible(resume_from, cfg.to_dict())
     if cfg.hub.push_to_hub:
         require_token()
     accelerator = make_accelerator(cfg)
     record_effective_precision(cfg, accelerator)
+    if resume_from is None and cfg.run.overwrite_output_dir:
+        if accelerator.is_main_process:
+            checkpointing.remove_checkpoints(cfg.run.output_dir)
+        accelerator.wait_for_everyone()
     source = open_source(cfg.data)
     class_names = classes_of(cfg, source)
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)
