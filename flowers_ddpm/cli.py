@@ -18,7 +18,7 @@ from .config.loading import add_train_arguments, build_config, load_yaml, parse_
 from .config.sections import SAMPLE_SCHEDULERS
 from .data.cache import open_cache
 from .data.stream import open_source
-from .errors import UserError
+from .errors import EXIT_STORAGE, UserError, storage_fault
 from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
 from .experiments.benchmark import add_benchmark_arguments, format_table, run_benchmark
 from .experiments.sweep import run_sweep
@@ -340,6 +340,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (TrainingStopped, SignalStop) as e:  # preempted (75) or non-finite (3): see flowers_ddpm.training.stopping
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # any other write the disk refused (a sample grid, a report): one line, not a traceback
+        fault = storage_fault(e, e.filename or ".")
+        if fault is None or debug:
+            raise
+        print(f"error: {fault}: {e.filename or e}", file=sys.stderr)
+        return EXIT_STORAGE
     return 0
 
 

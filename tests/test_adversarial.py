@@ -24,7 +24,7 @@ from flowers_ddpm.cli import main
 from flowers_ddpm.config.sections import DataSettings
 from flowers_ddpm.data.imaging import TransformSettings, decode_and_transform
 from flowers_ddpm.data.stream import build_train_batches, open_source
-from flowers_ddpm.errors import UserError
+from flowers_ddpm.errors import EXIT_STORAGE, UserError
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
 from flowers_ddpm.pipelines.export import export_pipeline
 from flowers_ddpm.training import checkpointing
@@ -405,3 +405,76 @@ def test_a_new_run_does_not_mix_its_checkpoints_with_another_runs(capsys, four_s
     assert [step for step, _ in checkpointing.complete_checkpoints(out)] == [2, 4]
     assert main(["train", *args, "--overwrite_output_dir"]) == 0
     assert [step for step, _ in checkpointing.complete_checkpoints(out)] == [2]  # the new run's, not the old 4
+
+
+# -- 3. disk and permission faults ----------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, read_only=False) -> a folder on its own tmpfs of that size (root only; skipped otherwise)."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_output_dir_that_cannot_be_written_is_one_line_before_any_work(capsys, image_folder, tmp_path, where):
+    if where == "file":
+        out = tmp_path / "taken"
+        out.write_text("a file")
+        expected = "is a file"
+    else:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc")
+        out, expected = Path("/proc/flowers-ddpm-test/out"), "cannot be written"
+    code, err = run_main(capsys, ["train", *tiny_train_args(image_folder, out)])
+    line = error_line(err)
+    assert code == 2 and expected in line and str(out) in line
+
+
+@pytest.mark.slow
+def test_an_output_dir_on_a_read_only_mount_is_one_line_before_any_work(capsys, image_folder, small_disk):
+    out = small_disk("1m", read_only=True) / "out"
+    code, err = run_main(capsys, ["train", *tiny_train_args(image_folder, out)])
+    line = error_line(err)
+    assert code == 2 and "read-only file system" in line.lower() and str(out) in line
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_save_names_what_was_kept_and_leaves_no_partial_folder(
+        capsys, image_folder, small_disk):
+    # one checkpoint of the tiny model is about 11.4 MB: the second one does not fit
+    out = small_disk("16m") / "out"
+    code, err = run_main(capsys, ["train", *tiny_train_args(image_folder, out, max_train_steps=4)])
+    line = error_line(err)
+    assert code == EXIT_STORAGE
+    assert "no space left on device" in line and "checkpoint-4.tmp" in line
+    assert str(out / "checkpoints" / "checkpoint-2") + " is intact" in line
+    assert "--resume_from_checkpoint latest" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    checkpointing.verify_checkpoint(out / "checkpoints" / "checkpoint-2")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_the_export_names_what_was_kept_and_leaves_no_partial_folder(
+        capsys, image_folder, small_disk):
+    # the checkpoint (about 11.4 MB) fits, the exported pipeline (about 2.8 MB more) does not
+    out = small_disk("13m") / "out"
+    code, err = run_main(capsys, ["train", *tiny_train_args(image_folder, out, max_train_steps=2)])
+    line = error_line(err)
+    assert code == EXIT_STORAGE
+    assert "no space left on device" in line and "export" in line
+    assert str(out / "checkpoints" / "checkpoint-2") + " is intact" in line
+    assert not (out / "pipeline.tmp").exists() and not (out / "pipeline").exists()
+    checkpointing.verify_checkpoint(out / "checkpoints" / "checkpoint-2")

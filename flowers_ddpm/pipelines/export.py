@@ -62,11 +62,15 @@ def save_pipeline(pipe, path: str | Path, write_extra: Optional[Callable[[Path],
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    if isinstance(pipe, GuidedDDPMPipeline):
-        _ship_pipeline_code(tmp, pipe)
-    if write_extra is not None:
-        write_extra(tmp)
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if isinstance(pipe, GuidedDDPMPipeline):
+            _ship_pipeline_code(tmp, pipe)
+        if write_extra is not None:
+            write_extra(tmp)
+    except BaseException:  # a full disk, say: leave no partial folder behind (the previous export is untouched)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         path.rename(old)

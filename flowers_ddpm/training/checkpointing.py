@@ -40,7 +40,7 @@ import torch
 from accelerate.utils import load as accelerate_load
 from accelerate.utils.constants import RNG_STATE_NAME
 
-from ..errors import UserError
+from ..errors import StorageError, UserError, storage_fault
 
 logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -267,7 +267,31 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state: 
     """Write a complete checkpoint for `step` on all processes; returns its final path.
 
     `write_extra(folder)` is called on the main process to add the trainer's own files (JSON, safetensors).
+    When the disk refuses a write (full, read-only, no permission) the partial folder is removed and a
+    StorageError names it and the checkpoint that was kept.
     """
+    root = checkpoints_root(output_dir)
+    tmp = root / f"checkpoint-{step}.tmp"
+    try:
+        return _save_checkpoint(accelerator, output_dir, step, data_state, write_extra, settings, total_limit)
+    except Exception as e:
+        fault = storage_fault(e, tmp)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if fault is None:
+            raise
+        raise StorageError(f"{fault} while writing {tmp} (removed); {kept_checkpoint(output_dir)}; free space or fix "
+                           "the permissions, then rerun with --resume_from_checkpoint latest") from e
+
+
+def kept_checkpoint(output_dir: str | Path) -> str:
+    """'checkpoint-N is intact' for the newest complete checkpoint, for messages about a failed write."""
+    found = complete_checkpoints(output_dir)
+    return f"{found[-1][1]} is intact" if found else "no checkpoint was written yet"
+
+
+def _save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state: dict, write_extra,
+                     settings: Optional[dict], total_limit: Optional[int]) -> Path:
     root = checkpoints_root(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
@@ -74,6 +76,22 @@ def _train_batches(cfg: TrainConfig, source, accelerator):
                                 cfg.optim.train_batch_size, cfg.run.seed, cfg.run.log_data_order)
 
 
+def check_writable(output_dir: str) -> None:
+    """Create the output dir and write (and remove) a file in it, so that a read-only mount, a file in its place or
+    a path the system refuses is one line before any work, not a traceback at the first save."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output_dir {output_dir} is a file, not a directory; choose another --output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"output_dir {output_dir} cannot be written ({e.strerror or e}); choose another "
+                        "--output_dir") from None
+
+
 def start_run(cfg: TrainConfig, classes_of):
     """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the
     Accelerator, the data source, its classes (`classes_of(cfg, source)`, which may raise a UserError) and the
@@ -81,6 +99,7 @@ def start_run(cfg: TrainConfig, classes_of):
     records the mixed precision that actually runs (see `record_effective_precision`)."""
     # cheap checks first: nothing expensive happens before these pass
     check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
+    check_writable(cfg.run.output_dir)
     resume_from = checkpointing.resolve_resume_path(cfg.run.output_dir, cfg.run.resume_from_checkpoint,
                                                     cfg.run.overwrite_output_dir)
     checkpointing.check_output_dir(cfg.run.output_dir, resume_from is not None, cfg.run.overwrite_output_dir)

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Optional, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import StorageError, storage_fault
 from . import checkpointing
 from .stopping import NonFiniteLoss, NonFiniteWeights, Preempted, StopRequest
 
@@ -350,7 +351,17 @@ class Trainer:
         self.check_weights_finite(step)
         if self.accelerator.is_main_process:
             with self.ema_weights():
-                self.publisher.export(self._unwrapped(), step)
+                try:
+                    self.publisher.export(self._unwrapped(), step)
+                except Exception as e:
+                    folder = getattr(e, "filename", None) or self.settings.output_dir
+                    fault = storage_fault(e, folder)
+                    if fault is None:
+                        raise
+                    raise StorageError(
+                        f"{fault} while exporting the pipeline at step {step} to {folder} (the partial export was "
+                        f"removed); {checkpointing.kept_checkpoint(self.settings.output_dir)}; free space or fix the "
+                        "permissions, then rerun with --resume_from_checkpoint latest to export it") from e
         self.accelerator.wait_for_everyone()
 
     def _unwrapped(self):
