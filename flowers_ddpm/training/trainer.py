@@ -228,8 +228,8 @@ class Trainer:
     def _preempted_message(self, step: int) -> str:
         signal_name = self.stop_request.received or "a signal on another process"
         if step >= self.settings.max_train_steps:
-            return (f"preempted by {signal_name} at step {step}, the last one; checkpoint-{step} saved, the pipeline "
-                    "not exported yet: rerun with --resume_from_checkpoint latest to export it")
+            return (f"preempted by {signal_name} at step {step}; checkpoint-{step} saved (the last step), the "
+                    "pipeline not exported yet: rerun with --resume_from_checkpoint latest to export it")
         return (f"preempted by {signal_name} at step {step}; checkpoint-{step} saved, rerun with "
                 "--resume_from_checkpoint latest to continue")
 
