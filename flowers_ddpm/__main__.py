@@ -1,4 +1,5 @@
-"""`python -m flowers_ddpm` and the `flowers-ddpm` command: the process entry point.
+"""`python -m flowers_ddpm ...`, `accelerate launch -m flowers_ddpm train ...` and the `flowers-ddpm` command: the
+process entry point.
 
 The command line's imports (torch, diffusers, datasets, accelerate) take seconds. This module installs the
 start-up signal handling first, so that a SIGTERM or Ctrl-C in those seconds ends the process with one `stopped:`

@@ -1,37 +1,35 @@
 """The `flowers-ddpm` command: `train`, `train-classifier`, `sample`, `attach-classifier`, `evaluate`, `sweep`,
-`push`, `prepare` and `benchmark`. Thin: parse, then call the module that does the work."""
+`push`, `demo`, `prepare` and `benchmark`. Thin: parse, then call the module that does the work."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .config.loading import add_train_arguments, build_config, load_yaml, parse_train_config
+from . import __version__
+from ._util.distributed import is_main_process
+from .config.loading import TRAIN_SECTIONS, add_train_arguments, build_config, load_yaml, parse_train_config
 from .config.sections import SAMPLE_SCHEDULERS
 from .data.cache import open_cache
 from .data.stream import open_source
+from .demo.app import launch_demo
 from .errors import EXIT_STORAGE, UserError, storage_fault
 from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
 from .experiments.benchmark import add_benchmark_arguments, format_table, run_benchmark
 from .experiments.sweep import run_sweep
+from .pipelines.conditioning import resolve_conditioning
 from .pipelines.export import attach_classifier
-from .pipelines.sampling import (
-    generate,
-    image_grid,
-    load_classifier,
-    load_pipeline,
-    resolve_class_labels,
-    with_classifier,
-)
+from .pipelines.sampling import generate, image_grid, load_classifier, load_pipeline, with_classifier
 from .publish.hub import push_pipeline, stage_upload
+from .publish.space import check_repo_id, push_space, stage_space
 from .training.classifier_run import run_classifier_training
 from .training.diffusion_run import run_training
 from .training.stopping import SignalStop, StopOutsideSteps, TrainingStopped
@@ -52,25 +50,22 @@ def _check_scales(args: argparse.Namespace, *names: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-
     with StopOutsideSteps(**OUTSIDE_STEPS):
         cfg = parse_train_config(args)
         path = run_training(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         print(f"pipeline written to {path}")
 
 
 def _train_classifier(args: argparse.Namespace) -> None:
-
     with StopOutsideSteps(**OUTSIDE_STEPS):
         cfg = parse_train_config(args)
         path = run_classifier_training(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         print(f"classifier written to {path}")
 
 
 def _sample(args: argparse.Namespace) -> None:
-
     _check_scales(args, "guidance_scale", "classifier_scale")
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
@@ -80,15 +75,7 @@ def _sample(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, device, dtype, trust_remote_code=args.trust_remote_code)
     if classifier is not None:
         pipe = with_classifier(pipe, classifier)
-    if args.classifier_scale is not None and classifier is None and getattr(pipe, "classifier", None) is None:
-        raise UserError("--classifier_scale needs --classifier (the folder written by train-classifier) or a "
-                        "pipeline that carries one (attach-classifier)")
-    labels = resolve_class_labels(pipe, args.class_labels, classifier)
-    if classifier is not None and labels is None:
-        raise UserError("--classifier needs --class_labels (the classes to guide the samples towards)")
-    if args.guidance_scale is not None and (labels is None or getattr(pipe, "num_classes", None) is None):
-        raise UserError("--guidance_scale needs --class_labels and a class-conditional model (classifier-free "
-                        "guidance); use --classifier_scale to guide an unconditional model")
+    labels = resolve_conditioning(pipe, args.class_labels, args.guidance_scale, classifier, args.classifier_scale)
     images = generate(pipe, args.num_images, args.steps, args.seed, args.scheduler, args.batch_size,
                       class_labels=labels, guidance_scale=args.guidance_scale, classifier=classifier,
                       classifier_scale=args.classifier_scale)
@@ -103,7 +90,6 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _attach_classifier(args: argparse.Namespace) -> None:
-
     _check_scales(args, "classifier_scale", "guidance_scale")
     path = attach_classifier(args.model, args.classifier, args.output, args.classifier_scale, args.guidance_scale)
     print(f"pipeline with classifier written to {path}")
@@ -120,7 +106,6 @@ def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-
     _check_scales(args, "guidance_scale")
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("steps and batch_size must be >= 1")
@@ -182,7 +167,6 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
 
 
 def _sweep(args: argparse.Namespace) -> None:
-
     _check_scales(args, "guidance_scale")
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
@@ -205,21 +189,56 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-
+    if args.space_id:
+        check_repo_id(args.space_id, "--space_id")
+        if args.revision not in (None, "main"):
+            raise UserError("--space_id: the Space serves the model's main branch; push it without --revision")
     if args.dry_run:
         if not args.staging_dir:
             raise UserError("--dry_run needs --staging_dir (the folder to stage the upload in)")
-        files = stage_upload(args.model, args.staging_dir, args.repo_id, args.license)
+        files = stage_upload(args.model, args.staging_dir, args.repo_id, args.license, args.space_id)
         print(f"dry run: would upload {len(files)} files from {args.staging_dir} to {args.repo_id}:")
         print("\n".join(f"  {name}" for name in files))
+        if args.space_id:
+            space_dir = args.space_staging_dir or f"{args.staging_dir.rstrip('/')}-space"
+            files = stage_space(args.space_id, args.repo_id, space_dir, args.license)
+            print(f"dry run: would upload {len(files)} files from {space_dir} to the Space {args.space_id}:")
+            print("\n".join(f"  {name}" for name in files))
         return
     url = push_pipeline(args.model, args.repo_id, private=args.private, revision=args.revision,
-                        commit_message=args.commit_message, license=args.license, staging_dir=args.staging_dir)
+                        commit_message=args.commit_message, license=args.license, staging_dir=args.staging_dir,
+                        space_id=args.space_id)
     print(f"pushed to {url}")
+    if args.space_id:
+        url = push_space(args.space_id, args.repo_id, private=args.private, license=args.license,
+                         staging_dir=args.space_staging_dir)
+        print(f"pushed the demo Space to {url}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+
+    launch_demo(args.model, host=args.host, port=args.port, share=args.share, device=args.device)
+
+
+def _true_or_false(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub id (anything `sample` loads)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", type=_true_or_false, nargs="?", const=True, default=False, metavar="true|false",
+                        help="also serve through a temporary public gradio.live link (default: false)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
 
 
 def _prepare(args: argparse.Namespace) -> None:
-
     values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     file_values = load_yaml(args.config) if args.config else {}
     if not {"max_train_steps", "num_epochs"} & (set(values) | set(file_values)):
@@ -231,7 +250,6 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> None:
-
     _check_scales(args, "peak_tflops")
     results = run_benchmark(args)
     print(format_table(results))
@@ -241,17 +259,20 @@ def _benchmark(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowers-ddpm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    settings_usage = "%(prog)s [--config FILE] [--SETTING VALUE ...]"
 
-    train = sub.add_parser("train", help="train a DDPM (run under `accelerate launch` for several processes)")
+    train = sub.add_parser("train", usage=settings_usage,
+                           help="train a DDPM (run under `accelerate launch` for several processes)")
     add_train_arguments(train)
     train.set_defaults(func=_train)
 
     train_classifier = sub.add_parser(
-        "train-classifier", help="train a noise-aware classifier for classifier guidance (same data, model preset "
-                                 "and noise-schedule flags as train; run under `accelerate launch` for several "
-                                 "processes)")
-    add_train_arguments(train_classifier)
+        "train-classifier", usage=settings_usage,
+        help="train a noise-aware classifier for classifier guidance (same data, model preset and noise-schedule "
+             "flags as train; run under `accelerate launch` for several processes)")
+    add_train_arguments(train_classifier, TRAIN_SECTIONS + ("classifier",))
     train_classifier.set_defaults(func=_train_classifier)
 
     sample = sub.add_parser("sample", help="generate images from a pipeline folder or Hub id")
@@ -303,11 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--license", default="apache-2.0", help="license in the card's metadata")
     push.add_argument("--dry_run", action="store_true", help="only stage the upload in --staging_dir and list it")
     push.add_argument("--staging_dir", default=None, help="empty folder to stage the upload in")
+    push.add_argument("--space_id", default=None, metavar="USER/NAME",
+                      help="also push a Gradio Space serving the model (the `demo` page) and link it from the card")
+    push.add_argument("--space_staging_dir", default=None,
+                      help="empty folder to stage the Space in (default with --dry_run: <staging_dir>-space)")
     push.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     push.set_defaults(func=_push)
 
-    prepare = sub.add_parser("prepare", help="build the decode-once cache for a training config (see --decode_cache)")
-    add_train_arguments(prepare)
+    demo = sub.add_parser("demo", help="a Gradio page that generates images from a pipeline folder or Hub id "
+                                       "(needs the demo extra: pip install -e \".[demo]\")")
+    _add_demo_arguments(demo)
+    demo.set_defaults(func=_demo)
+
+    prepare = sub.add_parser("prepare", usage=settings_usage,
+                             help="build the decode-once cache for a training config (see --decode_cache)")
+    add_train_arguments(prepare, ("data",), hidden=[name for name in TRAIN_SECTIONS if name != "data"])
     prepare.set_defaults(func=_prepare)
 
     benchmark = sub.add_parser("benchmark", help="measure data-path, training-step and sampling speed")
@@ -318,16 +349,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    # Read the rank from the launcher's environment: creating accelerate's PartialState here would fix the
-    # distributed setup before the Accelerator (which honours ACCELERATE_USE_CPU) is built.
-    main = os.environ.get("RANK", "0") == "0"
+    main = is_main_process()
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("flowers_ddpm").setLevel(logging.INFO if main else logging.WARNING)
 
 
+def _reject_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """argparse names unknown flags with the top-level usage; name them with the subcommand's usage instead, and
+    the nearest flag that exists."""
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's own parser
+    known = [option for action in sub._actions for option in action.option_strings]
+    hints = []
+    for flag in (u for u in unknown if u.startswith("--")):
+        close = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.75)
+        if close:
+            hints.append(f"{flag.split('=')[0]}: did you mean {close[0]}?")
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else ""))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of `flowers-ddpm`; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _reject_unknown(parser, args, unknown)
     debug = bool(getattr(args, "debug", False))
     try:
         _setup_logging()

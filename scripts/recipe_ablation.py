@@ -4,7 +4,7 @@
     python scripts/recipe_ablation.py --budget_minutes 3 --variants all --output_dir runs/screen
 
 Writes <output_dir>/results.md, results.csv and <output_dir>/<variant>/grid.png; rerunning with the same
-output_dir skips the variants that already finished. See RECIPES.md for the measured results.
+output_dir skips the variants that already finished. See docs/recipes.md for the measured results.
 """
 
 import argparse
@@ -29,8 +29,8 @@ def parse_args(argv=None) -> AblationSettings:
     parser.add_argument("--sampler", default="dpmsolver++", choices=("ddpm", "ddim", "dpmsolver++"))
     parser.add_argument("--sampler_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=1.5,
-                        help="classifier-free guidance of the scored samples (RECIPES.md: 1.5 balances class "
-                             "accuracy and diversity)")
+                        help="classifier-free guidance of the scored samples (docs/recipes.md: 1.5 balances "
+                             "class accuracy and diversity)")
     parser.add_argument("--model_preset", default="small")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--probe_steps", type=int, default=12, help="steps of the probe run that sizes the budget")

@@ -91,6 +91,7 @@ def test_attached_classifier_is_saved_as_a_custom_component(folders):
     assert 'from_pretrained("user/guided", trust_remote_code=True)' in card and "class_labels=['blue'] * 4" in card
 
 
+@pytest.mark.slow
 def test_plain_diffusers_loads_the_folder_and_draws_the_same_images(folders, tmp_path):
     model, classifier_dir, bundled = folders
     out = tmp_path / "remote.npy"

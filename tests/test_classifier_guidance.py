@@ -79,6 +79,7 @@ def class_fractions(images) -> list[float]:
     return [sum(c == CHANNEL_OF_CLASS[k] for c in channels) / len(channels) for k in sorted(CHANNEL_OF_CLASS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler, steps", [("ddim", 10), ("ddpm", 20)])
 def test_classifier_guidance_moves_unconditional_samples_towards_the_class(unconditional_model, classifier_dir,
                                                                           scheduler, steps):
@@ -97,6 +98,7 @@ def test_classifier_guidance_moves_unconditional_samples_towards_the_class(uncon
     assert sum(towards) / 2 >= sum(plain) / 2 + 0.25
 
 
+@pytest.mark.slow
 def test_sample_command_with_classifier_and_its_user_errors(unconditional_model, classifier_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
     base = ["sample", "--model", str(unconditional_model), "--num_images", "2", "--steps", "2", "--output", str(out)]

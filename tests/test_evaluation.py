@@ -167,6 +167,7 @@ def test_evaluate_compares_schedulers_and_writes_json_markdown_and_pipeline_metr
     assert len(list(cache.glob("*.safetensors"))) == 2  # one entry per feature network
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_metrics(compared, pipeline_dir, image_folder, tmp_path):
     single_out, single_cache, _ = compared
     one = json.loads(single_out.read_text())["results"][2]  # DDIM-25

@@ -94,6 +94,7 @@ def hub_env(endpoint: str, home: Path) -> dict:
             "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
+@pytest.mark.slow
 def test_train_pushes_pipeline_with_card_and_dry_run_stages_the_same(image_folder, tmp_path, fake_hub):
     out = tmp_path / "run"
     result = flowers_ddpm("train", *tiny_train_args(image_folder, out, max_train_steps=2, save_images_steps=1,
@@ -185,6 +186,7 @@ def test_push_command_to_a_branch_of_a_private_repo(tmp_path, fake_hub, monkeypa
     assert all(auth == f"Bearer {FAKE_TOKEN}" for _, path, auth in FakeHub.calls if path.startswith(WRITES))
 
 
+@pytest.mark.slow
 def test_push_without_token_is_a_user_error(tmp_path):
     result = flowers_ddpm("push", "--model", str(tmp_path), "--repo_id", REPO_ID,
                           env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf_home")})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -70,6 +71,7 @@ def test_resume_from_latest_continues_the_same_run(image_folder, tmp_path):
     assert (a / "trainer_state.json").read_text() == (b / "trainer_state.json").read_text()  # lr, step, EMA decay
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_different_shards(image_folder, tmp_path):
     out = tmp_path / "ddp"
     result = run_command(

@@ -5,9 +5,10 @@ fills."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -28,18 +29,38 @@ def _base_type(name: str) -> type:
     return args[0] if args else tp
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per TrainConfig field; unset flags stay absent so YAML values are not overridden."""
-    parser.add_argument("--config", help="YAML file with any of the settings below")
-    for name, f in FIELDS.items():
-        if not f.metadata["cli"]:
-            continue
-        tp = _base_type(name)
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        if tp is bool:
-            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(f"--{name}", type=str, default=argparse.SUPPRESS, metavar=tp.__name__.upper(), help=help_text)
+# Other names of a setting: diffusers' newer example scripts call --logger --report_to.
+ALIASES = {"report_to": "logger"}
+TRAIN_SECTIONS = tuple(name for name in SECTIONS if name != "classifier")  # train-classifier adds "classifier"
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, sections: Iterable[str] = TRAIN_SECTIONS,
+                        hidden: Iterable[str] = ()) -> None:
+    """One flag per setting of the given sections, in one argument group per section; the `hidden` sections'
+    flags are accepted but left out of --help. Unset flags stay absent so YAML values are not overridden."""
+    parser.add_argument("--config", help="YAML file with any of the settings below (flat names, as the flags)")
+    for section in sections:
+        group = parser.add_argument_group(f"{section} settings", SECTIONS[section].__doc__)
+        for f in dataclasses.fields(SECTIONS[section]):
+            if f.metadata["cli"]:
+                _add_flag(group, f)
+    for section in hidden:
+        for f in dataclasses.fields(SECTIONS[section]):
+            if f.metadata["cli"]:
+                _add_flag(parser, f, shown=False)
+
+
+def _add_flag(group, f: dataclasses.Field, shown: bool = True) -> None:
+    tp = _base_type(f.name)
+    names = [f"--{f.name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == f.name]
+    help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
+    common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%") if shown else argparse.SUPPRESS)
+    if tp is bool:
+        group.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+    elif f.metadata["choices"]:
+        group.add_argument(*names, type=str, metavar="{" + ",".join(f.metadata["choices"]) + "}", **common)
+    else:
+        group.add_argument(*names, type=str, metavar=tp.__name__.upper(), **common)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -91,12 +112,15 @@ def build_config(file_values: dict, cli_values: dict) -> TrainConfig:
     merged: dict[str, Any] = {}
     for source in (file_values, cli_values):
         for key, value in source.items():
+            key = ALIASES.get(key, key)
             if key not in FIELDS:
                 raise UserError(f"unknown setting {key!r}; see `flowers-ddpm train --help` for the allowed settings")
             merged[key] = _coerce(key, value)
+    explicit = frozenset(merged)
     _recipe_defaults(merged)
     _finetune_defaults(merged)
     cfg = TrainConfig.from_flat(merged)
+    cfg.explicit = explicit
     validate(cfg)
     return cfg
 

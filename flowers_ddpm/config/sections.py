@@ -17,8 +17,10 @@ import yaml
 
 FLOWERS_DATASET = "nelorth/oxford-flowers"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+# every schedule of diffusers.DDPMScheduler and every name of diffusers.optimization.get_scheduler (tests check both)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOGGERS = ("tensorboard", "wandb", "none")
 SAMPLE_SCHEDULERS = ("ddpm", "ddim", "dpmsolver++")
@@ -35,6 +37,8 @@ class ModelSettings:
 
     model_preset: str = _opt("ddpm", "UNet preset (see flowers_ddpm.models.unet.PRESETS)")
     unet_config: Optional[dict] = _opt(None, "explicit UNet2DModel kwargs, merged over the preset (YAML only)", cli=False)
+    model_config_name_or_path: Optional[str] = _opt(None, "UNet2DModel config (a folder with config.json, or a Hub id) "
+                                                    "to train instead of the preset, as in diffusers' example")
     prediction_type: str = _opt("epsilon", "what the UNet predicts", PREDICTION_TYPES)
     ddpm_num_steps: int = _opt(1000, "diffusion steps of the noise schedule", minimum=1)
     ddpm_beta_schedule: str = _opt("linear", "beta schedule", BETA_SCHEDULES)
@@ -84,6 +88,8 @@ class OptimSettings:
     learning_rate: float = _opt(1e-4, "peak learning rate", minimum=0.0)
     lr_scheduler: str = _opt("cosine", "learning-rate schedule", LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(500, "warm-up optimizer steps", minimum=0)
+    lr_step_rules: Optional[str] = _opt(None, "piecewise_constant schedule: 'multiplier:until_step,...,final_multiplier' "
+                                        "(e.g. 1:1000,0.1:2000,0.01)")
     adam_beta1: float = _opt(0.95, "AdamW beta1", minimum=0.0)
     adam_beta2: float = _opt(0.999, "AdamW beta2", minimum=0.0)
     adam_weight_decay: float = _opt(1e-6, "AdamW weight decay", minimum=0.0)
@@ -118,6 +124,10 @@ class RunSettings:
     resume_from_checkpoint: Optional[str] = _opt(None, "'latest' or a checkpoint directory")
     save_images_steps: int = _opt(1000, "write a sample grid PNG every N optimizer steps", minimum=1)
     save_model_steps: Optional[int] = _opt(None, "also export the pipeline every N optimizer steps", minimum=1)
+    save_images_epochs: Optional[int] = _opt(None, "write a sample grid every N epochs (replaces save_images_steps; "
+                                             "needs a dataset of known size)", minimum=1)
+    save_model_epochs: Optional[int] = _opt(None, "export the pipeline every N epochs (replaces save_model_steps; "
+                                            "needs a dataset of known size)", minimum=1)
     eval_batch_size: int = _opt(16, "images in each sample grid", minimum=1)
     ddpm_num_inference_steps: int = _opt(50, "sampler steps for the sample grids", minimum=1)
     sample_scheduler: str = _opt("ddim", "sampler for the sample grids", SAMPLE_SCHEDULERS)
@@ -125,8 +135,10 @@ class RunSettings:
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
     max_consecutive_nonfinite: int = _opt(10, "stop after this many consecutive steps with a non-finite loss or "
                                           "gradient (each such update is skipped)", minimum=1)
-    recipe: Optional[str] = _opt(None, "tuned defaults applied under your YAML and flags (see RECIPES.md)", ("small-data",))
+    recipe: Optional[str] = _opt(None, "tuned defaults applied under your YAML and flags (see docs/recipes.md)", ("small-data",))
     debug: bool = _opt(False, "show tracebacks for user errors")
+    local_rank: int = _opt(-1, "accepted for diffusers compatibility; the launcher (accelerate) sets each process's "
+                           "rank")
 
 
 @dataclass
@@ -166,6 +178,8 @@ class HubSettings:
     push_to_hub: bool = _opt(False, "push the pipeline (with a model card) to the Hub at the end of training")
     hub_model_id: Optional[str] = _opt(None, "Hub repo id to push to (default: the name of output_dir)")
     hub_private_repo: bool = _opt(False, "create the Hub repo as private")
+    hub_token: Optional[str] = _opt(None, "Hub token for --push_to_hub (never written to any file; `hf auth login` "
+                                    "is safer)")
 
 
 @dataclass
@@ -177,6 +191,8 @@ class SpeedSettings:
     allow_tf32: bool = _opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs")
     compile: bool = _opt(False, "torch.compile the UNet in place (the first steps compile)")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory")
+    enable_xformers_memory_efficient_attention: bool = _opt(False, "xformers attention when installed (else PyTorch's "
+                                                            "SDPA, which is memory-efficient too)")
 
 
 @dataclass
@@ -212,6 +228,9 @@ class TrainConfig:
     speed: SpeedSettings = field(default_factory=SpeedSettings)
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
 
+    # the settings the user gave (YAML file or flags), as opposed to defaults and recipes; not part of the settings
+    explicit: frozenset = field(default_factory=frozenset, repr=False, compare=False)
+
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> "TrainConfig":
         """Build from flat setting names (as in YAML files and flags); unknown names raise KeyError."""
@@ -220,12 +239,13 @@ class TrainConfig:
             grouped[SECTION_OF[key]][key] = value
         return cls(**{name: SECTIONS[name](**kwargs) for name, kwargs in grouped.items()})
 
-    def to_dict(self) -> dict:
-        """All settings, flat, except secrets (any field named *token*): safe to write to files, logs and cards."""
+    def to_dict(self, secrets: bool = False) -> dict:
+        """All settings, flat; without secrets (any field named *token*) unless asked: safe to write to files, logs
+        and cards."""
         flat: dict[str, Any] = {}
         for name in SECTIONS:
             flat.update(dataclasses.asdict(getattr(self, name)))
-        return {k: v for k, v in flat.items() if "token" not in k}
+        return {k: v for k, v in flat.items() if secrets or "token" not in k}
 
     def get(self, key: str) -> Any:
         """One setting by its flat name."""
@@ -233,7 +253,7 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some settings (flat names) changed."""
-        return TrainConfig.from_flat({**self.to_dict(), **changes})
+        return TrainConfig.from_flat({**self.to_dict(secrets=True), **changes})
 
     def save_yaml(self, path: str | Path) -> None:
         """Write the effective configuration as YAML (flat, as the user writes it)."""

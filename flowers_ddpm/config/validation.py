@@ -21,14 +21,13 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
         if minimum is not None and value is not None and value < minimum:
             raise UserError(f"{name} must be >= {minimum}; got {value!r}")
-    if cfg.optim.max_train_steps is None and cfg.optim.num_epochs is None:
-        raise UserError("set max_train_steps (or num_epochs for a dataset of known size)")
     if cfg.data.train_data_dir is not None and not Path(cfg.data.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {cfg.data.train_data_dir} does not exist or is not a directory")
     validate_optimizer(cfg)
     _validate_evaluation(cfg)
     validate_paper_model(cfg)
     validate_finetune(cfg)
+    validate_lr_schedule(cfg)
     validate_classifier(cfg)
 
 
@@ -77,6 +76,21 @@ def validate_paper_model(cfg: TrainConfig) -> None:
         raise UserError(f"snr_gamma must be > 0 (or unset); got {cfg.objective.snr_gamma}")
     if cfg.model.dropout is not None and cfg.model.dropout >= 1:
         raise UserError(f"dropout must be in [0, 1); got {cfg.model.dropout}")
+
+
+def validate_lr_schedule(cfg: TrainConfig) -> None:
+    """piecewise_constant needs its rules, in the format diffusers' get_scheduler reads."""
+    rules = cfg.optim.lr_step_rules
+    if cfg.optim.lr_scheduler == "piecewise_constant" and not rules:
+        raise UserError("lr_scheduler piecewise_constant needs lr_step_rules, e.g. 1:1000,0.1:2000,0.01 "
+                        "(multiplier:until_step,...,final multiplier)")
+    if rules:
+        *steps, last = rules.split(",")
+        try:
+            [(float(m), int(s)) for m, s in (rule.split(":") for rule in steps)]
+            float(last)
+        except ValueError:
+            raise UserError(f"lr_step_rules must look like 1:1000,0.1:2000,0.01; got {rules!r}") from None
 
 
 def validate_finetune(cfg: TrainConfig) -> None:

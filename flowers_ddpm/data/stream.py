@@ -13,8 +13,6 @@ import copy
 import hashlib
 import logging
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -26,6 +24,7 @@ from datasets.distributed import split_dataset_by_node
 from ..config.sections import FLOWERS_DATASET, DataSettings
 from ..errors import UserError
 from .flowers102 import display_names
+from .decode_pool import decode_in_order
 from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
 if TYPE_CHECKING:
@@ -78,7 +77,6 @@ def detect_label_column(features) -> Optional[str]:
 
 
 def _load_streaming(data: DataSettings):
-
     if data.train_data_dir:
         if count_local_images(data.train_data_dir) == 0:
             raise UserError(
@@ -149,7 +147,6 @@ class ResumableStream:
     """
 
     def __init__(self, dataset, seed: int, buffer_size: int, rank: int = 0, world_size: int = 1):
-
         self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size) if world_size > 1 else dataset
         self.seed, self.rank, self.world_size, self.buffer_size = seed, rank, world_size, buffer_size
         self.epoch = 0
@@ -248,24 +245,17 @@ class TrainBatches:
         self.consumed_state = {k: v for k, v in state.items() if k not in ("images_decoded", "unreadable")}
 
     def _jobs(self):
+        """(record, label, stream state after it) and the arguments of its `try_decode`, in stream order."""
         image_col, label_col = self.source.image_column, self.source.label_column
         for example in self.stream:
+            record, label = example[image_col], (example[label_col] if label_col else -1)
             key = (self.stream.seed, self.stream.rank, self.stream.produced - 1)
-            yield example[image_col], (example[label_col] if label_col else -1), key, self.stream.state_dict()
+            yield (record, label, self.stream.state_dict()), (record, self.settings, key)
 
     def _decoded(self):
-        if self.num_workers == 0:
-            for record, label, key, state in self._jobs():
-                yield record, label, state, try_decode(record, self.settings, key)
-            return
         window = max(2 * self.batch_size, 4 * self.num_workers)
-        pending: deque = deque()
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="decode") as pool:
-            for record, label, key, state in self._jobs():
-                pending.append((record, label, state, pool.submit(try_decode, record, self.settings, key)))
-                if len(pending) >= window:
-                    record, label, state, future = pending.popleft()
-                    yield record, label, state, future.result()
+        for (record, label, state), decoded in decode_in_order(try_decode, self._jobs(), self.num_workers, window):
+            yield record, label, state, decoded
 
     def _check_bad(self, record, reason: str) -> None:
         name = example_id(record)
@@ -280,7 +270,6 @@ class TrainBatches:
             raise UserError(f"none of the images in {self.source.description} could be read")
 
     def __iter__(self):
-
         images, labels, ids = [], [], []
         for record, label, state, (array, reason) in self._decoded():
             if array is None:

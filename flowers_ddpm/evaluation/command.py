@@ -12,11 +12,13 @@ import torch
 import yaml
 from accelerate import Accelerator
 
+from .._util import tables
 from ..config.sections import DataSettings
 from ..errors import UserError
+from ..pipelines.conditioning import resolve_conditioning
 from ..pipelines.export import TRAINING_CONFIG_NAME
 from ..pipelines.sampling import load_pipeline
-from .evaluate import SamplingSettings, conditioning_record, evaluate_pipeline, evaluation_labels
+from .evaluate import SamplingSettings, conditioning_record, evaluate_pipeline
 from .features import build_dinov2_network, build_inception_network
 from .reference import load_or_compute_reference
 
@@ -87,7 +89,8 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
     dtype = torch.float16 if accelerator.device.type == "cuda" else None
     pipe = load_pipeline(options.model, accelerator.device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    labels = evaluation_labels(pipe, options.class_labels, options.guidance_scale)
+    # class-conditional: the requested classes, else every class in turn
+    labels = resolve_conditioning(pipe, options.class_labels, options.guidance_scale, every_class=True)
     networks = {"inception": build_inception_network(options.inception_weights, options.feature_network)}
     dino = build_dinov2_network(options.dinov2_model)
     if dino is not None:
@@ -129,16 +132,14 @@ METRIC_COLUMNS = (("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"), ("prec
 
 def markdown_table(rows: list[dict]) -> str:
     """A markdown table: sampler, steps, then each metric present in the rows."""
-    columns = [(key, title) for key, title in METRIC_COLUMNS if any(key in row for row in rows)]
-    lines = ["| sampler | steps | " + " | ".join(title for _, title in columns) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"]
-    for row in rows:
-        cells = [_format(key, row.get(key)) for key, _ in columns]
-        lines.append(f"| {row['scheduler']} | {row['steps']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    metrics = [(key, title) for key, title in METRIC_COLUMNS if any(key in row for row in rows)]
+    return tables.markdown_table(rows, [("scheduler", "sampler"), ("steps", "steps"), *metrics], _format,
+                                 right_aligned=["steps", *(key for key, _ in metrics)])
 
 
 def _format(key: str, value) -> str:
+    if key in ("scheduler", "steps"):
+        return str(value)
     if value is None:
         return "-"
     if key.startswith("kid"):

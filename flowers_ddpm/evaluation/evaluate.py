@@ -16,8 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._util.distributed import gather_rows
-from ..errors import UserError
-from ..pipelines.sampling import generate, resolve_class_labels
+from ..pipelines.sampling import generate
 from .metrics import compute_metrics
 
 
@@ -69,18 +68,6 @@ def _block_labels(class_labels: Optional[list[int]], block: list[int]) -> Option
     if not class_labels:
         return None
     return [class_labels[i % len(class_labels)] for i in block]
-
-
-def evaluation_labels(pipe, class_labels: Optional[list], guidance_scale: Optional[float]) -> Optional[list[int]]:
-    """Class indices to evaluate with: the requested ones (indices or names), every class uniformly for a
-    class-conditional pipeline given none, None for an unconditional pipeline (which takes neither option)."""
-    num_classes = getattr(pipe, "num_classes", None)
-    if num_classes is None and guidance_scale is not None:
-        raise UserError("--guidance_scale needs a class-conditional pipeline; this model is unconditional")
-    labels = resolve_class_labels(pipe, class_labels)  # one-sentence errors for unknown labels or models
-    if labels is None and num_classes is not None:
-        labels = list(range(num_classes))
-    return labels
 
 
 def conditioning_record(pipe, labels: Optional[list[int]], guidance_scale: Optional[float]) -> Optional[dict]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -23,9 +22,11 @@ from datasets.distributed import split_dataset_by_node
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .._util.atomic import atomic_file, atomic_write_text
+from .._util.cache import cache_location, folder_fingerprint, identity_key
 from .._util.distributed import gather_rows
 from ..config.sections import DataSettings
-from ..data.imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
+from ..data.imaging import TransformSettings, try_decode
 from ..data.stream import example_id, open_source
 from ..errors import UserError
 from .features import fingerprint
@@ -33,37 +34,16 @@ from .features import fingerprint
 logger = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> Path:
-    """$FLOWERS_DDPM_CACHE/reference, default ~/.cache/flowers_ddpm/reference."""
-    root = os.environ.get("FLOWERS_DDPM_CACHE", str(Path.home() / ".cache" / "flowers_ddpm"))
-    return Path(root) / "reference"
-
-
-def _folder_signature(folder: str) -> str:
-    """Changes when a file of a local image folder is added, removed or rewritten."""
-    digest = hashlib.sha1()
-    for root, _, files in sorted(os.walk(folder)):
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                stat = os.stat(os.path.join(root, name))
-                digest.update(f"{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
 def reference_key(data: DataSettings, network_fingerprints: list[str], max_images: Optional[int]) -> dict:
     """Everything the reference features depend on."""
     if data.train_data_dir:
         source = {"train_data_dir": str(Path(data.train_data_dir).resolve()),
-                  "content": _folder_signature(data.train_data_dir)}
+                  "content": folder_fingerprint(data.train_data_dir)}
     else:
         source = {"dataset_name": data.dataset_name, "dataset_config_name": data.dataset_config_name}
     return {**source, "split": data.dataset_split, "image_column": data.image_column, "resolution": data.resolution,
             "crop": "center" if data.center_crop else "random(seeded)", "max_images": max_images,
             "networks": network_fingerprints}
-
-
-def _cache_path(cache_dir: Path, key: dict) -> Path:
-    return cache_dir / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def real_image_batches(data: DataSettings, rank: int, world_size: int, batch_size: int, max_images: Optional[int]):
@@ -124,9 +104,9 @@ def load_or_compute_reference(accelerator, data: DataSettings, networks: dict, c
                               batch_size: int = 64, max_images: Optional[int] = None) -> dict[str, dict]:
     """Reference features for `networks` ({name: module}): one cache entry per network, the missing ones computed
     together in one pass over the data and cached."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root = cache_location("reference", cache_dir)
     keys = {name: reference_key(data, [fingerprint(network)], max_images) for name, network in networks.items()}
-    files = {name: _cache_path(root, key).with_suffix(".safetensors") for name, key in keys.items()}
+    files = {name: root / f"{identity_key(key)}.safetensors" for name, key in keys.items()}
     result = {name: load_file(str(files[name])) for name in networks if files[name].is_file()}
     for name in result:
         logger.info("%s reference features from cache %s", name, files[name])
@@ -142,11 +122,9 @@ def load_or_compute_reference(accelerator, data: DataSettings, networks: dict, c
 
 
 def _save_entry(tensors_file: Path, key: dict, features: dict) -> None:
-
     tensors_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tensors_file.with_suffix(".tmp")
-    save_file({kind: value.contiguous() for kind, value in features.items()}, str(tmp))
     num_images = len(features["features"])
-    tensors_file.with_suffix(".json").write_text(json.dumps({**key, "num_images": num_images}, indent=2))
-    os.replace(tmp, tensors_file)  # atomic: a crash never leaves a half-written entry that looks complete
+    atomic_write_text(tensors_file.with_suffix(".json"), json.dumps({**key, "num_images": num_images}, indent=2))
+    with atomic_file(tensors_file) as tmp:  # the features last: a crash never leaves an entry that looks complete
+        save_file({kind: value.contiguous() for kind, value in features.items()}, str(tmp))
     logger.info("cached %d reference features in %s", num_images, tensors_file)

@@ -28,12 +28,15 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from .._util.atomic import atomic_write_text
+from .._util.tables import markdown_table
 from ..config.recipes import recipe_settings
 from ..errors import UserError
 from ..evaluation.evaluate import images_to_tensor
 from ..evaluation.metrics import frechet_distance
 from ..models.unet import build_unet
 from ..pipelines.sampling import generate, image_grid, load_pipeline
+from ..publish.run_log import read_records
 from . import digits
 
 logger = logging.getLogger(__name__)
@@ -135,8 +138,8 @@ def _run_train(config: Path, extra: list[str], log: Path) -> float:
 
 
 def _logged_images_per_sec(run_dir: Path) -> float:
-    """Steady-state images/s from report/loss.jsonl, skipping the first interval (it holds the warm-up)."""
-    rows = [json.loads(line) for line in (run_dir / "report" / "loss.jsonl").read_text().splitlines() if line]
+    """Steady-state images/s from the run log, skipping the first interval (it holds the warm-up)."""
+    rows = read_records(run_dir)
     rates = [r["images_per_sec"] for r in rows[1:]] or [rows[-1]["images_per_sec"]]
     return sum(rates) / len(rates)
 
@@ -246,14 +249,14 @@ def run_variant(name: str, data: digits.DigitsData, scorer: Scorer, settings: Ab
     seconds = _run_train(config, ["--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
                                   "--save_images_steps", str(steps)], folder / "train.log")
     run_dir = folder / "run"
-    losses = [json.loads(line) for line in (run_dir / "report" / "loss.jsonl").read_text().splitlines() if line]
+    losses = read_records(run_dir)
     row = {"variant": name, "changes": describe(name), "steps": steps,
            "train_images": steps * recipe["train_batch_size"],
            "images_per_sec": _logged_images_per_sec(run_dir), "train_sec": seconds,
            "final_loss": losses[-1]["loss"], "real_vs_real": scorer.real_vs_real,
            **scorer.score(run_dir / "pipeline", folder / "grid.png")}
     row["frechet_ratio"] = row["frechet"] / scorer.real_vs_real
-    result_path.write_text(json.dumps(row, indent=2))
+    atomic_write_text(result_path, json.dumps(row, indent=2))  # a half-written result would count as finished
     return row
 
 
@@ -273,10 +276,8 @@ def write_table(rows: list[dict], output_dir: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
     path = output_dir / "results.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(markdown_table(rows, [(c, c) for c in COLUMNS], lambda key, value: _cell(value)))
     return path
 
 

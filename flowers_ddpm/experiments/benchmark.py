@@ -173,7 +173,6 @@ def _trainer(accelerator, cfg, optimized: bool, device: torch.device):
 
 
 def _sync(device: torch.device) -> None:
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -208,7 +207,6 @@ def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Option
 
 
 def _precision(args, device: torch.device) -> str:
-
     if args.mixed_precision != "auto":
         return args.mixed_precision
     return "bf16" if bf16_supported(device) else "no"

@@ -19,7 +19,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import re
 import statistics
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from typing import Optional
 import torch.distributed
 from tqdm.auto import tqdm
 
+from .._util.atomic import atomic_write_text
+from .._util.distributed import is_main_process
 from ..config.loading import build_config, load_yaml
 from ..config.sections import FIELDS, TrainConfig
 from ..data.stream import open_source
@@ -37,7 +38,8 @@ from ..errors import UserError
 from ..evaluation.command import run_evaluation
 from ..evaluation.features import load_factory, resolve_inception_weights
 from ..models.unet import check_preset
-from ..publish.report import LOSS_LOG
+from ..pipelines.conditioning import class_ids
+from ..publish.run_log import read_records
 from ..training.diffusion_run import run_training
 from ..training.stopping import InterruptOnSigterm, Preempted, TrainingStopped
 from .sweep_report import write_comparison
@@ -115,22 +117,10 @@ def plan_trials(base: dict, grid: dict[str, list[str]], max_train_steps: int, sw
     return trials
 
 
-def _is_main_process() -> bool:
-    # the launcher's environment, read before any Accelerator exists (as in cli._setup_logging)
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _end_process_group() -> None:
     """What `accelerator.end_training()` does at the end of a training run, once for the whole sweep."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def _write_json(path: Path, value: dict) -> None:
-    """Write atomically, so a killed sweep never leaves a half-written result that counts as finished."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def claim_folder(sweep_dir: Path, manifest: dict) -> None:
@@ -145,26 +135,14 @@ def claim_folder(sweep_dir: Path, manifest: dict) -> None:
         return
     if (sweep_dir / TRIALS_DIR).exists():
         raise UserError(f"{sweep_dir} has trials but no {MANIFEST}; choose another --output_dir")
-    if _is_main_process():
+    if is_main_process():
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(path, manifest)
-
-
-def _train_log(folder: Path) -> list[dict]:
-    """The trainer's loss log entries, one per step (a resumed run's later entry for a step wins)."""
-    by_step = {}
-    path = folder / "report" / LOSS_LOG
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                by_step[entry["step"]] = entry
-    return [by_step[step] for step in sorted(by_step)]
+        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def trial_result(trial: Trial, report: dict) -> dict:
     """The trial's row of the comparison: its grid values, final loss, training throughput and metrics."""
-    log = _train_log(trial.folder)
+    log = read_records(trial.folder)
     return {"trial": trial.name, "settings": {key: trial.cfg.get(key) for key in trial.values},
             "final_loss": log[-1]["loss"] if log else None,
             "train_images_per_sec": statistics.median(e["images_per_sec"] for e in log) if log else None,
@@ -180,7 +158,8 @@ def run_trial(trial: Trial, evaluation) -> Optional[dict]:
     if report is None:  # not the main process
         return None
     result = trial_result(trial, report)
-    _write_json(trial.folder / RESULT_FILE, result)
+    # atomically: a killed sweep never leaves a half-written result that counts as finished
+    atomic_write_text(trial.folder / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -204,14 +183,9 @@ def check_conditioning(evaluation, trials: list[Trial]) -> None:
         return
     if not all(trial.cfg.model.class_conditional for trial in trials):
         raise UserError("--class_labels and --guidance_scale need class-conditional trials (class_conditional: true)")
-    if not evaluation.class_labels:
-        return
-
-    names = [str(name).lower() for name in open_source(trials[0].cfg.data).class_names or []]
-    for label in evaluation.class_labels:
-        known = str(label).strip().lower() in names or (str(label).isdigit() and int(label) < len(names))
-        if not known:
-            raise UserError(f"unknown class {label!r}; classes are {', '.join(names)} or their indices")
+    if evaluation.class_labels:
+        names = open_source(trials[0].cfg.data).class_names or []
+        class_ids(evaluation.class_labels, names, len(names))
 
 
 # evaluation arguments that do not change a result (images are seeded one by one, so the batch size does not matter)
@@ -242,7 +216,7 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
         logger.info("%d of %d trials already finished; running the other %d", len(trials) - len(pending),
                     len(trials), len(pending))
     try:
-        for trial in tqdm(pending, desc="sweep", unit="trial", disable=not _is_main_process()):
+        for trial in tqdm(pending, desc="sweep", unit="trial", disable=not is_main_process()):
             logger.info("trial %s", trial.name)
             try:
                 with InterruptOnSigterm():
@@ -257,7 +231,7 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
                                 "sweep command to continue") from None
     finally:
         _end_process_group()
-    if not _is_main_process():
+    if not is_main_process():
         return None
     results = [json.loads((trial.folder / RESULT_FILE).read_text()) for trial in trials]
     return write_comparison(results, list(grid), sweep_dir)

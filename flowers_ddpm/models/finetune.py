@@ -18,6 +18,7 @@ from huggingface_hub import file_exists
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ..config.sections import FinetuneSettings, ModelSettings
+from .._util.hub_ids import is_hub_id
 from ..errors import UserError
 from .unet import build_noise_scheduler
 
@@ -34,7 +35,7 @@ def _unet_location(init_from: str) -> tuple[str, Optional[str]]:
         if (local / "config.json").is_file():
             return init_from, None
         raise UserError(f"init_from {init_from} is neither a pipeline folder (with unet/) nor a UNet2DModel folder")
-    if init_from.startswith((".", "/", "~")) or init_from.count("/") > 1:
+    if not is_hub_id(init_from):
         raise UserError(f"init_from {init_from} does not exist")
 
     try:  # a Hub id: a pipeline repo has unet/config.json, a bare UNet repo has config.json at its root

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 from diffusers import DDPMPipeline
 
+from .._util.atomic import atomic_folder
 from ..models import classifier
 from . import guided
 from .guided import GuidedDDPMPipeline
@@ -60,22 +61,12 @@ def save_pipeline(pipe, path: str | Path, write_extra: Optional[Callable[[Path],
     with the code of a GuidedDDPMPipeline and its classifier; `write_extra(folder)` adds more files before the
     folder is moved into place."""
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(path) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         if isinstance(pipe, GuidedDDPMPipeline):
             _ship_pipeline_code(tmp, pipe)
         if write_extra is not None:
             write_extra(tmp)
-    except BaseException:  # a full disk, say: leave no partial folder behind (the previous export is untouched)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
     return path
 
 

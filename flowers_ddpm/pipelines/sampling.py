@@ -18,6 +18,7 @@ from diffusers.utils import make_image_grid
 from huggingface_hub import constants as hub_constants
 from PIL import Image
 
+from .._util.hub_ids import is_hub_id
 from ..errors import UserError
 from ..models.classifier import NoiseAwareClassifier
 from .guided import GuidedDDPMPipeline
@@ -28,14 +29,20 @@ def scheduler_classes() -> dict:
     return {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
 
+# a beta schedule only DDPMScheduler computes (DDIM and DPM-Solver take them as trained_betas)
+OWN_BETA_SCHEDULES = ("sigmoid",)
+
+
 def make_scheduler(name: str, config):
     """A sampler built from a training scheduler's config (same betas, prediction type and timestep count)."""
     classes = scheduler_classes()
     if name not in classes:
         raise UserError(f"scheduler must be one of {', '.join(classes)}; got {name!r}")
-    if name == "dpmsolver++":
-        return classes[name].from_config(config, algorithm_type="dpmsolver++")
-    return classes[name].from_config(config)
+    extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    if config.get("beta_schedule") in OWN_BETA_SCHEDULES and config.get("trained_betas") is None and name != "ddpm":
+        # DDIM and DPM-Solver do not compute these schedules themselves: hand them the training betas
+        extra["trained_betas"] = DDPMScheduler.from_config(config).betas.tolist()
+    return classes[name].from_config(config, **extra)
 
 
 def check_sampler_steps(scheduler, steps: int) -> None:
@@ -98,9 +105,8 @@ def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype]
     """Load any diffusers pipeline from a local folder or a Hub id, with one-line errors for the usual mistakes.
     A pipeline that ships its own code (a custom pipeline or component class) is refused unless
     `trust_remote_code`; our own GuidedDDPMPipeline folders are built from our classes and run none of theirs."""
-    local = Path(model)
-    looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_local and not (local / "model_index.json").is_file():
+    hub = is_hub_id(model)
+    if not hub and not (Path(model) / "model_index.json").is_file():
         raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
     try:
         index = DiffusionPipeline.load_config(model)
@@ -108,11 +114,11 @@ def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype]
         if isinstance(class_name, list) and class_name[1] == "GuidedDDPMPipeline":
             pipe = _load_guided(model, dtype)
         else:
-            if looks_local and not trust_remote_code and shipped_code(local, index):
-                raise _refuse_code(model, shipped_code(local, index))
+            if not hub and not trust_remote_code and shipped_code(Path(model), index):
+                raise _refuse_code(model, shipped_code(Path(model), index))
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:  # huggingface_hub's not-found and connection errors are OSErrors
-        if not looks_local and hub_offline():
+        if hub and hub_offline():
             raise UserError(f"cannot load pipeline {model}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) "
                             f"and {model} is not in the local cache; unset HF_HUB_OFFLINE to download it, or pass a "
                             "local pipeline folder") from None
@@ -133,20 +139,6 @@ def prepare_for_sampling(pipe):
     if unet is not None and unet.device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     return pipe
-
-
-def resolve_class_labels(pipe, class_labels: Optional[list], classifier=None) -> Optional[list[int]]:
-    """Class indices for labels given as indices or names (of the pipeline's classes, or of the guiding
-    classifier's for an unconditional model); one-sentence errors for a wrong label or model."""
-    if not class_labels:
-        return None
-    classifier = classifier if classifier is not None else getattr(pipe, "classifier", None)
-    if getattr(pipe, "num_classes", None) is None and classifier is None:
-        raise UserError("--class_labels needs a class-conditional pipeline or --classifier; this model is unconditional")
-    try:
-        return pipe.label_ids(class_labels, classifier)
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def load_classifier(path: str, device: torch.device):

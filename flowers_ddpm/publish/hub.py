@@ -18,6 +18,8 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
+from .._util.hub_ids import is_hub_id
+from .._util.tables import markdown_table
 from ..config.sections import FLOWERS_DATASET
 from ..errors import UserError
 from ..pipelines.sampling import generate, image_grid, load_pipeline
@@ -25,9 +27,9 @@ from ..pipelines.sampling import generate, image_grid, load_pipeline
 logger = logging.getLogger(__name__)
 
 
-def require_token() -> None:
-    """Fail early, with one sentence, when no Hub token is available."""
-    if not get_token():
+def require_token(token: Optional[str] = None) -> None:
+    """Fail early, with one sentence, when no Hub token is available (`token`: one given explicitly)."""
+    if not (token or get_token()):
         raise UserError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login`")
 
 
@@ -91,10 +93,6 @@ def _dataset(config: dict) -> tuple[str, list[str], list[str]]:
     return f"[{name}](https://huggingface.co/datasets/{name})", [name], [name.split("/")[-1].lower()]
 
 
-def _is_hub_id(value: Optional[str]) -> bool:
-    return bool(value) and value.count("/") == 1 and not Path(value).exists() and not value.startswith((".", "/", "~"))
-
-
 # Settings that hold local file-system paths: the card shows only their last component, so a published card does
 # not reveal the trainer's directory layout (user names, mount points).
 LOCAL_PATH_SETTINGS = ("train_data_dir", "cache_dir", "output_dir", "resume_from_checkpoint", "inception_weights",
@@ -107,7 +105,7 @@ def public_config_yaml(config: dict) -> str:
     shown = dict(config)
     for key in LOCAL_PATH_SETTINGS:
         value = shown.get(key)
-        if isinstance(value, str) and value != "latest" and not _is_hub_id(value):
+        if isinstance(value, str) and value != "latest" and not is_hub_id(value, namespaced=True):
             shown[key] = Path(value).name or value
     return yaml.safe_dump(shown, sort_keys=False)
 
@@ -124,8 +122,10 @@ def _metrics_section(metrics: Optional[dict]) -> str:
         return ""
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     rest = {k: v for k, v in metrics.items() if k not in scalars}
-    lines = ["## Metrics", "", "| metric | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()]
+    table = markdown_table([{"metric": k, "value": v} for k, v in scalars.items()],
+                           [("metric", "metric"), ("value", "value")],
+                           lambda key, value: f"{value:.4g}" if isinstance(value, float) else str(value))
+    lines = ["## Metrics", "", table.rstrip("\n")]
     if rest:
         lines += ["", "```json", json.dumps(rest, indent=2), "```"]
     return "\n".join(lines) + "\n\n"
@@ -147,21 +147,24 @@ def _usage(pipeline_dir: Path, repo_id: str, unet: dict) -> list[str]:
     return [load, f"images = pipe(class_labels=[{label}] * 4, num_inference_steps=50).images"]
 
 
-def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], license: str = "apache-2.0"):
-    """A `huggingface_hub.ModelCard` with Hub metadata, the sample grid, a usage snippet and the training facts."""
+def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], license: str = "apache-2.0",
+                     space_id: Optional[str] = None):
+    """A `huggingface_hub.ModelCard` with Hub metadata, the sample grid, a usage snippet and the training facts;
+    with `space_id`, a link to the demo Space."""
     run = _read_run(pipeline_dir)
     config, info, unet = run["config"], run["info"], run["unet"]
     data_text, datasets, data_tags = _dataset(config)
     init_from = config.get("init_from")
+    from_hub = is_hub_id(init_from, namespaced=True)
     metadata = ModelCardData(
         library_name="diffusers", pipeline_tag="unconditional-image-generation", license=license,
         tags=["diffusers", "ddpm", "unconditional-image-generation", "pytorch", *data_tags],
-        datasets=datasets or None, base_model=init_from if _is_hub_id(init_from) else None,
+        datasets=datasets or None, base_model=init_from if from_hub else None,
     )
     size = unet.get("sample_size", "?")
     origin = ""
     if init_from:  # local paths stay out of the card
-        origin = (f"fine-tuned from [{init_from}](https://huggingface.co/{init_from}) " if _is_hub_id(init_from)
+        origin = (f"fine-tuned from [{init_from}](https://huggingface.co/{init_from}) " if from_hub
                   else "fine-tuned from a local pretrained model ")
     lora = ""
     if config.get("lora_rank"):
@@ -185,6 +188,9 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
     body = [f"# {repo_id.split('/')[-1]}", ""]
     if "samples.png" in image_names:
         body += ["![Samples](images/samples.png)", ""]
+    if space_id:
+        body += [f"Try it in your browser: [{space_id}](https://huggingface.co/spaces/{space_id}) (a Gradio demo "
+                 "page).", ""]
     body += [
         f"A denoising diffusion probabilistic model (DDPM) {origin}on {data_text}, generating {size}x{size} RGB "
         f"images, trained with flowers_ddpm (diffusers + accelerate).{lora}", "",
@@ -204,9 +210,10 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{text}")
 
 
-def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, license: str = "apache-2.0") -> list[str]:
+def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, license: str = "apache-2.0",
+                 space_id: Optional[str] = None) -> list[str]:
     """Write exactly what would be uploaded into `staging_dir` (which must be empty): the pipeline folder, README.md
-    and images/. Returns the staged files, relative and sorted."""
+    (linking the demo Space `space_id`, if any) and images/. Returns the staged files, relative and sorted."""
     pipeline_dir = resolve_pipeline_dir(model)
     staging = Path(staging_dir)
     if staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
@@ -223,19 +230,21 @@ def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, licen
     if "samples.png" not in images:
         _sample_grid_now(pipeline_dir, staging / "images" / "samples.png")
     names = sorted(p.name for p in (staging / "images").iterdir())
-    build_model_card(pipeline_dir, repo_id, names, license).save(staging / "README.md")
+    build_model_card(pipeline_dir, repo_id, names, license, space_id).save(staging / "README.md")
     return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
 
 
 def push_pipeline(model: str | Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
                   commit_message: Optional[str] = None, license: str = "apache-2.0",
-                  staging_dir: Optional[str | Path] = None) -> str:
-    """Stage the pipeline with its card and upload it with `create_repo` + `upload_folder`; returns the commit URL."""
-    require_token()
+                  staging_dir: Optional[str | Path] = None, space_id: Optional[str] = None,
+                  token: Optional[str] = None) -> str:
+    """Stage the pipeline with its card and upload it with `create_repo` + `upload_folder`; returns the commit URL.
+    `token` overrides HF_TOKEN and the stored login (diffusers' --hub_token); it is written nowhere."""
+    require_token(token)
     with tempfile.TemporaryDirectory(prefix="flowers-ddpm-push-") as tmp:
         staging = Path(staging_dir) if staging_dir else Path(tmp) / "upload"
-        files = stage_upload(model, staging, repo_id, license)
-        api = HfApi()  # token: HF_TOKEN or the stored login, resolved by huggingface_hub itself
+        files = stage_upload(model, staging, repo_id, license, space_id)
+        api = HfApi(token=token)  # None: HF_TOKEN or the stored login, resolved by huggingface_hub itself
         try:
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":

@@ -1,6 +1,6 @@
 """The training report in <output_dir>/report/: loss curve, sample grids over training, a denoising progression.
 
-Reads only what a run wrote (report/loss.jsonl, samples/, the exported pipeline/), never the trainer.
+Reads only what a run wrote (the run log report/loss.jsonl, samples/, the exported pipeline/), never the trainer.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..pipelines.sampling import load_pipeline, make_scheduler
+from .run_log import loss_curve
 
 logger = logging.getLogger(__name__)
-LOSS_LOG = "loss.jsonl"
 TRAINING_INFO = "training_info.json"
 FINAL_SAMPLES, SAMPLES_OVER_TRAINING = "final_samples.png", "samples_over_training.png"
 LOSS_CURVE, DENOISING = "loss_curve.png", "denoising.png"
@@ -29,21 +29,9 @@ def write_training_info(pipeline_dir: Path, step: int, seconds: float, hardware:
     (Path(pipeline_dir) / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def read_loss_log(path: Path) -> tuple[list[int], list[float]]:
-    """(steps, losses) from the trainer's JSON lines; a resumed run's later entry for a step wins."""
-    by_step: dict[int, float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                by_step[entry["step"]] = entry["loss"]
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
-
-
-def plot_loss_curve(loss_log: Path, out: Path) -> Optional[Path]:
-    """Loss against optimizer step as a PNG; None when nothing was logged."""
-    steps, losses = read_loss_log(loss_log)
+def plot_loss_curve(output_dir: str | Path, out: Path) -> Optional[Path]:
+    """The run's loss against optimizer step as a PNG; None when nothing was logged."""
+    steps, losses = loss_curve(output_dir)
     if not steps:
         return None
     import matplotlib
@@ -64,7 +52,7 @@ def plot_loss_curve(loss_log: Path, out: Path) -> Optional[Path]:
     return out
 
 
-def _labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
+def labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
     """Tiles side by side, each with a caption strip above it; tiny tiles are enlarged so captions fit."""
     caption = 14
     scale = max(1, -(-64 // min(t.width for t in tiles)))
@@ -85,9 +73,15 @@ def samples_over_training(samples_dir: Path, out: Path, max_columns: int = 6) ->
         return None
     picks = sorted({round(i * (len(grids) - 1) / max(max_columns - 1, 1)) for i in range(min(max_columns, len(grids)))})
     chosen = [grids[i] for i in picks]
-    _labelled_row([Image.open(p).convert("RGB") for p in chosen],
+    labelled_row([Image.open(p).convert("RGB") for p in chosen],
                   [f"step {int(p.stem.split('-')[1])}" for p in chosen]).save(out)
     return out
+
+
+def strip_indices(steps: int, columns: int) -> set[int]:
+    """Which of the states x_T .. x_0 of `steps` sampling steps a denoising strip shows: `columns` evenly spaced
+    indices into the steps taken, 0 = the initial noise, `steps` = the image."""
+    return {round(i * steps / (columns - 1)) for i in range(columns)}
 
 
 @torch.inference_mode()
@@ -104,7 +98,7 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
     model_output = getattr(pipe, "scheduler_input", lambda x, t: unet(x, t).sample)
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    keep = {round(i * steps / (columns - 1)) for i in range(columns)}  # indices into the steps taken, 0 = noise
+    keep = strip_indices(steps, columns)
     rows, labels = [], []
     for seed in seeds:
         sched.set_timesteps(steps)  # also resets multistep solvers' state (DPM-Solver++ fails without it)
@@ -113,12 +107,12 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
         tiles, labels = [], []
         for i, t in enumerate(list(sched.timesteps) + [None]):
             if i in keep:
-                tiles.append(_to_image(x))
+                tiles.append(tensor_to_image(x))
                 labels.append("noise" if i == 0 else f"t={int(t)}" if t is not None else "t=0")
             if t is not None:
                 x = sched.step(model_output(x, t), t, x, generator=generator).prev_sample
         rows.append(tiles)
-    grid = [_labelled_row(tiles, labels if r == 0 else [""] * len(tiles)) for r, tiles in enumerate(rows)]
+    grid = [labelled_row(tiles, labels if r == 0 else [""] * len(tiles)) for r, tiles in enumerate(rows)]
     strip = Image.new("RGB", (grid[0].width, sum(g.height for g in grid)), "white")
     for r, row in enumerate(grid):
         strip.paste(row, (0, sum(g.height for g in grid[:r])))
@@ -126,7 +120,8 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
     return out
 
 
-def _to_image(x: torch.Tensor) -> Image.Image:
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """The first image of a batch in [-1, 1] as an RGB image."""
     array = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
 
@@ -136,7 +131,7 @@ def write_report(output_dir: str | Path, steps: int = 50, scheduler: Optional[st
     output_dir = Path(output_dir)
     folder = output_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    plot_loss_curve(folder / LOSS_LOG, folder / LOSS_CURVE)
+    plot_loss_curve(output_dir, folder / LOSS_CURVE)
     if samples_over_training(output_dir / "samples", folder / SAMPLES_OVER_TRAINING):
         shutil.copyfile(sorted((output_dir / "samples").glob("step-*.png"))[-1], folder / FINAL_SAMPLES)
     if (output_dir / "pipeline" / "model_index.json").is_file():

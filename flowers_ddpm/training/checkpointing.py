@@ -28,7 +28,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -40,6 +39,7 @@ import torch
 from accelerate.utils import load as accelerate_load
 from accelerate.utils.constants import RNG_STATE_NAME
 
+from .._util.atomic import atomic_write_text, fsync_file, move_into_place
 from ..errors import StorageError, UserError, storage_fault
 
 logger = logging.getLogger(__name__)
@@ -128,21 +128,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: Path) -> None:
     """Record size and sha256 of every file in `folder` (after fsyncing it) in MANIFEST.json."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        _fsync(path)
+        fsync_file(path)
         files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    _write_durably(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+    atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1), durable=True)
 
 
 def verify_checkpoint(folder: Path) -> None:
@@ -161,13 +153,6 @@ def verify_checkpoint(folder: Path) -> None:
             raise CorruptCheckpoint(f"{name} has {path.stat().st_size} bytes, expected {expected['size']}")
         if _sha256(path) != expected["sha256"]:
             raise CorruptCheckpoint(f"{name} does not match its sha256")
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # -- choosing what to resume from ----------------------------------------------------------------------------------
@@ -309,11 +294,8 @@ def _save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_manifest(tmp)
-        _write_durably(tmp / MARKER, f"step={step}\nnum_processes={accelerator.num_processes}\n")
-        if final.exists():
-            final.rename(final.with_name(final.name + ".old"))
-        tmp.rename(final)
-        shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
+        atomic_write_text(tmp / MARKER, f"step={step}\nnum_processes={accelerator.num_processes}\n", durable=True)
+        move_into_place(tmp, final)
         _verified.add(final)
         if total_limit:
             rotate_checkpoints(output_dir, final, total_limit)

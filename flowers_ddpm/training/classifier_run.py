@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
+from .._util.atomic import atomic_files_into
 from ..config.sections import TrainConfig
 from ..config.validation import classifier_eval_timesteps
 from ..errors import UserError
@@ -25,7 +24,7 @@ from ..evaluation.reference import real_image_batches
 from ..models.classifier import classifier_for_unet
 from ..models.unet import build_noise_scheduler, unet_kwargs, unet_overrides
 from ..objectives.classifier import ClassifierObjective
-from ..publish.report import LOSS_CURVE, LOSS_LOG, plot_loss_curve
+from ..publish.report import LOSS_CURVE, plot_loss_curve
 from .device import configure_backends
 from .optimization import build_optimization
 from .run_setup import device_batches, init_trackers, loop_settings, run_trainer, start_run
@@ -42,7 +41,6 @@ class AccuracyEvaluator:
     <output_dir>/accuracy.json."""
 
     def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
-
         self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.run.seed
         self.levels = classifier_eval_timesteps(cfg)
         self.split = cfg.classifier.classifier_eval_split or cfg.data.dataset_split
@@ -96,12 +94,9 @@ class ClassifierPublisher:
         return None
 
     def export(self, model, step: int) -> None:
-        tmp = self.output_dir / "classifier.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        for path in tmp.iterdir():  # file by file, each atomically, so a reader never sees a half-written file
-            os.replace(path, self.output_dir / path.name)
-        tmp.rmdir()
+        # file by file, each atomically: the output folder also holds checkpoints, logs and the report
+        with atomic_files_into(self.output_dir, "classifier.tmp") as staging:
+            model.save_pretrained(str(staging), safe_serialization=True)
         logger.info("exported the classifier at step %d to %s", step, self.output_dir)
 
 
@@ -116,7 +111,7 @@ def classifier_classes(cfg: TrainConfig, source) -> list[str]:
 def build_classifier(cfg: TrainConfig, class_names: list[str], noise_scheduler):
     """The encoder half of the configured UNet preset with an attention-pooling head."""
     schedule = {k: noise_scheduler.config[k] for k in SCHEDULE_KEYS}
-    return classifier_for_unet(unet_kwargs(cfg.model.model_preset, unet_overrides(cfg.model.unet_config, cfg.model.dropout), cfg.data.resolution), cfg.data.resolution,
+    return classifier_for_unet(unet_kwargs(cfg.model.model_preset, unet_overrides(cfg.model), cfg.data.resolution), cfg.data.resolution,
                                class_names, schedule)
 
 
@@ -128,7 +123,7 @@ def run_classifier_training(cfg: TrainConfig) -> Path:
     if (Path(cfg.run.output_dir) / "pipeline").exists():
         raise UserError(f"output_dir {cfg.run.output_dir} holds a diffusion training run; give train-classifier its own "
                         "--output_dir")
-    accelerator, source, class_names, max_steps, resume_from = start_run(cfg, classifier_classes)
+    accelerator, source, class_names, max_steps, resume_from, per_epoch = start_run(cfg, classifier_classes)
     configure_backends(cfg.speed.allow_tf32)
     set_seed(cfg.run.seed)  # identical initial weights on every process
     noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type)
@@ -137,11 +132,10 @@ def run_classifier_training(cfg: TrainConfig) -> Path:
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, model.parameters(), accelerator, max_steps)
     batches = device_batches(cfg, source, accelerator)
     init_trackers(cfg, accelerator)
-    settings = dataclasses.replace(loop_settings(cfg, max_steps), eval_steps=cfg.classifier.classifier_eval_steps or max_steps)
+    settings = dataclasses.replace(loop_settings(cfg, max_steps, per_epoch), eval_steps=cfg.classifier.classifier_eval_steps or max_steps)
     trainer = Trainer(accelerator, model, ClassifierObjective(noise_scheduler), optimizer, lr_scheduler, ema,
                       batches, ClassifierPublisher(cfg.run.output_dir), settings, evaluator)
     run_trainer(trainer, accelerator, resume_from)
     if accelerator.is_main_process:
-        report = Path(cfg.run.output_dir) / "report"
-        plot_loss_curve(report / LOSS_LOG, report / LOSS_CURVE)
+        plot_loss_curve(cfg.run.output_dir, Path(cfg.run.output_dir) / "report" / LOSS_CURVE)
     return Path(cfg.run.output_dir)

@@ -8,6 +8,7 @@ contiguous layout that safetensors checkpoints and exports require.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Iterator
 
@@ -33,8 +34,15 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False):
-    """Enable gradient checkpointing and/or compile the UNet in place (before `accelerator.prepare`)."""
+def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False, xformers: bool = False):
+    """Enable gradient checkpointing, xformers attention and/or compile the UNet in place (before
+    `accelerator.prepare`)."""
+    if xformers:
+        if importlib.util.find_spec("xformers") is not None:
+            model.enable_xformers_memory_efficient_attention()
+        else:
+            logger.info("xformers is not installed: attention uses PyTorch's scaled_dot_product_attention, which is "
+                        "memory-efficient as well")
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if compile:

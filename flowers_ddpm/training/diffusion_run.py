@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from accelerate.utils import set_seed
 
+from ..config.diffusers_compat import run_differences
 from ..config.sections import TrainConfig
 from ..errors import UserError
 from ..evaluation.evaluate import SamplingSettings, evaluate_pipeline
@@ -62,7 +63,6 @@ class PipelinePublisher:
         return class_guidance(model, self.cfg)
 
     def sample_grid(self, model, step: int):
-
         pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names)
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
@@ -78,7 +78,6 @@ class PipelinePublisher:
         return grid
 
     def export(self, model, step: int) -> None:
-
         def write_extra(folder: Path) -> None:
             save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.finetune.init_from)  # only for LoRA
             write_training_info(folder, step=step, seconds=time.time() - self.started, hardware=self.hardware)
@@ -93,7 +92,6 @@ class TrainingEvaluator:
     --eval_steps; keeps <output_dir>/best/ = the pipeline with the best FID so far (+ its metrics.json)."""
 
     def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler, class_names=None):
-
         self.cfg, self.accelerator, self.noise_scheduler = cfg, accelerator, noise_scheduler
         self.class_names = class_names
         self.best_dir = Path(cfg.run.output_dir) / "best"
@@ -107,7 +105,6 @@ class TrainingEvaluator:
         self.best_fid = json.loads(best.read_text())["fid"] if best.is_file() else math.inf  # survives resumes
 
     def __call__(self, model, step: int) -> dict:
-
         cfg = self.cfg
         pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names)
         pipe.set_progress_bar_config(disable=True)
@@ -122,10 +119,11 @@ class TrainingEvaluator:
         if row["fid"] < self.best_fid:
             self.best_fid = row["fid"]
             if self.accelerator.is_main_process:
+                metrics = json.dumps({"step": step, **row, **guidance}, indent=2) + "\n"
+                # inside the new folder before it replaces the old one: best/ and its metrics always match
                 export_pipeline(merged_unet(model), self.noise_scheduler, self.best_dir,
-                                yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names)
-                (self.best_dir / "metrics.json").write_text(json.dumps({"step": step, **row, **guidance}, indent=2)
-                                                            + "\n")
+                                yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names,
+                                lambda folder: (folder / "metrics.json").write_text(metrics))
                 logger.info("step %d: FID %.4f, the best so far; pipeline written to %s", step, row["fid"], self.best_dir)
         self.accelerator.wait_for_everyone()
         return {f"eval/{key}": row[key] for key in ("fid", "kid_mean", "kid_std", "is_mean") if key in row}
@@ -144,7 +142,10 @@ def model_classes(cfg: TrainConfig, source):
 def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
     process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
-    accelerator, source, class_names, max_steps, resume_from = start_run(cfg, model_classes)
+    accelerator, source, class_names, max_steps, resume_from, per_epoch = start_run(cfg, model_classes)
+    if accelerator.is_main_process and run_differences(cfg):
+        logger.info("defaults that differ from diffusers' train_unconditional.py (docs/diffusers-compatibility.md): "
+                    "%s", "; ".join(run_differences(cfg)))
     num_classes = len(class_names) if class_names else None
 
     configure_backends(cfg.speed.allow_tf32)
@@ -154,7 +155,7 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
         if num_classes:
             model = add_class_conditioning(model, num_classes + 1)  # zero-initialised: starts as the pretrained model
     else:
-        overrides = unet_overrides(cfg.model.unet_config, cfg.model.dropout)
+        overrides = unet_overrides(cfg.model)
         model = build_unet(cfg.model.model_preset, cfg.data.resolution, overrides, num_classes, cfg.model.learn_sigma)
         noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type,
                                                 cfg.model.learn_sigma)
@@ -168,7 +169,7 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     init_trackers(cfg, accelerator)
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
                       PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator)),
-                      loop_settings(cfg, max_steps), evaluator)
+                      loop_settings(cfg, max_steps, per_epoch), evaluator)
     run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:
         finish_run(cfg)
@@ -181,5 +182,5 @@ def finish_run(cfg: TrainConfig) -> None:
     write_report(output_dir, steps=cfg.run.ddpm_num_inference_steps, scheduler=cfg.run.sample_scheduler, seed=cfg.run.seed)
     if cfg.hub.push_to_hub:
         repo_id = cfg.hub.hub_model_id or output_dir.resolve().name
-        url = push_pipeline(output_dir / "pipeline", repo_id, private=cfg.hub.hub_private_repo)
+        url = push_pipeline(output_dir / "pipeline", repo_id, private=cfg.hub.hub_private_repo, token=cfg.hub.hub_token)
         logger.info("pushed %s to %s", output_dir / "pipeline", url)

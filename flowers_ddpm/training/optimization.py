@@ -37,12 +37,13 @@ def build_optimization(cfg: TrainConfig, model, parameters, accelerator, max_ste
     # Not passed to accelerator.prepare: prepared schedulers step once per process per call, which makes the
     # schedule depend on the number of processes. We step it once per optimizer step instead.
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
-                                 num_training_steps=max_steps)
+                                 num_training_steps=max_steps, step_rules=cfg.optim.lr_step_rules)
     ema = None
     if cfg.ema.use_ema:
         ema = EMAModel(model.parameters(), decay=cfg.ema.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema.ema_inv_gamma,
                        power=cfg.ema.ema_power, model_cls=type(model), model_config=model.config, foreach=True)
         ema.to(accelerator.device)
-    model = prepare_model(model, cfg.speed.gradient_checkpointing, cfg.speed.compile)
+    model = prepare_model(model, cfg.speed.gradient_checkpointing, cfg.speed.compile,
+                          cfg.speed.enable_xformers_memory_efficient_attention)
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, lr_scheduler, ema

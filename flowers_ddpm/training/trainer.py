@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import StorageError, storage_fault
+from ..publish import run_log
 from . import checkpointing
 from .stopping import NonFiniteLoss, NonFiniteWeights, Preempted, StopRequest
 
@@ -248,9 +249,8 @@ class Trainer:
             values["ema_decay"] = self.ema.cur_decay_value
         values["nonfinite_steps"] = self.nonfinite_steps
         acc.log(values, step=step)
-        if acc.is_main_process:  # also kept as JSON lines for the report's loss curve (flowers_ddpm.publish.report)
-            with open(Path(self.settings.output_dir) / "report" / "loss.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+        if acc.is_main_process:  # also kept in the run log, for the report's loss curve, sweeps and ablations
+            run_log.append_record(self.settings.output_dir, {"step": step, **values})
         return {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.2e}"}
 
     def check_weights_finite(self, step: int) -> None:
