@@ -361,9 +361,11 @@ def check_random_states(accelerator, path: Path) -> None:
     restored (accelerate skips ones it cannot load, e.g. a CPU checkpoint resumed on a GPU, with an INFO log).
     A checkpoint of another number of processes restarts the data stream anyway (warned), so only warn there."""
     name = f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
-    if saved_num_processes(path) != accelerator.num_processes:
-        logger.warning("checkpoint %s was written by another number of processes; the random states of this "
-                       "process are not restored", path)
+    saved = saved_num_processes(path)
+    if saved != accelerator.num_processes:
+        logger.warning("checkpoint %s was written by %s process(es), this run has %d: random states are restored "
+                       "only for the process indices it saved", path,
+                       saved if saved is not None else "an unknown number of", accelerator.num_processes)
         return
     try:
         restored = _random_states_restored(accelerate_load(path / name))
