@@ -1,11 +1,11 @@
 """`python -m flowers_ddpm ...`, `accelerate launch -m flowers_ddpm train ...` and the `flowers-ddpm` command: the
 process entry point.
 
-The command line's imports (torch, diffusers, datasets, accelerate) take seconds. This module installs the
-start-up signal handling first, so that a SIGTERM or Ctrl-C in those seconds ends the process with one `stopped:`
-line and exit code 75 instead of a silent death by signal; that is why `cli` is imported inside `main`, the one
-deliberate exception to "imports at module top". The training commands then keep that handling through their own
-start-up (flowers_ddpm.cli) and hand the training steps to flowers_ddpm.training.stopping.StopRequest.
+It installs the start-up signal handling before anything else is imported, so that a SIGTERM or Ctrl-C in the
+first instants ends the process with one `stopped:` line and exit code 75 instead of a silent death by signal;
+that is why `cli` is imported inside `main`. The training commands keep that handling through their own imports
+and set-up (torch, diffusers, datasets: seconds; flowers_ddpm.cli) and hand the training steps to
+flowers_ddpm.training.stopping.StopRequest.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The `flowers-ddpm` command: `train`, `train-classifier`, `sample`, `attach-classifier`, `evaluate`, `sweep`,
-`push`, `demo`, `prepare` and `benchmark`. Thin: parse, then call the module that does the work."""
+`push`, `demo`, `prepare` and `benchmark`. Thin: parse, then call the module that does the work.
+
+Each command imports the stage that does its work when it runs, not when this module loads: `--help`, `--version`
+and argument errors then answer at once instead of after torch and diffusers have loaded (several seconds).
+"""
 
 from __future__ import annotations
 
@@ -12,26 +16,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from . import __version__
-from ._util.distributed import is_main_process
+from ._util.ranks import is_main_process
 from .config.loading import TRAIN_SECTIONS, add_train_arguments, build_config, load_yaml, parse_train_config
 from .config.sections import SAMPLE_SCHEDULERS
-from .data.cache import open_cache
-from .data.stream import open_source
-from .demo.app import launch_demo
 from .errors import EXIT_STORAGE, UserError, storage_fault
-from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
-from .experiments.benchmark import add_benchmark_arguments, format_table, run_benchmark
-from .experiments.sweep import run_sweep
-from .pipelines.conditioning import resolve_conditioning
-from .pipelines.export import attach_classifier
-from .pipelines.sampling import generate, image_grid, load_classifier, load_pipeline, with_classifier
-from .publish.hub import push_pipeline, stage_upload
-from .publish.space import check_repo_id, push_space, stage_space
-from .training.classifier_run import run_classifier_training
-from .training.diffusion_run import run_training
 from .training.stopping import SignalStop, StopOutsideSteps, TrainingStopped
 
 # SIGTERM/SIGINT during a training command's start-up or end-of-run report (the training steps have their own
@@ -50,7 +39,9 @@ def _check_scales(args: argparse.Namespace, *names: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    with StopOutsideSteps(**OUTSIDE_STEPS):
+    with StopOutsideSteps(**OUTSIDE_STEPS):  # the imports of the run take seconds: covered too
+        from .training.diffusion_run import run_training
+
         cfg = parse_train_config(args)
         path = run_training(cfg)
     if is_main_process():
@@ -59,6 +50,8 @@ def _train(args: argparse.Namespace) -> None:
 
 def _train_classifier(args: argparse.Namespace) -> None:
     with StopOutsideSteps(**OUTSIDE_STEPS):
+        from .training.classifier_run import run_classifier_training
+
         cfg = parse_train_config(args)
         path = run_classifier_training(cfg)
     if is_main_process():
@@ -67,6 +60,12 @@ def _train_classifier(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> None:
     _check_scales(args, "guidance_scale", "classifier_scale")
+
+    import torch
+
+    from .pipelines.conditioning import resolve_conditioning
+    from .pipelines.sampling import generate, image_grid, load_classifier, load_pipeline, with_classifier
+
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -91,6 +90,9 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _attach_classifier(args: argparse.Namespace) -> None:
     _check_scales(args, "classifier_scale", "guidance_scale")
+
+    from .pipelines.export import attach_classifier
+
     path = attach_classifier(args.model, args.classifier, args.output, args.classifier_scale, args.guidance_scale)
     print(f"pipeline with classifier written to {path}")
 
@@ -107,6 +109,9 @@ def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     _check_scales(args, "guidance_scale")
+
+    from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
+
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("steps and batch_size must be >= 1")
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
@@ -168,6 +173,10 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
 
 def _sweep(args: argparse.Namespace) -> None:
     _check_scales(args, "guidance_scale")
+
+    from .evaluation.command import EvaluateOptions
+    from .experiments.sweep import run_sweep
+
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
     table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation)
@@ -189,6 +198,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
+    from .publish.hub import push_pipeline, stage_upload
+    from .publish.space import check_repo_id, push_space, stage_space
+
     if args.space_id:
         check_repo_id(args.space_id, "--space_id")
         if args.revision not in (None, "main"):
@@ -216,6 +228,7 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from .demo.app import launch_demo
 
     launch_demo(args.model, host=args.host, port=args.port, share=args.share, device=args.device)
 
@@ -239,6 +252,9 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    from .data.cache import open_cache
+    from .data.stream import open_source
+
     values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     file_values = load_yaml(args.config) if args.config else {}
     if not {"max_train_steps", "num_epochs"} & (set(values) | set(file_values)):
@@ -251,10 +267,41 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _benchmark(args: argparse.Namespace) -> None:
     _check_scales(args, "peak_tflops")
+
+    from .experiments.benchmark import format_table, run_benchmark
+
     results = run_benchmark(args)
     print(format_table(results))
     if args.json:
         print(f"results written to {args.json}")
+
+
+DEFAULT_SAMPLERS = "ddpm=1000,ddim=50,dpmsolver++=20"
+
+
+def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train_data_dir", default=None,
+                        help="folder of images (default: a generated folder of --image_size JPEGs)")
+    parser.add_argument("--num_images", type=int, default=256, help="images to generate without --train_data_dir")
+    parser.add_argument("--image_size", type=int, default=500, help="side of the generated JPEGs")
+    parser.add_argument("--data_resolution", type=int, default=64, help="training resolution of the data benchmark")
+    parser.add_argument("--model_preset", default="tiny")
+    parser.add_argument("--resolution", type=int, default=32, help="training and sampling resolution")
+    parser.add_argument("--train_batch_size", type=int, default=32)
+    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps per mode (and compile)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/optimized rounds")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="decode threads of the stream path")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the optimized model")
+    parser.add_argument("--mixed_precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                        help="optimized mode's precision (auto: bf16 where the device supports it)")
+    parser.add_argument("--sample_batch_size", type=int, default=16)
+    parser.add_argument("--samplers", default=DEFAULT_SAMPLERS, help="name=steps,... of the samplers to time")
+    parser.add_argument("--parts", default="data,train,sample", help="which of data,train,sample to run")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the GPU for MFU")
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    parser.add_argument("--work_dir", default=None, help="where generated images and caches go (default: temp)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_prepare)
 
     benchmark = sub.add_parser("benchmark", help="measure data-path, training-step and sampling speed")
-    add_benchmark_arguments(benchmark)
+    _add_benchmark_arguments(benchmark)
     benchmark.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     benchmark.set_defaults(func=_benchmark)
     return parser

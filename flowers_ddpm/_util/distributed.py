@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from accelerate.utils import pad_across_processes
-
-
-def is_main_process() -> bool:
-    """Whether this is the main process (rank 0) of the launch, or the only one, read from the launcher's
-    environment. For code that runs before an Accelerator exists or without one (the command line, the sweep
-    around its trials): creating accelerate's PartialState to ask would fix the distributed set-up before the
-    Accelerator (which honours ACCELERATE_USE_CPU) is built. With an Accelerator at hand, ask it."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,8 @@ from datasets.distributed import split_dataset_by_node
 
 from ..config.sections import FLOWERS_DATASET, DataSettings
 from ..errors import UserError
-from .flowers102 import display_names
 from .decode_pool import decode_in_order
+from .flowers102 import display_names
 from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
 if TYPE_CHECKING:

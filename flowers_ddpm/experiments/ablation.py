@@ -126,7 +126,7 @@ class AblationSettings:
 
 def _run_train(config: Path, extra: list[str], log: Path) -> float:
     """Run `flowers-ddpm train --config config` in a fresh process; wall-clock seconds."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                                      os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     with open(log, "w") as out:

@@ -54,32 +54,6 @@ from ..training.trainer import LoopSettings, Trainer
 # Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, for model FLOPs utilisation.
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
                    "H100": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
-DEFAULT_SAMPLERS = "ddpm=1000,ddim=50,dpmsolver++=20"
-
-
-def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train_data_dir", default=None,
-                        help="folder of images (default: a generated folder of --image_size JPEGs)")
-    parser.add_argument("--num_images", type=int, default=256, help="images to generate without --train_data_dir")
-    parser.add_argument("--image_size", type=int, default=500, help="side of the generated JPEGs")
-    parser.add_argument("--data_resolution", type=int, default=64, help="training resolution of the data benchmark")
-    parser.add_argument("--model_preset", default="tiny")
-    parser.add_argument("--resolution", type=int, default=32, help="training and sampling resolution")
-    parser.add_argument("--train_batch_size", type=int, default=32)
-    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps per mode (and compile)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/optimized rounds")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="decode threads of the stream path")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the optimized model")
-    parser.add_argument("--mixed_precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
-                        help="optimized mode's precision (auto: bf16 where the device supports it)")
-    parser.add_argument("--sample_batch_size", type=int, default=16)
-    parser.add_argument("--samplers", default=DEFAULT_SAMPLERS, help="name=steps,... of the samplers to time")
-    parser.add_argument("--parts", default="data,train,sample", help="which of data,train,sample to run")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the GPU for MFU")
-    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
-    parser.add_argument("--work_dir", default=None, help="where generated images and caches go (default: temp)")
-    parser.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------

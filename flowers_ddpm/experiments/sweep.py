@@ -30,7 +30,7 @@ import torch.distributed
 from tqdm.auto import tqdm
 
 from .._util.atomic import atomic_write_text
-from .._util.distributed import is_main_process
+from .._util.ranks import is_main_process
 from ..config.loading import build_config, load_yaml
 from ..config.sections import FIELDS, TrainConfig
 from ..data.stream import open_source

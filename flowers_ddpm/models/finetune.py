@@ -17,8 +17,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from huggingface_hub import file_exists
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from ..config.sections import FinetuneSettings, ModelSettings
 from .._util.hub_ids import is_hub_id
+from ..config.sections import FinetuneSettings, ModelSettings
 from ..errors import UserError
 from .unet import build_noise_scheduler
 
