@@ -8,12 +8,14 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.utils import make_image_grid
+from huggingface_hub import constants as hub_constants
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -73,19 +75,59 @@ def _load_guided(model: str, dtype):
                               class_names=index.get("class_names"), **defaults)
 
 
-def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype] = None):
-    """Load any diffusers pipeline from a local folder or a Hub id, with one-line errors for the usual mistakes."""
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off (HF_HUB_OFFLINE), now or when huggingface_hub was imported."""
+    return hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
-    if not is_hub_id(model) and not (Path(model) / "model_index.json").is_file():
+
+def shipped_code(folder: Path, index: dict) -> list[Path]:
+    """The .py files of a local pipeline folder that diffusers would import to load it: the pipeline class
+    (`_class_name: [module, class]`) and components of a custom class (`unet: [module, class]` ->
+    unet/<module>.py)."""
+    candidates = []
+    class_name = index.get("_class_name")
+    if isinstance(class_name, list) and class_name and class_name[0]:
+        candidates.append(folder / f"{class_name[0]}.py")
+    for name, value in index.items():
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+            candidates.append(folder / name / f"{value[0]}.py")
+    return [path for path in candidates if path.is_file()]
+
+
+def _refuse_code(model: str, files: list) -> UserError:
+    named = ", ".join(str(f) for f in files) if files else "Python files"
+    return UserError(f"{model} ships code that loading it would run ({named}); read it, and if you trust it pass "
+                     "--trust_remote_code (flowers-ddpm sample) or load it with DiffusionPipeline.from_pretrained("
+                     "..., trust_remote_code=True)")
+
+
+def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                  trust_remote_code: bool = False):
+    """Load any diffusers pipeline from a local folder or a Hub id, with one-line errors for the usual mistakes.
+    A pipeline that ships its own code (a custom pipeline or component class) is refused unless
+    `trust_remote_code`; our own GuidedDDPMPipeline folders are built from our classes and run none of theirs."""
+    hub = is_hub_id(model)
+    if not hub and not (Path(model) / "model_index.json").is_file():
         raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        class_name = DiffusionPipeline.load_config(model).get("_class_name")
+        index = DiffusionPipeline.load_config(model)
+        class_name = index.get("_class_name")
         if isinstance(class_name, list) and class_name[1] == "GuidedDDPMPipeline":
             pipe = _load_guided(model, dtype)
         else:
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+            if not hub and not trust_remote_code and shipped_code(Path(model), index):
+                raise _refuse_code(model, shipped_code(Path(model), index))
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:  # huggingface_hub's not-found and connection errors are OSErrors
+        if hub and hub_offline():
+            raise UserError(f"cannot load pipeline {model}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) "
+                            f"and {model} is not in the local cache; unset HF_HUB_OFFLINE to download it, or pass a "
+                            "local pipeline folder") from None
         raise UserError(f"cannot load pipeline {model}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):  # a Hub repo that ships code (diffusers refuses it)
+            raise _refuse_code(model, []) from None
+        raise
     pipe.set_progress_bar_config(leave=False)
     return prepare_for_sampling(pipe.to(device))
 
