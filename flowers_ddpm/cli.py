@@ -20,7 +20,7 @@ from typing import Optional
 from . import __version__
 from ._util.ranks import is_main_process
 from .config.loading import TRAIN_SECTIONS, add_train_arguments, build_config, load_yaml, parse_train_config
-from .config.sections import SAMPLE_SCHEDULERS
+from .config.sections import FIELDS, SAMPLE_SCHEDULERS
 from .errors import EXIT_STORAGE, UserError, storage_fault
 from .training.stopping import SignalStop, StopOutsideSteps, TrainingStopped
 
@@ -177,7 +177,8 @@ def _sweep(args: argparse.Namespace) -> None:
 
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
-    table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation)
+    overrides = {name: value for name, value in vars(args).items() if name in FIELDS and name not in args.sweep_flags}
+    table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation, overrides)
     if table is not None:
         print(table.read_text(), end="")
         print(f"wrote {table}, {table.with_suffix('.csv')} and {table.with_suffix('.png')}")
@@ -193,6 +194,11 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     evaluation = parser.add_argument_group("evaluation of each trial (as in `flowers-ddpm evaluate`)")
     _add_metric_arguments(evaluation, num_images=1000, dinov2_model="none")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    # training settings as flags, over the YAML and under the grid; the sweep's own flags keep their meaning
+    # (--seed is the evaluation seed: vary the training seed with --grid seed=0,1 or set it in the YAML)
+    own = tuple(action.dest for action in parser._actions)
+    add_train_arguments(parser, exclude=own, config_flag=False)
+    parser.set_defaults(sweep_flags=own)
 
 
 def _push(args: argparse.Namespace) -> None:
