@@ -35,14 +35,16 @@ TRAIN_SECTIONS = tuple(name for name in SECTIONS if name != "classifier")  # tra
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, sections: Iterable[str] = TRAIN_SECTIONS,
-                        hidden: Iterable[str] = ()) -> None:
+                        hidden: Iterable[str] = (), exclude: Iterable[str] = (), config_flag: bool = True) -> None:
     """One flag per setting of the given sections, in one argument group per section; the `hidden` sections'
-    flags are accepted but left out of --help. Unset flags stay absent so YAML values are not overridden."""
-    parser.add_argument("--config", help="YAML file with any of the settings below (flat names, as the flags)")
+    flags are accepted but left out of --help; `exclude` names settings the command defines itself. Unset flags
+    stay absent so YAML values are not overridden."""
+    if config_flag:
+        parser.add_argument("--config", help="YAML file with any of the settings below (flat names, as the flags)")
     for section in sections:
         group = parser.add_argument_group(f"{section} settings", SECTIONS[section].__doc__)
         for f in dataclasses.fields(SECTIONS[section]):
-            if f.metadata["cli"]:
+            if f.metadata["cli"] and f.name not in exclude:
                 _add_flag(group, f)
     for section in hidden:
         for f in dataclasses.fields(SECTIONS[section]):

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 FLOWERS_DATASET = "nelorth/oxford-flowers"
+HUB_DATASET_SETTINGS = ("dataset_name", "dataset_config_name")  # not used when train_data_dir is set
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # every schedule of diffusers.DDPMScheduler and every name of diffusers.optimization.get_scheduler (tests check both)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -216,8 +217,8 @@ class SpeedSettings:
 class ClassifierSettings:
     """Train-classifier's accuracy report."""
 
-    classifier_eval_images: int = _opt(256, "train-classifier: images on which accuracy is reported per noise level",
-                                       minimum=1)
+    classifier_eval_images: int = _opt(256, "train-classifier: images on which accuracy is reported per noise level "
+                                            "(as many of each class as the data allow)", minimum=1)
     classifier_eval_split: Optional[str] = _opt(None, "train-classifier: dataset split of the accuracy report "
                                                 "(unset = the training split)")
     classifier_eval_timesteps: Optional[str] = _opt(None, "train-classifier: comma-separated noise levels t of the "
@@ -256,12 +257,15 @@ class TrainConfig:
             grouped[SECTION_OF[key]][key] = value
         return cls(**{name: SECTIONS[name](**kwargs) for name, kwargs in grouped.items()})
 
-    def to_dict(self, secrets: bool = False) -> dict:
+    def to_dict(self, secrets: bool = False, as_used: bool = True) -> dict:
         """All settings, flat; without secrets (any field named *token*) unless asked: safe to write to files, logs
-        and cards."""
+        and cards. `as_used`: the Hub dataset's settings are None when a local folder (train_data_dir) is the
+        data, so a written config names the source that was used."""
         flat: dict[str, Any] = {}
         for name in SECTIONS:
             flat.update(dataclasses.asdict(getattr(self, name)))
+        if as_used and flat["train_data_dir"]:
+            flat.update({key: None for key in HUB_DATASET_SETTINGS})
         return {k: v for k, v in flat.items() if secrets or "token" not in k}
 
     def get(self, key: str) -> Any:
@@ -270,7 +274,7 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some settings (flat names) changed."""
-        return TrainConfig.from_flat({**self.to_dict(secrets=True), **changes})
+        return TrainConfig.from_flat({**self.to_dict(secrets=True, as_used=False), **changes})
 
     def save_yaml(self, path: str | Path) -> None:
         """Write the effective configuration as YAML (flat, as the user writes it)."""

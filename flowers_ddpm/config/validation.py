@@ -3,6 +3,7 @@ need a stage's knowledge live with it (the UNet presets: models/unet.py `check_p
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..errors import UserError
@@ -14,12 +15,15 @@ def validate(cfg: TrainConfig) -> None:
     for name, f in FIELDS.items():
         value = cfg.get(name)
         choices, minimum = f.metadata["choices"], f.metadata["min"]
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+            raise UserError(f"{name} must be a finite number; got {value!r}")
         if choices and value is not None and value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
         if minimum is not None and value is not None and value < minimum:
             raise UserError(f"{name} must be >= {minimum}; got {value!r}")
     if cfg.data.train_data_dir is not None and not Path(cfg.data.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {cfg.data.train_data_dir} does not exist or is not a directory")
+    validate_optimizer(cfg)
     _validate_evaluation(cfg)
     validate_paper_model(cfg)
     validate_edm(cfg)
@@ -47,6 +51,15 @@ def validate_classifier(cfg: TrainConfig) -> None:
     if not levels or not all(0 <= t < cfg.model.ddpm_num_steps for t in levels):
         raise UserError(f"classifier_eval_timesteps must lie in [0, {cfg.model.ddpm_num_steps - 1}] (ddpm_num_steps - 1); "
                         f"got {cfg.classifier.classifier_eval_timesteps!r}")
+
+
+def validate_optimizer(cfg: TrainConfig) -> None:
+    """Decay rates outside their range make the weights diverge (Adam's bias correction divides by 1 - beta**t)."""
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= cfg.get(name) < 1:
+            raise UserError(f"{name} must be >= 0 and < 1; got {cfg.get(name)!r}")
+    if not 0 <= cfg.ema.ema_max_decay <= 1:
+        raise UserError(f"ema_max_decay must be between 0 and 1; got {cfg.ema.ema_max_decay!r}")
 
 
 def _validate_evaluation(cfg: TrainConfig) -> None:

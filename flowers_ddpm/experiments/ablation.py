@@ -249,7 +249,8 @@ class Scorer:
         pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
         start = time.perf_counter()
         labels = {"class_labels": list(range(self.num_classes)), "guidance_scale": s.guidance_scale} if conditional else {}
-        images = generate(pipe, s.num_samples, s.sampler_steps, s.seed, sampler, batch_size=100, **labels)
+        images = generate(pipe, s.num_samples, s.sampler_steps, s.seed, sampler, batch_size=100, progress=True,
+                          **labels)
         sample_sec = time.perf_counter() - start
         image_grid(images[:100]).save(grid_path)
 

@@ -116,7 +116,7 @@ class _NoPublisher:
     def sample_grid(self, model, step):
         return None
 
-    def export(self, model, step):
+    def export(self, model, step, training_seconds):
         return None
 
 

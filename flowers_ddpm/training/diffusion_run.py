@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
 import yaml
@@ -59,7 +58,7 @@ class PipelinePublisher:
     def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None, hardware: str = "unknown"):
         self.cfg, self.noise_scheduler, self.class_names = cfg, noise_scheduler, class_names
         self.output_dir = Path(cfg.run.output_dir)
-        self.hardware, self.started = hardware, time.time()
+        self.hardware = hardware
 
     def _guidance(self, model) -> dict:
         return class_guidance(model, self.cfg)
@@ -79,10 +78,10 @@ class PipelinePublisher:
         grid.save(path)
         return grid
 
-    def export(self, model, step: int) -> None:
+    def export(self, model, step: int, training_seconds: float) -> None:
         def write_extra(folder: Path) -> None:
             save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.finetune.init_from)  # only for LoRA
-            write_training_info(folder, step=step, seconds=time.time() - self.started, hardware=self.hardware)
+            write_training_info(folder, step=step, seconds=training_seconds, hardware=self.hardware)
 
         path = export_pipeline(merged_unet(model), self.noise_scheduler, self.output_dir / "pipeline",
                                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra)
@@ -121,7 +120,10 @@ class TrainingEvaluator:
         if row["fid"] < self.best_fid:
             self.best_fid = row["fid"]
             if self.accelerator.is_main_process:
-                metrics = json.dumps({"step": step, **row, **guidance}, indent=2) + "\n"
+                network = self.networks["inception"]  # the card labels FIDs of other networks as not comparable
+                metrics = json.dumps({"step": step, **row, **guidance,
+                                      "feature_network": getattr(network, "name", type(network).__name__)},
+                                     indent=2) + "\n"
                 # inside the new folder before it replaces the old one: best/ and its metrics always match
                 export_pipeline(merged_unet(model), self.noise_scheduler, self.best_dir,
                                 yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names,
@@ -195,7 +197,37 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:
         finish_run(cfg)
+        print(training_summary(cfg, trainer.summary), flush=True)
     return Path(cfg.run.output_dir) / "pipeline"
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def _rows(rows) -> list[str]:
+    return [f"  {name:<12}{where}" + (f"   ({note})" if note else "") for name, where, note in rows]
+
+
+def training_summary(cfg: TrainConfig, summary) -> str:
+    """The lines printed when `train` ends: what was done, how fast, and where everything is."""
+    out = Path(cfg.run.output_dir)
+    resumed = summary.steps < summary.global_step
+    lines = [f"Training finished at step {summary.global_step}: {summary.steps} steps in {_duration(summary.seconds)}"
+             + (" (this resumed part)" if resumed else "") + f", {summary.images_per_sec:.1f} images/s"
+             + (f"; {_duration(summary.training_seconds)} over every resumed part" if resumed else ""),
+             *_rows([("pipeline", out / "pipeline", f"flowers-ddpm sample --model {out / 'pipeline'}"),
+                     ("samples", out / "samples", "the grids sampled during training"),
+                     ("report", out / "report", "loss curve, samples over training, denoising")])]
+    logs = out / cfg.run.logging_dir
+    if cfg.run.logger == "tensorboard":
+        lines += _rows([("logs", logs, f"tensorboard --logdir {logs}")])
+    elif cfg.run.logger == "wandb":
+        lines += _rows([("logs", f"wandb project {cfg.run.tracker_project_name}", "")])
+    lines += _rows([("checkpoints", out / "checkpoints", "to continue: --resume_from_checkpoint latest")])
+    return "\n".join(lines)
 
 
 def finish_run(cfg: TrainConfig) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -89,6 +91,17 @@ def make_accelerator(cfg: TrainConfig):
     )
 
 
+def record_effective_precision(cfg: TrainConfig, accelerator) -> None:
+    """accelerate runs fp16 autocast only on accelerators: on the CPU --mixed_precision fp16 trains in fp32. Say so,
+    and record what runs (mixed_precision: no) in training_config.yaml, the checkpoints and the exported config."""
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        if accelerator.is_main_process:
+            logger.warning("mixed_precision fp16 is not available on the %s: training in fp32 (recorded as "
+                           "mixed_precision: no); use bf16 for mixed precision on the CPU",
+                           accelerator.device.type.upper())
+        cfg.speed.mixed_precision = "no"
+
+
 def _tracker_config(cfg: TrainConfig) -> dict:
     # TensorBoard hparams accept only scalars and strings
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
@@ -107,19 +120,44 @@ def _train_batches(cfg: TrainConfig, source, accelerator):
                                 cfg.optim.train_batch_size, cfg.run.seed, cfg.run.log_data_order)
 
 
+def check_writable(output_dir: str) -> None:
+    """Create the output dir and write (and remove) a file in it, so that a read-only mount, a file in its place or
+    a path the system refuses is one line before any work, not a traceback at the first save."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output_dir {output_dir} is a file, not a directory; choose another --output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"output_dir {output_dir} cannot be written ({e.strerror or e}); choose another "
+                        "--output_dir") from None
+
+
 def start_run(cfg: TrainConfig, classes_of):
     """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the
     Accelerator, the data source, its classes (`classes_of(cfg, source)`, which may raise a UserError) and the
-    number of optimizer steps. Returns (accelerator, source, class_names, max_steps, resume_from)."""
+    number of optimizer steps. Returns (accelerator, source, class_names, max_steps, resume_from). `cfg` then
+    records the mixed precision that actually runs (see `record_effective_precision`)."""
     # cheap checks first: nothing expensive happens before these pass
     check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
     check_environment(cfg)
-    resume_from = checkpointing.resolve_resume_path(cfg.run.output_dir, cfg.run.resume_from_checkpoint)
+    check_writable(cfg.run.output_dir)
+    resume_from = checkpointing.resolve_resume_path(cfg.run.output_dir, cfg.run.resume_from_checkpoint,
+                                                    cfg.run.overwrite_output_dir)
+    checkpointing.check_output_dir(cfg.run.output_dir, resume_from is not None, cfg.run.overwrite_output_dir)
     if resume_from is not None:
         checkpointing.check_compatible(resume_from, cfg.to_dict())
     if cfg.hub.push_to_hub:
         require_token(cfg.hub.hub_token)
     accelerator = make_accelerator(cfg)
+    record_effective_precision(cfg, accelerator)
+    if resume_from is None and cfg.run.overwrite_output_dir:
+        if accelerator.is_main_process:
+            checkpointing.remove_checkpoints(cfg.run.output_dir)
+        accelerator.wait_for_everyone()
     source = open_source(cfg.data)
     class_names = classes_of(cfg, source)
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)
