@@ -28,12 +28,21 @@ def scheduler_classes() -> dict:
 
 
 def make_scheduler(name: str, config):
-    """A sampler built from a training scheduler's config (same betas, prediction type and timestep count)."""
+    """A sampler built from a training scheduler's config (same betas, prediction type and timestep count).
+
+    DPM-Solver++ has no `clip_sample`; where the config clips x0 (DDPM and DDIM do, to [-1, 1] by default) it gets
+    the same clip through its thresholding with `sample_max_value` = `clip_sample_range` (for the range 1 the
+    dynamic threshold is pinned at 1, a plain clip). Without it, the x0 predictions of a briefly trained
+    epsilon-predicting model at large t, and their extrapolation by guidance, go unbounded (docs/sampling.md).
+    """
     classes = scheduler_classes()
     if name not in classes:
         raise UserError(f"scheduler must be one of {', '.join(classes)}; got {name!r}")
     if name == "dpmsolver++":
-        return classes[name].from_config(config, algorithm_type="dpmsolver++")
+        options = {"algorithm_type": "dpmsolver++"}
+        if config.get("clip_sample") and not config.get("thresholding"):
+            options.update(thresholding=True, sample_max_value=config.get("clip_sample_range", 1.0))
+        return classes[name].from_config(config, **options)
     return classes[name].from_config(config)
 
 
