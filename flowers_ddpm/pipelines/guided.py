@@ -193,10 +193,14 @@ class GuidedDDPMPipeline(DiffusionPipeline):
         image = image * self.scheduler.init_noise_sigma  # 1 for DDPM-family schedulers
         ancestral = isinstance(self.scheduler, DDPMScheduler)
         step_options = {}
-        if classifier is not None and "use_clipped_model_output" in inspect.signature(self.scheduler.step).parameters:
-            # DDIM: as in guided-diffusion, re-derive eps from the clipped x0. The guided eps moves x0 by
-            # (1 - a) / sqrt(a) * s * grad, which clip_sample cuts off at large t; eps itself would then carry the
-            # guidance into the direction term with the opposite sign.
+        if "use_clipped_model_output" in inspect.signature(self.scheduler.step).parameters:
+            # DDIM: x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps, with x0 clipped to [-1, 1] (clip_sample,
+            # inherited from the training scheduler's config) but eps, by default, the unclipped model's. Guidance
+            # moves x0 by d and eps by -sqrt(a / (1 - a)) * d; where the guided x0 leaves [-1, 1] (the pixels
+            # guidance pushes hardest, and nearly all at large t), the clip drops the x0 term and the eps term
+            # carries the guidance into x_prev with the opposite sign: guidance then pushes away from the class.
+            # As in guided-diffusion (and DDPM's posterior mean), re-derive eps from the clipped x0 so the step
+            # stays consistent.
             step_options["use_clipped_model_output"] = True
         for t in self.progress_bar(self.scheduler.timesteps):
             # EDM: c_in * x (the timesteps t are already c_noise); DDPM-family schedulers return the image as is

@@ -55,7 +55,13 @@ OWN_BETA_SCHEDULES = ("sigmoid",)
 
 def make_scheduler(name: str, config):
     """A sampler built from a training scheduler's config (same betas or sigmas, prediction type and timestep
-    count). DDPM-family samplers refuse EDM-trained models and the EDM samplers refuse DDPM-trained ones."""
+    count). DDPM-family samplers refuse EDM-trained models and the EDM samplers refuse DDPM-trained ones.
+
+    DPM-Solver++ has no `clip_sample`; where the config clips x0 (DDPM and DDIM do, to [-1, 1] by default) it gets
+    the same clip through its thresholding with `sample_max_value` = `clip_sample_range` (for the range 1 the
+    dynamic threshold is pinned at 1, a plain clip). Without it, the x0 predictions of a briefly trained
+    epsilon-predicting model at large t, and their extrapolation by guidance, go unbounded (docs/sampling.md).
+    """
     ddpm, edm = scheduler_classes(), edm_scheduler_classes()
     if name not in ddpm and name not in edm:
         raise UserError(f"scheduler must be one of {', '.join([*ddpm, *edm])}; got {name!r}")
@@ -65,7 +71,11 @@ def make_scheduler(name: str, config):
     if name in edm:  # only the settings the chosen EDM scheduler takes (the others would be warned about)
         accepted = inspect.signature(edm[name].__init__).parameters
         return edm[name].from_config({k: v for k, v in config.items() if k in accepted})
-    extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    extra = {}
+    if name == "dpmsolver++":
+        extra["algorithm_type"] = "dpmsolver++"
+        if config.get("clip_sample") and not config.get("thresholding"):
+            extra.update(thresholding=True, sample_max_value=config.get("clip_sample_range", 1.0))
     if config.get("beta_schedule") in OWN_BETA_SCHEDULES and config.get("trained_betas") is None and name != "ddpm":
         # DDIM and DPM-Solver do not compute these schedules themselves: hand them the training betas
         extra["trained_betas"] = DDPMScheduler.from_config(config).betas.tolist()
