@@ -45,45 +45,14 @@ class SignalStop(KeyboardInterrupt):
     exit_code = EXIT_PREEMPTED
 
 
-class StopOutsideSteps:
-    """While active (main thread only), SIGTERM and SIGINT raise `SignalStop` at once, saying `where` the signal
-    arrived and what to do (`advice`). Where there is no step to finish and nothing to checkpoint (start-up: the
-    imports, the data source, the model; the end-of-run report) stopping at once loses nothing. A StopRequest
-    entered inside takes over both signals for the training steps and then hands them back."""
+class _SignalHandling:
+    """While active, `_handle` answers the signals in `SIGNALS`; the previous handlers come back on exit. Handlers
+    can only be installed from the main thread; in other threads this is inert."""
 
-    def __init__(self, where: str, advice: str):
-        self.where, self.advice = where, advice
-        self._previous: dict = {}
+    SIGNALS: tuple = (signal.SIGTERM, signal.SIGINT)
 
-    def __enter__(self) -> "StopOutsideSteps":
-        if threading.current_thread() is threading.main_thread():
-            for sig in StopRequest.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        raise SignalStop(f"stopped by {signal.Signals(signum).name} {self.where}; {self.advice}")
-
-
-class StopRequest:
-    """While active, SIGTERM and SIGINT only set `received`; the trainer stops at the next step boundary.
-
-    A second SIGINT (Ctrl-C twice) interrupts at once. Handlers can only be installed from the main thread; in
-    other threads this is inert.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self):
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -95,27 +64,45 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        raise NotImplementedError
+
+
+class StopOutsideSteps(_SignalHandling):
+    """While active (main thread only), SIGTERM and SIGINT raise `SignalStop` at once, saying `where` the signal
+    arrived and what to do (`advice`). Where there is no step to finish and nothing to checkpoint (start-up: the
+    imports, the data source, the model; the end-of-run report) stopping at once loses nothing. A StopRequest
+    entered inside takes over both signals for the training steps and then hands them back."""
+
+    def __init__(self, where: str, advice: str):
+        self.where, self.advice = where, advice
+
+    def _handle(self, signum, frame) -> None:
+        raise SignalStop(f"stopped by {signal.Signals(signum).name} {self.where}; {self.advice}")
+
+
+class StopRequest(_SignalHandling):
+    """While active, SIGTERM and SIGINT only set `received`; the trainer stops at the next step boundary.
+
+    A second SIGINT (Ctrl-C twice) interrupts at once. Handlers can only be installed from the main thread; in
+    other threads this is inert.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
         logger.warning("received %s: finishing the current step, then saving a checkpoint", self.received)
 
 
-class InterruptOnSigterm:
+class InterruptOnSigterm(_SignalHandling):
     """While active (main thread only), SIGTERM raises KeyboardInterrupt like Ctrl-C does, so work outside the
     training steps (a sweep trial's evaluation, for example) stops with a message instead of dying silently. A
     StopRequest entered inside takes over both signals for the training steps and then hands SIGTERM back."""
 
-    def __enter__(self) -> "InterruptOnSigterm":
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
+    SIGNALS = (signal.SIGTERM,)
 
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    @staticmethod
-    def _handle(signum, frame) -> None:
+    def _handle(self, signum, frame) -> None:
         raise KeyboardInterrupt
