@@ -165,9 +165,10 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
     process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
     accelerator, source, class_names, max_steps, resume_from, per_epoch = start_run(cfg, model_classes)
-    if accelerator.is_main_process and run_differences(cfg):
+    differences = run_differences(cfg)
+    if accelerator.is_main_process and differences:
         logger.info("defaults that differ from diffusers' train_unconditional.py (docs/diffusers-compatibility.md): "
-                    "%s", "; ".join(run_differences(cfg)))
+                    "%s", "; ".join(differences))
     num_classes = len(class_names) if class_names else None
 
     configure_backends(cfg.speed.allow_tf32)
