@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate images from a pipeline folder or Hub id")
     sample.add_argument("--model", required=True, help="pipeline folder or Hub id")
     sample.add_argument("--num_images", type=int, default=16)
-    sample.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default=None,
-                        help="sampler (default: the pipeline's own scheduler)")
+    sample.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default="ddim",
+                        help="sampler (ddim: the best measured, docs/sampling.md; ddpm uses a model's learned "
+                             "variances)")
     sample.add_argument("--steps", type=int, default=50, help="sampler steps")
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     sample.add_argument("--batch_size", type=int, default=16)
