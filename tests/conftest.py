@@ -8,29 +8,18 @@ import os
 # this, intra-op threads of concurrent processes oversubscribe the CPU and runs get many times slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import subprocess  # noqa: E402
-import sys
-from pathlib import Path
-
-import pytest
-from PIL import Image, ImageDraw
-
-REPO = Path(__file__).resolve().parents[1]
-COLOURS = {"blue": (40, 60, 220), "red": (220, 40, 40)}
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (set before any Hub library loads)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-def make_class_folder(root: Path, per_class: int = 12, colours: dict = COLOURS) -> Path:
-    """A folder with one sub-folder per class; each image is a coloured disc on a light background."""
-    for name, colour in colours.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            image = Image.new("RGB", (20 + i % 5, 18 + i % 3), (235, 235, 235))
-            ImageDraw.Draw(image).ellipse([3, 3, 16, 15], fill=colour)
-            image.save(root / name / (f"{i:02d}.jpg" if i % 2 else f"{i:02d}.png"))
-    return root
+import pytest  # noqa: E402
+
+from flowers_ddpm.experiments.soak import make_class_folder, tiny_train_args  # noqa: E402, F401 (shared with tests)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -47,25 +36,6 @@ def _reset_accelerate():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
-
-
-def tiny_train_args(data: Path, out: Path, **overrides) -> list[str]:
-    """Command-line flags for a seconds-long CPU run of the tiny preset."""
-    settings = dict(
-        config=str(REPO / "configs" / "tiny.yaml"), train_data_dir=str(data), output_dir=str(out),
-        resolution=16, train_batch_size=4, max_train_steps=6, checkpointing_steps=2, save_images_steps=100,
-        eval_batch_size=2, ddpm_num_inference_steps=2, shuffle_buffer_size=8, logger="none",
-    )
-    settings.update(overrides)
-    args = []
-    for key, value in settings.items():
-        if value is True:
-            args.append(f"--{key}")
-        elif value is False:
-            args.append(f"--no-{key}")
-        else:
-            args += [f"--{key}", str(value)]
-    return args
 
 
 def run_command(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""The `adm` preset builds at 32 and 64 px and matches the README's "paper choice -> UNet2DModel setting" table."""
+"""The `adm` preset builds at 32 and 64 px and matches the "paper choice -> UNet2DModel setting" table of
+docs/adm-and-guidance.md."""
 
 from __future__ import annotations
 

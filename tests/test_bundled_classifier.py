@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flowers_ddpm.models.classifier import classifier_for_unet
 from flowers_ddpm.cli import main
-from flowers_ddpm.publish.hub import build_model_card
+from flowers_ddpm.models.classifier import classifier_for_unet
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet, unet_kwargs
-from flowers_ddpm.pipelines.sampling import export_pipeline, generate, load_classifier, load_pipeline, with_classifier
+from flowers_ddpm.pipelines.export import export_pipeline
+from flowers_ddpm.pipelines.sampling import generate, load_classifier, load_pipeline, with_classifier
+from flowers_ddpm.publish.hub import build_model_card
 
 SCALE, STEPS, LABELS = 20.0, 3, [0, 1]
 
@@ -90,6 +91,7 @@ def test_attached_classifier_is_saved_as_a_custom_component(folders):
     assert 'from_pretrained("user/guided", trust_remote_code=True)' in card and "class_labels=['blue'] * 4" in card
 
 
+@pytest.mark.slow
 def test_plain_diffusers_loads_the_folder_and_draws_the_same_images(folders, tmp_path):
     model, classifier_dir, bundled = folders
     out = tmp_path / "remote.npy"

@@ -11,7 +11,8 @@ import torch
 
 from flowers_ddpm.cli import main
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
-from flowers_ddpm.pipelines.sampling import export_pipeline, generate, load_pipeline
+from flowers_ddpm.pipelines.export import export_pipeline
+from flowers_ddpm.pipelines.sampling import generate, load_pipeline
 
 from .conftest import make_class_folder, tiny_train_args
 
@@ -35,6 +36,7 @@ def dominant_channels(images) -> list[int]:
     return [int(np.asarray(image, dtype=float).reshape(-1, 3).mean(0).argmax()) for image in images]
 
 
+@pytest.mark.slow
 def test_labels_steer_the_colour_and_guidance_changes_the_output(trained):
     pipe = load_pipeline(str(trained), torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)
@@ -46,6 +48,7 @@ def test_labels_steer_the_colour_and_guidance_changes_the_output(trained):
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(guided, unguided))
 
 
+@pytest.mark.slow
 def test_exported_pipeline_reloads_in_plain_diffusers_and_reproduces_the_images(trained):
     from diffusers import DiffusionPipeline
 
@@ -68,6 +71,7 @@ def test_exported_pipeline_reloads_in_plain_diffusers_and_reproduces_the_images(
     np.testing.assert_array_equal((theirs * 255).round().astype(np.uint8), np.stack([np.asarray(i) for i in mine]))
 
 
+@pytest.mark.slow
 def test_sample_command_takes_class_names_and_rejects_wrong_labels(trained, tmp_path):
     out = tmp_path / "grid.png"
     base = ["sample", "--model", str(trained), "--num_images", "2", "--steps", "2", "--output", str(out)]

@@ -10,7 +10,7 @@ import torch
 
 from flowers_ddpm.cli import main
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
-from flowers_ddpm.pipelines.sampling import export_pipeline
+from flowers_ddpm.pipelines.export import export_pipeline
 
 from .conftest import make_class_folder, tiny_train_args
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from flowers_ddpm.cli import main
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
-from flowers_ddpm.pipelines.sampling import export_pipeline, generate, load_classifier, load_pipeline, with_classifier
+from flowers_ddpm.pipelines.export import export_pipeline
+from flowers_ddpm.pipelines.sampling import generate, load_classifier, load_pipeline, with_classifier
 
 from .conftest import make_class_folder, tiny_train_args
 
@@ -62,6 +63,16 @@ def test_classifier_beats_chance_at_small_t_and_exports_a_loadable_folder(classi
     assert classifier(torch.zeros(2, 3, 8, 8), torch.tensor([0, 999])).shape == (2, 2)
 
 
+def test_accuracy_is_reported_on_as_many_images_of_each_class(data, tmp_path):
+    # the folder lists its 6 blue images first: the first 4 files would all be blue, and any classifier that
+    # answers "blue" would score 100% even on pure noise
+    assert main(classifier_args(data, tmp_path / "clf", max_train_steps=2, classifier_eval_images=4)) == 0
+    report = json.loads((tmp_path / "clf" / "accuracy.json").read_text())
+    assert report["num_images"] == 4 and report["images_per_class"] == [2, 2] and report["chance"] == 0.5
+    assert report["held_out"] is False and report["split"] == "all"  # a folder has one split: training images
+    assert all(value in (0.0, 0.25, 0.5, 0.75, 1.0) for value in report["accuracy"].values())
+
+
 def test_classifier_training_resumes_exactly(data, tmp_path):
     assert main(classifier_args(data, tmp_path / "full", max_train_steps=4, checkpointing_steps=2)) == 0
     assert main(classifier_args(data, tmp_path / "cut", max_train_steps=2, checkpointing_steps=2)) == 0
@@ -78,6 +89,7 @@ def class_fractions(images) -> list[float]:
     return [sum(c == CHANNEL_OF_CLASS[k] for c in channels) / len(channels) for k in sorted(CHANNEL_OF_CLASS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler, steps", [("ddim", 10), ("ddpm", 20)])
 def test_classifier_guidance_moves_unconditional_samples_towards_the_class(unconditional_model, classifier_dir,
                                                                           scheduler, steps):
@@ -96,6 +108,7 @@ def test_classifier_guidance_moves_unconditional_samples_towards_the_class(uncon
     assert sum(towards) / 2 >= sum(plain) / 2 + 0.25
 
 
+@pytest.mark.slow
 def test_sample_command_with_classifier_and_its_user_errors(unconditional_model, classifier_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
     base = ["sample", "--model", str(unconditional_model), "--num_images", "2", "--steps", "2", "--output", str(out)]

@@ -19,9 +19,9 @@ def parse(*argv):
 
 def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
     cfg = parse("--config", str(REPO / "configs" / "flowers64.yaml"), "--learning_rate", "3e-4", "--no-random_flip")
-    assert cfg.model_preset == "ddpm" and cfg.resolution == 64 and cfg.center_crop is True  # from YAML
-    assert cfg.learning_rate == 3e-4 and cfg.random_flip is False  # from flags
-    assert cfg.adam_beta2 == 0.999  # default
+    assert cfg.model.model_preset == "ddpm" and cfg.data.resolution == 64 and cfg.data.center_crop is True  # from YAML
+    assert cfg.optim.learning_rate == 3e-4 and cfg.data.random_flip is False  # from flags
+    assert cfg.optim.adam_beta2 == 0.999  # default
 
 
 def test_diffusers_example_command_line_is_accepted():
@@ -32,11 +32,13 @@ def test_diffusers_example_command_line_is_accepted():
                 "--prediction_type", "epsilon", "--ddpm_num_steps", "1000", "--ddpm_beta_schedule", "linear",
                 "--checkpointing_steps", "500", "--checkpoints_total_limit", "3", "--output_dir", "x",
                 "--logger", "tensorboard", "--seed", "1", "--dataloader_num_workers", "2", "--max_train_steps", "10")
-    assert cfg.dataset_name == "huggan/flowers-102-categories" and cfg.checkpoints_total_limit == 3
+    assert cfg.data.dataset_name == "huggan/flowers-102-categories" and cfg.run.checkpoints_total_limit == 3
 
 
 def test_every_yaml_preset_is_valid():
-    for path in (REPO / "configs").glob("*.yaml"):
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert {"flowers64.yaml", "tiny.yaml"} <= {path.name for path in paths} and len(paths) >= 2, paths
+    for path in paths:
         parse("--config", str(path))
 
 

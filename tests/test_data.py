@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from flowers_ddpm.config.loading import build_config
-from flowers_ddpm.data.stream import ResumableStream, open_source
 from flowers_ddpm.data.imaging import TransformSettings, decode_and_transform
+from flowers_ddpm.data.stream import ResumableStream, open_source
 
 
 def encoded(image: Image.Image, fmt: str) -> dict:
@@ -54,7 +54,7 @@ def test_random_crop_and_flip_depend_only_on_the_key():
 
 def open_folder(folder):
     return open_source(build_config({}, {"train_data_dir": str(folder), "model_preset": "tiny", "resolution": 16,
-                                         "max_train_steps": 1}))
+                                         "max_train_steps": 1}).data)
 
 
 def take(stream, n):

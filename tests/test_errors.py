@@ -28,7 +28,7 @@ def error_line(err: str) -> str:
         (dict(max_train_steps=-3), "max_train_steps must be >= 1"),
         (dict(model_preset="huge"), "model_preset must be one of ddpm, tiny"),
         (dict(prediction_type="noise"), "prediction_type must be one of epsilon, v_prediction, sample"),
-        (dict(ddpm_beta_schedule="cubic"), "ddpm_beta_schedule must be one of linear, squaredcos_cap_v2"),
+        (dict(ddpm_beta_schedule="cubic"), "ddpm_beta_schedule must be one of linear, scaled_linear, squaredcos_cap_v2, sigmoid"),
         (dict(sample_scheduler="euler"), "sample_scheduler must be one of ddpm, ddim, dpmsolver++"),
         (dict(learning_rate="fast"), "learning_rate must be float"),
     ],
@@ -107,6 +107,7 @@ def test_sample_from_missing_model(capsys, tmp_path):
     assert code == 2 and "not a diffusers pipeline folder" in error_line(err)
 
 
+@pytest.mark.slow
 def test_exit_code_and_no_traceback_unless_debug(tmp_path):
     result = flowers_ddpm("train", "--config", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2

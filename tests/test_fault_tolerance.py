@@ -20,15 +20,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from flowers_ddpm.training import checkpointing
 from flowers_ddpm.cli import main
 from flowers_ddpm.data.stream import TrainBatches
 from flowers_ddpm.errors import UserError
+from flowers_ddpm.experiments.soak import assert_same_final_state, read_data_order
+from flowers_ddpm.training import checkpointing
 from flowers_ddpm.training.stopping import EXIT_NONFINITE, EXIT_PREEMPTED
 
 from .conftest import REPO, make_class_folder, tiny_train_args
-from .kill_harness import read_data_order
-from .test_kill_resume import assert_same_final_state
 
 SECRET = "hf_fault_tolerance_test_token_4242"
 
@@ -225,6 +224,7 @@ def rank_process(launcher: subprocess.Popen, rank: int, timeout: float = 120):
     raise TimeoutError(f"no rank {rank} process")
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_on_sigterm_and_resume_exactly(image_folder, tmp_path):
     # constant LR: the preempted run may use a larger max_train_steps (safe to change on resume) without
     # changing the schedule, so that the signal surely lands before its end

@@ -51,8 +51,8 @@ def test_starts_from_the_pretrained_pipeline_and_trains_only_the_chosen_parts(ex
                                                                               tmp_path, caplog):
     # same weights and noise schedule as the pretrained model, so the loss on a batch is the pretrained loss
     cfg = finetune_config(image_folder, tmp_path / "x", init_from=str(example_pipeline))
-    assert cfg.learning_rate == FINETUNE_LEARNING_RATE  # lower default when fine-tuning
-    unet, scheduler = load_for_finetuning(cfg)
+    assert cfg.optim.learning_rate == FINETUNE_LEARNING_RATE  # lower default when fine-tuning
+    unet, scheduler = load_for_finetuning(cfg.finetune.init_from, cfg.data.resolution, cfg.model)
     assert scheduler.config.num_train_timesteps == 500 and scheduler.config.beta_schedule == "squaredcos_cap_v2"
     batch = {"pixel_values": torch.rand(4, 3, 16, 16) * 2 - 1}
     losses = []
@@ -84,7 +84,7 @@ def test_starts_from_a_bare_unet_folder_with_the_configured_schedule(tmp_path, i
     unet = build_unet("tiny", 16)
     unet.save_pretrained(str(tmp_path / "bare-unet"))
     cfg = finetune_config(image_folder, tmp_path / "x", init_from=str(tmp_path / "bare-unet"), ddpm_num_steps=300)
-    loaded, scheduler = load_for_finetuning(cfg)
+    loaded, scheduler = load_for_finetuning(cfg.finetune.init_from, cfg.data.resolution, cfg.model)
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), loaded.state_dict().values()))
     assert scheduler.config.num_train_timesteps == 300
 

@@ -38,7 +38,8 @@ def class_means(data) -> np.ndarray:
     """The mean colour of each class's training images at the model's resolution."""
     means = []
     for name in COLOURS:
-        images = [Image.open(p).convert("RGB").resize((RESOLUTION, RESOLUTION)) for p in sorted((data / name).iterdir())]
+        paths = sorted((data / name).iterdir())
+        images = [Image.open(p).convert("RGB").resize((RESOLUTION, RESOLUTION)) for p in paths]
         means.append(np.mean([np.asarray(image, dtype=float).reshape(-1, 3).mean(0) for image in images], axis=0))
     return np.stack(means)
 

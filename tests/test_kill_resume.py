@@ -3,32 +3,18 @@ same command, ends with exactly the weights, optimizer state and data order of a
 
 from __future__ import annotations
 
-import torch
-from safetensors.torch import load_file
+import pytest
 
-from flowers_ddpm.training.checkpointing import verify_checkpoint
 from flowers_ddpm.cli import main
+from flowers_ddpm.experiments.soak import assert_same_final_state, interrupt_and_resume, read_data_order
 
 from .conftest import tiny_train_args
-from .kill_harness import interrupt_and_resume, read_data_order
 
 FLAGS = dict(max_train_steps=24, checkpointing_steps=1, checkpoints_total_limit=2, log_data_order=True,
              random_flip=True, shuffle_buffer_size=10, train_batch_size=3, dataloader_num_workers=2)
 
 
-def assert_same_final_state(a, b):
-    verify_checkpoint(a)
-    verify_checkpoint(b)
-    for name in ("model.safetensors", "ema.safetensors"):
-        weights_a, weights_b = load_file(a / name), load_file(b / name)
-        assert weights_a.keys() == weights_b.keys()
-        assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), name
-    opt_a, opt_b = torch.load(a / "optimizer.bin", weights_only=True), torch.load(b / "optimizer.bin", weights_only=True)
-    for key, state in opt_a["state"].items():
-        assert all(torch.equal(state[n], opt_b["state"][key][n]) for n in state)
-    assert (a / "trainer_state.json").read_text() == (b / "trainer_state.json").read_text()
-
-
+@pytest.mark.slow
 def test_kills_and_signals_at_random_moments_then_resume_gives_the_uninterrupted_result(image_folder, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert main(["train", *tiny_train_args(image_folder, straight, **FLAGS)]) == 0

@@ -1,9 +1,12 @@
-"""The small-data recipe preset and the recipe ablation script (issue 8); the measured numbers live in RECIPES.md."""
+"""The small-data recipe preset and the recipe ablation script (issue 8); the measured numbers live in
+docs/recipes.md."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import re
 import sys
 
 import pytest
@@ -11,6 +14,7 @@ import yaml
 
 from flowers_ddpm.config.loading import build_config, load_yaml
 from flowers_ddpm.config.recipes import recipe_settings
+from flowers_ddpm.models.unet import PRESETS
 
 from .conftest import REPO, run_command
 
@@ -19,16 +23,36 @@ def test_recipe_fills_only_unset_settings():
     cfg = build_config({"recipe": "small-data", "max_train_steps": 5, "model_preset": "tiny",
                         "prediction_type": "epsilon"}, {"learning_rate": "3e-4"})
     recipe = recipe_settings("small-data", "tiny")
-    assert cfg.prediction_type == "epsilon"  # YAML beats the recipe
-    assert cfg.learning_rate == 3e-4  # flags beat the recipe
-    assert cfg.ema_max_decay == recipe["ema_max_decay"] and cfg.ema_power == recipe["ema_power"]
-    assert cfg.ddpm_beta_schedule == recipe["ddpm_beta_schedule"]
+    assert cfg.model.prediction_type == "epsilon"  # YAML beats the recipe
+    assert cfg.optim.learning_rate == 3e-4  # flags beat the recipe
+    assert cfg.ema.ema_max_decay == recipe["ema_max_decay"] and cfg.ema.ema_power == recipe["ema_power"]
+    assert cfg.model.ddpm_beta_schedule == recipe["ddpm_beta_schedule"]
     plain = build_config({"max_train_steps": 5}, {})
-    assert (plain.prediction_type, plain.ema_power) == ("epsilon", 0.75)  # no recipe: diffusers' defaults
+    assert (plain.model.prediction_type, plain.ema.ema_power) == ("epsilon", 0.75)  # no recipe: diffusers' defaults
+
+
+def documented_rates() -> dict[str, tuple[float, int]]:
+    """preset -> (learning rate, batch) as written in the "What was chosen" table of docs/recipes.md."""
+    lines = (REPO / "docs" / "recipes.md").read_text().splitlines()
+    start = lines.index("| preset | learning rate | batch | evidence |")
+    table = {}
+    for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2:]):
+        presets, rate, batch = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        for preset in re.findall(r"`([a-z]+)`", presets):
+            table[preset] = (float(rate), int(batch))
+    return table
 
 
 def test_recipe_learning_rate_depends_on_model_size():
+    """The preset table, the effective config of `--recipe small-data` and the documented table agree."""
     assert recipe_settings("small-data", "tiny")["learning_rate"] > recipe_settings("small-data", "ddpm")["learning_rate"]
+    documented = documented_rates()
+    assert set(documented) == set(PRESETS), documented  # every model preset has a documented rate and batch
+    for preset, (rate, batch) in documented.items():
+        settings = recipe_settings("small-data", preset)
+        assert (settings["learning_rate"], settings["train_batch_size"]) == (rate, batch), preset
+        cfg = build_config({"recipe": "small-data", "model_preset": preset, "max_train_steps": 5}, {})
+        assert (cfg.optim.learning_rate, cfg.optim.train_batch_size) == (rate, batch), preset
 
 
 def test_flowers_config_uses_the_recipe():
@@ -38,12 +62,14 @@ def test_flowers_config_uses_the_recipe():
         assert values.get(key) == (pytest.approx(value) if isinstance(value, float) else value), key
 
 
+@pytest.mark.slow
 def test_unknown_recipe_is_a_user_error(tmp_path):
     result = run_command([sys.executable, "-m", "flowers_ddpm.cli", "train", "--recipe", "big-data",
                           "--max_train_steps", "1", "--output_dir", str(tmp_path)])
     assert result.returncode == 2 and "recipe must be one of small-data" in result.stderr
 
 
+@pytest.mark.slow
 def test_ablation_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "ablation"
     args = [sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(out), "--budget_images", "48",
@@ -71,6 +97,7 @@ def test_ablation_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "diffusers-defaults" / "result.json").is_file()
 
 
+@pytest.mark.slow
 def test_ablation_rejects_unknown_variant(tmp_path):
     result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(tmp_path),
                           "--variants", "magic"])
@@ -78,8 +105,8 @@ def test_ablation_rejects_unknown_variant(tmp_path):
 
 
 def test_ablation_refuses_to_mix_settings(tmp_path):
-    from flowers_ddpm.experiments.ablation import AblationSettings
     from flowers_ddpm.errors import UserError
+    from flowers_ddpm.experiments.ablation import AblationSettings
 
     (tmp_path / "settings.json").write_text(json.dumps({"budget_minutes": 3}))
     from flowers_ddpm.experiments import ablation
@@ -92,8 +119,8 @@ def test_real_baseline_has_the_samples_class_mix():
     """Held-out images sorted by class must not be taken as the first N (that baseline would be all 0s and 1s)."""
     import torch
 
-    from flowers_ddpm.experiments.ablation import balanced_subset
     from flowers_ddpm.errors import UserError
+    from flowers_ddpm.experiments.ablation import balanced_subset
 
     labels = torch.arange(10).repeat_interleave(5)  # sorted by class, like a class-folder listing
     picked = labels[balanced_subset(labels, 30)]

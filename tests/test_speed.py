@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from flowers_ddpm.data.cache import CachedBatches, DecodedImages, cache_folder, open_cache
 from flowers_ddpm.cli import main
 from flowers_ddpm.config.loading import build_config
-from flowers_ddpm.data.stream import open_source
+from flowers_ddpm.data.cache import CachedBatches, DecodedImages, cache_folder, open_cache
 from flowers_ddpm.data.imaging import TransformSettings, crop_and_flip, decode_and_transform
+from flowers_ddpm.data.stream import open_source
 from flowers_ddpm.training.device import DeviceBatches
 
 from .conftest import make_class_folder, tiny_train_args
@@ -39,8 +39,8 @@ def read_order(path):
 def test_cached_images_augment_to_exactly_what_streaming_decodes(image_folder, tmp_path):
     for center_crop in (False, True):  # random crop: the cache holds short-side-resized images of varying width
         cfg = cache_config(image_folder, tmp_path, center_crop=center_crop, random_flip=True)
-        source = open_source(cfg)
-        images = open_cache(cfg, source)
+        source = open_source(cfg.data)
+        images = open_cache(cfg.data, source)
         assert len(images) == 24 and images.skipped == 0 and images.in_ram
         records = {example["image"]["path"]: example["image"] for example in source.dataset}
         settings = TransformSettings(16, center_crop, True)
@@ -78,25 +78,25 @@ def test_jpeg_draft_decodes_large_jpegs_at_reduced_scale_and_can_be_turned_off(t
 
 def test_a_changed_setting_or_file_never_reuses_a_cache(tmp_path):
     folder = make_class_folder(tmp_path / "images", per_class=3)
-    base, _ = cache_folder(cache_config(folder, tmp_path / "c"), open_source(cache_config(folder, tmp_path / "c")))
+    base, _ = cache_folder(cache_config(folder, tmp_path / "c").data, open_source(cache_config(folder, tmp_path / "c").data))
     for change in (dict(resolution=8), dict(center_crop=True), dict(dataset_split="train")):
         cfg = cache_config(folder, tmp_path / "c", **change)
-        assert cache_folder(cfg, open_source(cfg))[0] != base, change
+        assert cache_folder(cfg.data, open_source(cfg.data))[0] != base, change
     cfg = cache_config(folder, tmp_path / "c", random_flip=True, seed=5)  # per-step settings share the cache
-    assert cache_folder(cfg, open_source(cfg))[0] == base
+    assert cache_folder(cfg.data, open_source(cfg.data))[0] == base
 
-    open_cache(cfg, open_source(cfg))
+    open_cache(cfg.data, open_source(cfg.data))
     built = (base / "meta.json").stat().st_mtime_ns
-    open_cache(cfg, open_source(cfg))
+    open_cache(cfg.data, open_source(cfg.data))
     assert (base / "meta.json").stat().st_mtime_ns == built  # reused, not rebuilt
     target = folder / "red" / "00.png"
     target.write_bytes(target.read_bytes() + b"\0")  # same name, new content
-    assert cache_folder(cfg, open_source(cfg))[0] != base
+    assert cache_folder(cfg.data, open_source(cfg.data))[0] != base
 
 
 def test_cached_batches_split_each_epoch_between_processes_and_resume_exactly(image_folder, tmp_path):
     cfg = cache_config(image_folder, tmp_path, random_flip=True)
-    images = open_cache(cfg, open_source(cfg))
+    images = open_cache(cfg.data, open_source(cfg.data))
     settings = TransformSettings(16, False, True)
 
     def batches(rank, state=None):
@@ -152,7 +152,7 @@ def test_prepare_then_resume_with_the_cache_continues_the_same_run(image_folder,
 
 def test_device_batches_are_channels_last_and_keep_the_data_position(image_folder, tmp_path):
     cfg = cache_config(image_folder, tmp_path)
-    inner = CachedBatches(open_cache(cfg, open_source(cfg)), TransformSettings(16, False, False), 4, seed=0)
+    inner = CachedBatches(open_cache(cfg.data, open_source(cfg.data)), TransformSettings(16, False, False), 4, seed=0)
     batches = DeviceBatches(inner, torch.device("cpu"), channels_last=True)
     batch = next(iter(batches))
     assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)

@@ -13,8 +13,8 @@ import time
 import pytest
 import yaml
 
-from flowers_ddpm.training import checkpointing
 from flowers_ddpm.cli import main
+from flowers_ddpm.training import checkpointing
 
 from .conftest import REPO, make_class_folder
 
@@ -70,6 +70,7 @@ def interrupted_then_rerun(base_config):
     return out, killed, before
 
 
+@pytest.mark.slow
 def test_rerun_finishes_only_the_unfinished_trials(interrupted_then_rerun):
     out, killed, before = interrupted_then_rerun
     assert killed == {TRIALS[0]: True, TRIALS[1]: True, TRIALS[2]: False, TRIALS[3]: False}
@@ -84,6 +85,7 @@ def test_rerun_finishes_only_the_unfinished_trials(interrupted_then_rerun):
     assert finished == sorted(finished)
 
 
+@pytest.mark.slow
 def test_table_has_one_row_per_trial(interrupted_then_rerun):
     out, _, _ = interrupted_then_rerun
     table = (out / "results.md").read_text()
@@ -103,6 +105,7 @@ def test_table_has_one_row_per_trial(interrupted_then_rerun):
     assert json.loads((out / "trials" / TRIALS[0] / "pipeline" / "metrics.json").read_text())["results"][0]["fid"] > 0
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_sweep_trains_nothing_and_other_arguments_are_refused(
         interrupted_then_rerun, base_config, capsys):
     out, _, _ = interrupted_then_rerun
@@ -118,6 +121,7 @@ def test_rerun_of_a_finished_sweep_trains_nothing_and_other_arguments_are_refuse
     assert "holds a sweep with a different base_config" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_trial_killed_after_its_final_checkpoint_is_exported_and_evaluated_without_training(
         interrupted_then_rerun, base_config):
     import shutil
@@ -134,6 +138,7 @@ def test_a_trial_killed_after_its_final_checkpoint_is_exported_and_evaluated_wit
     assert {n: (out / "trials" / n / "result.json").stat().st_mtime_ns for n in TRIALS[:3]} == others
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_trials_evaluation_exits_75_with_advice_and_the_rerun_finishes(base_config):
     out = base_config.parent / "interrupted-evaluation"
     args = sweep_args(base_config, out, "learning_rate=1e-4")
@@ -166,4 +171,14 @@ def test_grid_and_evaluation_mistakes_are_one_sentence_before_any_training(base_
     assert main(["sweep", *sweep_args(base_config, out, *grid), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_training_flags_override_the_base_config_of_every_trial(base_config, tmp_path, capsys):
+    """Training settings given as flags reach every trial (over the YAML, under the grid): an odd --resolution is
+    (9 with the tiny UNet) is refused for the first trial before any training, naming the trial."""
+    out = tmp_path / "flags-sweep"
+    assert main(["sweep", *sweep_args(base_config, out), "--resolution", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "trial learning_rate=1e-4, prediction_type=epsilon: resolution must be divisible by 2" in err
     assert not out.exists()

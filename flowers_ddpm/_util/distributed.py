@@ -1,15 +1,15 @@
-"""Collecting per-process results (features, ids) on every process, in rank order."""
+"""Which process this is, and collecting per-process results (features, ids) on every process, in rank order."""
 
 from __future__ import annotations
 
 import torch
+from accelerate.utils import pad_across_processes
 
 
 def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:
     """Concatenate a (n_r, ...) tensor from every process r in rank order; n_r may differ between processes."""
     if accelerator.num_processes == 1:
         return rows
-    from accelerate.utils import pad_across_processes
 
     device = accelerator.device
     counts = accelerator.gather(torch.tensor([len(rows)], device=device)).tolist()

@@ -16,68 +16,45 @@ fits in RAM (Flowers102 at 64x64 is ~100 MB) or is memory-mapped when it does no
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from ..config.loading import TrainConfig
-from .stream import DataSource, example_id
+from .._util.atomic import atomic_folder
+from .._util.cache import cache_location, folder_fingerprint, identity_key
+from ..config.sections import DataSettings
 from ..errors import UserError
+from .decode_pool import decode_in_order
 from .imaging import TransformSettings, crop_and_flip_view, decode_resized
+from .stream import DataSource, example_id
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 STATE_KIND = "decode_cache"
 
 
-def default_cache_root() -> Path:
-    """~/.cache/flowers_ddpm/decoded (or $XDG_CACHE_HOME/flowers_ddpm/decoded)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "flowers_ddpm" / "decoded"
-
-
-def folder_fingerprint(folder: str) -> str:
-    """Hash of every file's relative path, size and modification time below `folder`."""
-    digest = hashlib.sha256()
-    root = Path(folder).resolve()
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        for name in sorted(files):
-            path = Path(dirpath) / name
-            stat = path.stat()
-            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def cache_identity(cfg: TrainConfig, source: DataSource) -> dict:
+def cache_identity(data: DataSettings, source: DataSource) -> dict:
     """Everything the cached pixels depend on."""
-    identity = {"format": FORMAT_VERSION, "split": cfg.dataset_split, "image_column": source.image_column,
-                "label_column": source.label_column, "resolution": cfg.resolution, "center_crop": cfg.center_crop}
-    if cfg.train_data_dir:
-        identity.update(source=str(Path(cfg.train_data_dir).resolve()), files=folder_fingerprint(cfg.train_data_dir))
+    identity = {"format": FORMAT_VERSION, "split": data.dataset_split, "image_column": source.image_column,
+                "label_column": source.label_column, "resolution": data.resolution, "center_crop": data.center_crop}
+    if data.train_data_dir:
+        identity.update(source=str(Path(data.train_data_dir).resolve()), files=folder_fingerprint(data.train_data_dir))
     else:
-        identity.update(source=cfg.dataset_name, config=cfg.dataset_config_name, num_examples=source.num_examples)
+        identity.update(source=data.dataset_name, config=data.dataset_config_name, num_examples=source.num_examples)
     return identity
 
 
-def cache_key(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def cache_folder(cfg: TrainConfig, source: DataSource) -> tuple[Path, dict]:
+def cache_folder(data: DataSettings, source: DataSource) -> tuple[Path, dict]:
     """Where the cache for this config and source lives, and the identity it is keyed by."""
-    identity = cache_identity(cfg, source)
-    root = Path(cfg.decode_cache_dir) if cfg.decode_cache_dir else default_cache_root()
-    return root / cache_key(identity), identity
+    identity = cache_identity(data, source)
+    return cache_location("decoded", data.decode_cache_dir) / identity_key(identity), identity
 
 
 def _decode(record, settings: TransformSettings):
@@ -91,54 +68,40 @@ def _decoded_in_order(source: DataSource, settings: TransformSettings, num_worke
     """(record, label, (array | None, reason)) for every example of the source in stream order."""
     image_col, label_col = source.image_column, source.label_column
     examples = ((ex[image_col], ex[label_col] if label_col else -1) for ex in source.dataset)
-    if num_workers == 0:
-        for record, label in examples:
-            yield record, label, _decode(record, settings)
-        return
-    pending: deque = deque()
-    with ThreadPoolExecutor(num_workers, thread_name_prefix="cache-decode") as pool:
-        for record, label in examples:
-            pending.append((record, label, pool.submit(_decode, record, settings)))
-            if len(pending) >= 8 * num_workers:  # bounded window: records are not all held in memory
-                record, label, future = pending.popleft()
-                yield record, label, future.result()
-        for record, label, future in pending:
-            yield record, label, future.result()
+    jobs = (((record, label), (record, settings)) for record, label in examples)
+    # a bounded window: the records are not all held in memory
+    for (record, label), decoded in decode_in_order(_decode, jobs, num_workers, 8 * num_workers, "cache-decode"):
+        yield record, label, decoded
 
 
 def build_cache(source: DataSource, settings: TransformSettings, folder: Path, identity: dict,
                 num_workers: int = 0) -> Path:
     """Decode every example of `source` once into the cache folder `folder` (atomically); returns `folder`."""
-    from tqdm.auto import tqdm
 
-    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    index, labels, ids, skipped, offset = [], [], [], 0, 0
-    with open(tmp / "pixels.u8", "wb") as pixels, tqdm(total=source.num_examples, desc="decode cache",
-                                                        unit="img", dynamic_ncols=True) as bar:
-        for record, label, (array, reason) in _decoded_in_order(source, settings, num_workers):
-            bar.update(1)
-            if array is None:
-                skipped += 1
-                logger.warning("skipping unreadable image %s (%s)", example_id(record), reason)
-                continue
-            pixels.write(array.tobytes())
-            index.append((offset, array.shape[0], array.shape[1]))
-            offset += array.nbytes
-            labels.append(label)
-            ids.append(example_id(record))
-    if not index:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"none of the images in {source.description} could be read")
-    np.save(tmp / "index.npy", np.asarray(index, dtype=np.int64))
-    np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-    (tmp / "meta.json").write_text(json.dumps({"identity": identity, "count": len(index), "skipped": skipped,
-                                               "ids": ids}))
-    if folder.exists():  # another process finished the same cache first; its content is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(folder)
+    # a name of its own per process: several machines may build the same cache in a shared folder at once; the
+    # first to finish wins (the content is identical)
+    own_tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    with atomic_folder(folder, own_tmp, keep_existing=True) as tmp:
+        index, labels, ids, skipped, offset = [], [], [], 0, 0
+        with open(tmp / "pixels.u8", "wb") as pixels, tqdm(total=source.num_examples, desc="decode cache",
+                                                            unit="img", dynamic_ncols=True) as bar:
+            for record, label, (array, reason) in _decoded_in_order(source, settings, num_workers):
+                bar.update(1)
+                if array is None:
+                    skipped += 1
+                    logger.warning("skipping unreadable image %s (%s)", example_id(record), reason)
+                    continue
+                pixels.write(array.tobytes())
+                index.append((offset, array.shape[0], array.shape[1]))
+                offset += array.nbytes
+                labels.append(label)
+                ids.append(example_id(record))
+        if not index:
+            raise UserError(f"none of the images in {source.description} could be read")
+        np.save(tmp / "index.npy", np.asarray(index, dtype=np.int64))
+        np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+        (tmp / "meta.json").write_text(json.dumps({"identity": identity, "count": len(index), "skipped": skipped,
+                                                   "ids": ids}))
     return folder
 
 
@@ -168,25 +131,23 @@ class DecodedImages:
         return self.pixels[offset:offset + h * w * 3].reshape(h, w, 3)
 
 
-def open_cache(cfg: TrainConfig, source: DataSource, build: bool = True) -> DecodedImages:
+def open_cache(data: DataSettings, source: DataSource, build: bool = True) -> DecodedImages:
     """The decode cache for this config and source, built first when it does not exist yet (and `build`)."""
-    folder, identity = cache_folder(cfg, source)
+    folder, identity = cache_folder(data, source)
     if not (folder / "meta.json").is_file():
         if not build:
             raise UserError(f"no decode cache at {folder}; run `flowers-ddpm prepare` with the same settings")
         logger.info("building the decode cache %s from %s", folder, source.description)
-        settings = TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip)
-        build_cache(source, settings, folder, identity, cfg.dataloader_num_workers or min(8, os.cpu_count() or 1))
+        settings = TransformSettings(data.resolution, data.center_crop, data.random_flip)
+        build_cache(source, settings, folder, identity, data.dataloader_num_workers or min(8, os.cpu_count() or 1))
         logger.info("decode cache complete: %s", folder)
-    images = DecodedImages(folder, cfg.decode_cache_ram_mb * 2**20)
+    images = DecodedImages(folder, data.decode_cache_ram_mb * 2**20)
     logger.debug("decode cache %s: %d images, %.1f MB %s", folder, len(images), images.nbytes / 2**20,
                 "in RAM" if images.in_ram else "memory-mapped")
     return images
 
 
 def _unit_range_table() -> np.ndarray:
-    import torch
-
     return torch.arange(256).float().div_(127.5).sub_(1.0).numpy()
 
 
@@ -252,8 +213,6 @@ class CachedBatches:
         return _TO_UNIT_RANGE[stacked]
 
     def __iter__(self):
-        import torch
-
         chunk: list[tuple[int, int]] = []
         for epoch, next_position, i in self._positions():
             chunk.append((epoch, i))
@@ -270,8 +229,9 @@ class CachedBatches:
             yield batch
 
 
-def build_cached_batches(cfg: TrainConfig, source: DataSource, rank: int, world_size: int) -> CachedBatches:
+def build_cached_batches(data: DataSettings, source: DataSource, rank: int, world_size: int, batch_size: int,
+                         seed: int, log_data_order: bool = False) -> CachedBatches:
     """The training batches of process `rank` read from the (already built) decode cache."""
-    images = open_cache(cfg, source, build=False)
-    settings = TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip)
-    return CachedBatches(images, settings, cfg.train_batch_size, cfg.seed, rank, world_size, cfg.log_data_order)
+    images = open_cache(data, source, build=False)
+    settings = TransformSettings(data.resolution, data.center_crop, data.random_flip)
+    return CachedBatches(images, settings, batch_size, seed, rank, world_size, log_data_order)

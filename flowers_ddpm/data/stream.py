@@ -13,15 +13,18 @@ import copy
 import hashlib
 import logging
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
+import torch
+from datasets import ClassLabel, Image, IterableDatasetDict, concatenate_datasets, load_dataset
+from datasets.distributed import split_dataset_by_node
 
-from ..config.loading import FLOWERS_DATASET, TrainConfig
+from ..config.sections import FLOWERS_DATASET, DataSettings
 from ..errors import UserError
+from .decode_pool import decode_in_order
+from .flowers102 import display_names
 from .imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
 if TYPE_CHECKING:
@@ -51,8 +54,6 @@ def count_local_images(folder: str) -> int:
 
 def detect_image_column(features, requested: Optional[str]) -> str:
     """The requested image column, or the first column of type Image, or a column called image/img."""
-    from datasets import Image
-
     names = list(features)
     if requested:
         if requested not in names:
@@ -69,69 +70,61 @@ def detect_image_column(features, requested: Optional[str]) -> str:
 
 def detect_label_column(features) -> Optional[str]:
     """The first ClassLabel column (or a column named label), else None."""
-    from datasets import ClassLabel
-
     for name, feature in features.items():
         if isinstance(feature, ClassLabel):
             return name
     return "label" if "label" in features else None
 
 
-def _load_streaming(cfg: TrainConfig):
-    from datasets import load_dataset
-
-    if cfg.train_data_dir:
-        if count_local_images(cfg.train_data_dir) == 0:
+def _load_streaming(data: DataSettings):
+    if data.train_data_dir:
+        if count_local_images(data.train_data_dir) == 0:
             raise UserError(
-                f"train_data_dir {cfg.train_data_dir} contains no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                f"train_data_dir {data.train_data_dir} contains no image files ({', '.join(IMAGE_EXTENSIONS)})"
             )
-        return load_dataset("imagefolder", data_dir=cfg.train_data_dir, streaming=True, cache_dir=cfg.cache_dir)
+        return load_dataset("imagefolder", data_dir=data.train_data_dir, streaming=True, cache_dir=data.cache_dir)
     try:
-        return load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=True, cache_dir=cfg.cache_dir)
+        return load_dataset(data.dataset_name, data.dataset_config_name, streaming=True, cache_dir=data.cache_dir)
     except ConnectionError:
         raise UserError(
-            f"cannot reach the Hugging Face Hub to stream {cfg.dataset_name}; to train without network, "
+            f"cannot reach the Hugging Face Hub to stream {data.dataset_name}; to train without network, "
             "pass --train_data_dir PATH with a folder of images (sub-folders as classes)"
         ) from None
     except FileNotFoundError as e:
-        raise UserError(f"dataset {cfg.dataset_name} not found: {str(e).splitlines()[0]}") from None
+        raise UserError(f"dataset {data.dataset_name} not found: {str(e).splitlines()[0]}") from None
 
 
-def open_source(cfg: TrainConfig) -> DataSource:
+def open_source(data: DataSettings) -> DataSource:
     """Open the configured dataset for streaming; nothing is downloaded beyond metadata."""
-    from datasets import Image, IterableDatasetDict, concatenate_datasets
-
-    loaded = _load_streaming(cfg)
+    loaded = _load_streaming(data)
     if isinstance(loaded, IterableDatasetDict):
-        if cfg.dataset_split == "all":
+        if data.dataset_split == "all":
             splits = list(loaded)
             dataset = concatenate_datasets([loaded[s] for s in splits]) if len(splits) > 1 else loaded[splits[0]]
-        elif cfg.dataset_split in loaded:
-            splits, dataset = [cfg.dataset_split], loaded[cfg.dataset_split]
+        elif data.dataset_split in loaded:
+            splits, dataset = [data.dataset_split], loaded[data.dataset_split]
         else:
-            raise UserError(f"dataset_split must be 'all' or one of {', '.join(loaded)}; got {cfg.dataset_split!r}")
+            raise UserError(f"dataset_split must be 'all' or one of {', '.join(loaded)}; got {data.dataset_split!r}")
     else:
-        splits, dataset = [cfg.dataset_split], loaded
+        splits, dataset = [data.dataset_split], loaded
     features = dataset.features
     if features is None:
         raise UserError("the dataset does not declare its columns; pass a dataset with features or a local folder")
-    image_column = detect_image_column(features, cfg.image_column)
+    image_column = detect_image_column(features, data.image_column)
     label_column = detect_label_column(features)
     class_names = getattr(features.get(label_column), "names", None) if label_column else None
     columns = [image_column] + ([label_column] if label_column else [])
     dataset = dataset.select_columns(columns).cast_column(image_column, Image(decode=False))
 
-    if cfg.train_data_dir:
-        num_examples = count_local_images(cfg.train_data_dir)
-        description = f"local folder {cfg.train_data_dir}"
+    if data.train_data_dir:
+        num_examples = count_local_images(data.train_data_dir)
+        description = f"local folder {data.train_data_dir}"
     else:
         info_splits = getattr(getattr(loaded, "info", None) or dataset.info, "splits", None) or {}
         sizes = [info_splits[s].num_examples for s in splits if s in info_splits]
         num_examples = sum(sizes) if sizes and len(sizes) == len(splits) else None
-        description = f"{cfg.dataset_name} ({'+'.join(splits)})"
-        if cfg.dataset_name == FLOWERS_DATASET and class_names:
-            from .flowers102 import display_names
-
+        description = f"{data.dataset_name} ({'+'.join(splits)})"
+        if data.dataset_name == FLOWERS_DATASET and class_names:
             class_names = display_names(class_names)
     return DataSource(dataset, image_column, label_column, class_names, num_examples, description)
 
@@ -154,14 +147,13 @@ class ResumableStream:
     """
 
     def __init__(self, dataset, seed: int, buffer_size: int, rank: int = 0, world_size: int = 1):
-        from datasets.distributed import split_dataset_by_node
-
         self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size) if world_size > 1 else dataset
         self.seed, self.rank, self.world_size, self.buffer_size = seed, rank, world_size, buffer_size
         self.epoch = 0
         self.buffer: list = []
         self.rng = np.random.default_rng([seed, rank])
         self.produced = 0  # examples yielded so far; also the augmentation key of the next example
+        self.epoch_size: Optional[int] = None  # examples in one epoch of this process's shard, once one was read
         self._resumed = False  # a resumed epoch may have nothing left in it; a fresh one may not
 
     def state_dict(self) -> dict:
@@ -171,12 +163,14 @@ class ResumableStream:
             "buffer": list(self.buffer),
             "rng": copy.deepcopy(self.rng.bit_generator.state),
             "produced": self.produced,
+            "epoch_size": self.epoch_size,
             "rank": self.rank,
             "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.produced = state["epoch"], state["produced"]
+        self.epoch_size = state.get("epoch_size")
         self.buffer = list(state["buffer"])
         self.rng.bit_generator.state = state["rng"]
         self.dataset.load_state_dict(state["dataset"])
@@ -192,6 +186,8 @@ class ResumableStream:
                 yield example
             if seen == 0 and fresh:
                 raise UserError(f"the dataset yielded no examples for process {self.rank} of {self.world_size}")
+            if fresh:
+                self.epoch_size = seen
             self.epoch += 1
 
     def __iter__(self) -> Iterator[dict]:
@@ -209,8 +205,11 @@ class TrainBatches:
     """Decoded, batched examples for one process, in the stream's order.
 
     Records are decoded by `num_workers` threads (inline when 0) a bounded window ahead of the trainer.
-    Unreadable files are skipped (each warned once, counted) without shortening a batch. `state_dict()` is the
-    stream state as of the last example of the last batch handed out, so a checkpoint never loses or repeats data.
+    Unreadable files are skipped (each warned once, counted once) without shortening a batch. `state_dict()` is
+    the stream state as of the last example of the last batch handed out, so a checkpoint never loses or repeats
+    data; it also carries the number of images decoded and the unreadable files found so far, so that "none of
+    the images could be read" (raised only once every example of this process's shard was tried and none decoded)
+    and the count of skipped files survive a resume.
     """
 
     def __init__(self, stream: ResumableStream, source: DataSource, settings: TransformSettings, batch_size: int,
@@ -218,52 +217,59 @@ class TrainBatches:
         self.stream, self.source, self.settings = stream, source, settings
         self.batch_size, self.num_workers, self.record_ids = batch_size, num_workers, record_ids
         self.consumed_state = stream.state_dict()
-        self.skipped = 0
+        self._unreadable: list[str] = []  # ids of the files that could not be decoded, each once, in order found
+        self._unreadable_set: set[str] = set()
         self._warned: set[str] = set()
         self._decoded_ok = 0
+        self._consumed_counts = (0, 0)  # (images decoded, unreadable files) as of consumed_state
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable files found so far (each counted once, however often it was drawn)."""
+        return len(self._unreadable)
 
     def state_dict(self) -> dict:
-        return self.consumed_state
+        decoded, unreadable = self._consumed_counts
+        return {**self.consumed_state, "images_decoded": decoded, "unreadable": self._unreadable[:unreadable]}
 
     def load_state_dict(self, state: dict) -> None:
         if "dataset" not in state:  # written by the decode-cache path (flowers_ddpm.data.cache)
             logger.warning("the checkpoint's data position belongs to the decode cache; the data stream restarts")
             return
         self.stream.load_state_dict(state)
-        self.consumed_state = state
+        # a checkpoint is only written after a batch was decoded (older checkpoints lack the count)
+        self._decoded_ok = max(1, int(state.get("images_decoded", 1)))
+        self._unreadable = list(state.get("unreadable", []))
+        self._unreadable_set = set(self._unreadable)
+        self._consumed_counts = (self._decoded_ok, len(self._unreadable))
+        self.consumed_state = {k: v for k, v in state.items() if k not in ("images_decoded", "unreadable")}
 
     def _jobs(self):
+        """(record, label, stream state after it) and the arguments of its `try_decode`, in stream order."""
         image_col, label_col = self.source.image_column, self.source.label_column
         for example in self.stream:
+            record, label = example[image_col], (example[label_col] if label_col else -1)
             key = (self.stream.seed, self.stream.rank, self.stream.produced - 1)
-            yield example[image_col], (example[label_col] if label_col else -1), key, self.stream.state_dict()
+            yield (record, label, self.stream.state_dict()), (record, self.settings, key)
 
     def _decoded(self):
-        if self.num_workers == 0:
-            for record, label, key, state in self._jobs():
-                yield record, label, state, try_decode(record, self.settings, key)
-            return
         window = max(2 * self.batch_size, 4 * self.num_workers)
-        pending: deque = deque()
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="decode") as pool:
-            for record, label, key, state in self._jobs():
-                pending.append((record, label, state, pool.submit(try_decode, record, self.settings, key)))
-                if len(pending) >= window:
-                    record, label, state, future = pending.popleft()
-                    yield record, label, state, future.result()
+        for (record, label, state), decoded in decode_in_order(try_decode, self._jobs(), self.num_workers, window):
+            yield record, label, state, decoded
 
     def _check_bad(self, record, reason: str) -> None:
-        self.skipped += 1
         name = example_id(record)
         if name not in self._warned:
             self._warned.add(name)
+            if name not in self._unreadable_set:  # (found before a resume: already counted)
+                self._unreadable_set.add(name)
+                self._unreadable.append(name)
             logger.warning("skipping unreadable image %s (%s)", name, reason)
-        if self._decoded_ok == 0 and self.stream.epoch >= 2:
+        size = self.stream.epoch_size
+        if self._decoded_ok == 0 and size is not None and len(self._unreadable) >= size:
             raise UserError(f"none of the images in {self.source.description} could be read")
 
     def __iter__(self):
-        import torch
-
         images, labels, ids = [], [], []
         for record, label, state, (array, reason) in self._decoded():
             if array is None:
@@ -282,13 +288,14 @@ class TrainBatches:
                     "ids": ids,
                 }
                 self.consumed_state = state
+                self._consumed_counts = (self._decoded_ok, len(self._unreadable))
                 images, labels, ids = [], [], []
                 yield batch
 
 
-def build_train_batches(cfg: TrainConfig, source: DataSource, rank: int, world_size: int,
-                        jpeg_draft: bool = True) -> TrainBatches:
+def build_train_batches(data: DataSettings, source: DataSource, rank: int, world_size: int, batch_size: int,
+                        seed: int, log_data_order: bool = False, jpeg_draft: bool = True) -> TrainBatches:
     """The training batches of process `rank` out of `world_size` (`jpeg_draft`: see TransformSettings)."""
-    stream = ResumableStream(source.dataset, cfg.seed, cfg.shuffle_buffer_size, rank, world_size)
-    settings = TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip, jpeg_draft)
-    return TrainBatches(stream, source, settings, cfg.train_batch_size, cfg.dataloader_num_workers, cfg.log_data_order)
+    stream = ResumableStream(source.dataset, seed, data.shuffle_buffer_size, rank, world_size)
+    settings = TransformSettings(data.resolution, data.center_crop, data.random_flip, jpeg_draft)
+    return TrainBatches(stream, source, settings, batch_size, data.dataloader_num_workers, log_data_order)

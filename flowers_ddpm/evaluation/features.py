@@ -30,7 +30,7 @@ def fingerprint(network: nn.Module) -> str:
     digest = hashlib.sha1()
     for key, tensor in sorted(network.state_dict().items()):
         digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too (BatchNorm counters)
     return f"{getattr(network, 'name', type(network).__name__)}:{digest.hexdigest()[:16]}"
 
 
@@ -71,8 +71,8 @@ class InceptionFeatures(nn.Module):
     def __init__(self, weights: Path):
         super().__init__()
         try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
             import torch_fidelity  # noqa: F401  torchmetrics builds its Inception from torch-fidelity's definition
+            from torchmetrics.image.fid import NoTrainInceptionV3
         except ImportError:
             raise UserError("the FID Inception network needs torch-fidelity: pip install 'flowers-ddpm[inception]' "
                             "(or pip install torch-fidelity)") from None

@@ -12,6 +12,9 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
 
 
 class _Precomputed(nn.Module):
@@ -35,8 +38,6 @@ def _quiet_buffer_warning():
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (torchmetrics' FID, in float64)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
@@ -46,8 +47,6 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
                     seed: int = 0) -> tuple[float, float]:
     """KID mean and std over random subsets (torchmetrics); subsets drawn from a fixed seed."""
-    from torchmetrics.image.kid import KernelInceptionDistance
-
     size = min(subset_size, len(real), len(fake))
     with _quiet_buffer_warning():
         metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size,
@@ -62,8 +61,6 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, 
 
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
     """Inception Score mean and std over splits (torchmetrics), from unbiased logits."""
-    from torchmetrics.image.inception import InceptionScore
-
     with _quiet_buffer_warning():
         metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=min(splits, len(logits)),
                                 sync_on_compute=False)

@@ -12,68 +12,72 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
+from datasets.distributed import split_dataset_by_node
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..config.loading import TrainConfig
+from .._util.atomic import atomic_file, atomic_write_text
+from .._util.cache import cache_location, folder_fingerprint, identity_key
 from .._util.distributed import gather_rows
+from ..config.sections import DataSettings
+from ..data.imaging import TransformSettings, try_decode
+from ..data.stream import example_id, open_source
 from ..errors import UserError
 from .features import fingerprint
-from ..data.imaging import IMAGE_EXTENSIONS, TransformSettings, try_decode
 
 logger = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> Path:
-    """$FLOWERS_DDPM_CACHE/reference, default ~/.cache/flowers_ddpm/reference."""
-    root = os.environ.get("FLOWERS_DDPM_CACHE", str(Path.home() / ".cache" / "flowers_ddpm"))
-    return Path(root) / "reference"
-
-
-def _folder_signature(folder: str) -> str:
-    """Changes when a file of a local image folder is added, removed or rewritten."""
-    digest = hashlib.sha1()
-    for root, _, files in sorted(os.walk(folder)):
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                stat = os.stat(os.path.join(root, name))
-                digest.update(f"{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
-def reference_key(cfg: TrainConfig, network_fingerprints: list[str], max_images: Optional[int]) -> dict:
+def reference_key(data: DataSettings, network_fingerprints: list[str], max_images: Optional[int]) -> dict:
     """Everything the reference features depend on."""
-    if cfg.train_data_dir:
-        source = {"train_data_dir": str(Path(cfg.train_data_dir).resolve()),
-                  "content": _folder_signature(cfg.train_data_dir)}
+    if data.train_data_dir:
+        source = {"train_data_dir": str(Path(data.train_data_dir).resolve()),
+                  "content": folder_fingerprint(data.train_data_dir)}
     else:
-        source = {"dataset_name": cfg.dataset_name, "dataset_config_name": cfg.dataset_config_name}
-    return {**source, "split": cfg.dataset_split, "image_column": cfg.image_column, "resolution": cfg.resolution,
-            "crop": "center" if cfg.center_crop else "random(seeded)", "max_images": max_images,
+        source = {"dataset_name": data.dataset_name, "dataset_config_name": data.dataset_config_name}
+    return {**source, "split": data.dataset_split, "image_column": data.image_column, "resolution": data.resolution,
+            "crop": "center" if data.center_crop else "random(seeded)", "max_images": max_images,
             "networks": network_fingerprints}
 
 
-def _cache_path(cache_dir: Path, key: dict) -> Path:
-    return cache_dir / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+def class_balanced_ids(source, max_images: int) -> set[str]:
+    """The ids of `max_images` examples, as many of each class as the data allow (the first ones of each class in
+    stream order), so a score on them is not dominated by the classes listed first. Reads only the labels and
+    records (no decoding), until every class has its share."""
+    num_classes = len(source.class_names)
+    quota = [max_images // num_classes + (c < max_images % num_classes) for c in range(num_classes)]
+    chosen: set[str] = set()
+    for example in source.dataset:
+        label = example[source.label_column]
+        if quota[label] > 0:
+            quota[label] -= 1
+            chosen.add(example_id(example[source.image_column]))
+            if not any(quota):
+                break
+    return chosen
 
 
-def real_image_batches(cfg: TrainConfig, rank: int, world_size: int, batch_size: int, max_images: Optional[int]):
+def real_image_batches(data: DataSettings, rank: int, world_size: int, batch_size: int, max_images: Optional[int],
+                       class_balanced: bool = False):
     """Yield (ids, uint8 NCHW tensor, class labels (-1 without a label column)) of this process's share of the
-    real images; unreadable files are skipped."""
-    from datasets.distributed import split_dataset_by_node
-
-    from ..data.stream import example_id, open_source
-
-    source = open_source(cfg)
-    dataset = source.dataset.take(max_images) if max_images else source.dataset
+    real images; unreadable files are skipped. `max_images`: the first ones, or with `class_balanced` (data with
+    classes) an equal number of each class."""
+    source = open_source(data)
+    dataset = source.dataset
+    if max_images and class_balanced and source.label_column and source.class_names:
+        chosen = class_balanced_ids(source, max_images)
+        dataset = dataset.filter(lambda example: example_id(example[source.image_column]) in chosen)
+    elif max_images:
+        dataset = dataset.take(max_images)
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-    settings = TransformSettings(cfg.resolution, cfg.center_crop, random_flip=False)
+    settings = TransformSettings(data.resolution, data.center_crop, random_flip=False)
     ids, arrays, labels = [], [], []
     for example in dataset:
         record = example[source.image_column]
@@ -93,13 +97,13 @@ def real_image_batches(cfg: TrainConfig, rank: int, world_size: int, batch_size:
         yield ids, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), torch.tensor(labels)
 
 
-def compute_reference(accelerator, cfg: TrainConfig, networks: dict, batch_size: int,
+def compute_reference(accelerator, data: DataSettings, networks: dict, batch_size: int,
                       max_images: Optional[int]) -> dict[str, dict]:
     """Features of the real images for each network ({name: {'features', 'logits'?}}), on every process."""
     outputs: dict[str, dict[str, list]] = {name: {} for name in networks}
     all_ids: list[str] = []
     with tqdm(desc="reference features", unit="img", disable=not accelerator.is_local_main_process) as bar:
-        for ids, images, _ in real_image_batches(cfg, accelerator.process_index, accelerator.num_processes,
+        for ids, images, _ in real_image_batches(data, accelerator.process_index, accelerator.num_processes,
                                               batch_size, max_images):
             images = images.to(accelerator.device)
             for name, network in networks.items():
@@ -108,34 +112,31 @@ def compute_reference(accelerator, cfg: TrainConfig, networks: dict, batch_size:
             all_ids += ids
             bar.update(len(ids) * accelerator.num_processes)
     if not all_ids:  # this process's shard was empty: contribute zero rows of the right width
-        probe = torch.zeros(1, 3, cfg.resolution, cfg.resolution, dtype=torch.uint8, device=accelerator.device)
+        probe = torch.zeros(1, 3, data.resolution, data.resolution, dtype=torch.uint8, device=accelerator.device)
         for name, network in networks.items():
             outputs[name] = {kind: [value.float().cpu()[:0]] for kind, value in network(probe).items()}
-    from accelerate.utils import gather_object
 
     gathered_ids = gather_object(all_ids) if accelerator.num_processes > 1 else all_ids
     if not gathered_ids:
-        raise UserError(f"no reference image could be read from {cfg.train_data_dir or cfg.dataset_name}")
+        raise UserError(f"no reference image could be read from {data.train_data_dir or data.dataset_name}")
     order = torch.as_tensor(np.argsort(np.asarray(gathered_ids), kind="stable"))
     return {name: {kind: gather_rows(accelerator, torch.cat(values))[order] for kind, values in kinds.items()}
             for name, kinds in outputs.items()}
 
 
-def load_or_compute_reference(accelerator, cfg: TrainConfig, networks: dict, cache_dir: Optional[str] = None,
+def load_or_compute_reference(accelerator, data: DataSettings, networks: dict, cache_dir: Optional[str] = None,
                               batch_size: int = 64, max_images: Optional[int] = None) -> dict[str, dict]:
     """Reference features for `networks` ({name: module}): one cache entry per network, the missing ones computed
     together in one pass over the data and cached."""
-    from safetensors.torch import load_file
-
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    keys = {name: reference_key(cfg, [fingerprint(network)], max_images) for name, network in networks.items()}
-    files = {name: _cache_path(root, key).with_suffix(".safetensors") for name, key in keys.items()}
+    root = cache_location("reference", cache_dir)
+    keys = {name: reference_key(data, [fingerprint(network)], max_images) for name, network in networks.items()}
+    files = {name: root / f"{identity_key(key)}.safetensors" for name, key in keys.items()}
     result = {name: load_file(str(files[name])) for name in networks if files[name].is_file()}
     for name in result:
         logger.info("%s reference features from cache %s", name, files[name])
     missing = {name: network for name, network in networks.items() if name not in result}
     if missing:
-        computed = compute_reference(accelerator, cfg, missing, batch_size, max_images)
+        computed = compute_reference(accelerator, data, missing, batch_size, max_images)
         if accelerator.is_main_process:
             for name, features in computed.items():
                 _save_entry(files[name], keys[name], features)
@@ -145,12 +146,9 @@ def load_or_compute_reference(accelerator, cfg: TrainConfig, networks: dict, cac
 
 
 def _save_entry(tensors_file: Path, key: dict, features: dict) -> None:
-    from safetensors.torch import save_file
-
     tensors_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tensors_file.with_suffix(".tmp")
-    save_file({kind: value.contiguous() for kind, value in features.items()}, str(tmp))
     num_images = len(features["features"])
-    tensors_file.with_suffix(".json").write_text(json.dumps({**key, "num_images": num_images}, indent=2))
-    os.replace(tmp, tensors_file)  # atomic: a crash never leaves a half-written entry that looks complete
+    atomic_write_text(tensors_file.with_suffix(".json"), json.dumps({**key, "num_images": num_images}, indent=2))
+    with atomic_file(tensors_file) as tmp:  # the features last: a crash never leaves an entry that looks complete
+        save_file({kind: value.contiguous() for kind, value in features.items()}, str(tmp))
     logger.info("cached %d reference features in %s", num_images, tensors_file)

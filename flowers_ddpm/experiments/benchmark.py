@@ -27,45 +27,38 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where it is used, so `--help` stays fast
     import torch
 
-from ..config.loading import SAMPLE_SCHEDULERS, build_config
+import platform
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from ..config.loading import build_config
+from ..config.sections import SAMPLE_SCHEDULERS
+from ..data.cache import CachedBatches, build_cached_batches, open_cache
+from ..data.imaging import TransformSettings
+from ..data.stream import build_train_batches, open_source
 from ..errors import UserError
+from ..models.unet import build_noise_scheduler, build_unet, check_preset
+from ..objectives.diffusion import DiffusionObjective
+from ..pipelines.export import build_pipeline
+from ..pipelines.sampling import generate, prepare_for_sampling
+from ..training.device import DeviceBatches, bf16_supported, configure_backends, prepare_model
+from ..training.optimization import build_optimizer
+from ..training.trainer import LoopSettings, Trainer
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, for model FLOPs utilisation.
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
                    "H100": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
-DEFAULT_SAMPLERS = "ddpm=1000,ddim=50,dpmsolver++=20"
-
-
-def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train_data_dir", default=None,
-                        help="folder of images (default: a generated folder of --image_size JPEGs)")
-    parser.add_argument("--num_images", type=int, default=256, help="images to generate without --train_data_dir")
-    parser.add_argument("--image_size", type=int, default=500, help="side of the generated JPEGs")
-    parser.add_argument("--data_resolution", type=int, default=64, help="training resolution of the data benchmark")
-    parser.add_argument("--model_preset", default="tiny")
-    parser.add_argument("--resolution", type=int, default=32, help="training and sampling resolution")
-    parser.add_argument("--train_batch_size", type=int, default=32)
-    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps per mode (and compile)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/optimized rounds")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="decode threads of the stream path")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the optimized model")
-    parser.add_argument("--mixed_precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
-                        help="optimized mode's precision (auto: bf16 where the device supports it)")
-    parser.add_argument("--sample_batch_size", type=int, default=16)
-    parser.add_argument("--samplers", default=DEFAULT_SAMPLERS, help="name=steps,... of the samplers to time")
-    parser.add_argument("--parts", default="data,train,sample", help="which of data,train,sample to run")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the GPU for MFU")
-    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
-    parser.add_argument("--work_dir", default=None, help="where generated images and caches go (default: temp)")
-    parser.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
 def generate_jpeg_folder(folder: Path, count: int, size: int, seed: int = 0) -> Path:
     """`count` size x size JPEGs (smooth gradients plus noise, two class sub-folders) in `folder`."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 1, size, dtype=np.float32)
     for i in range(count):
@@ -83,7 +76,9 @@ def _config(args, data_dir: str, work: Path, resolution: int, **overrides):
                   shuffle_buffer_size=64, dataloader_num_workers=args.dataloader_num_workers,
                   decode_cache_dir=str(work / "caches"), logger="none", output_dir=str(work / "out"))
     values.update(overrides)
-    return build_config({}, values)
+    cfg = build_config({}, values)
+    check_preset(cfg.model, cfg.data.resolution)
+    return cfg
 
 
 def _take(batches, images: int) -> tuple[float, int]:
@@ -99,22 +94,19 @@ def _take(batches, images: int) -> tuple[float, int]:
 # -- data -----------------------------------------------------------------------------------------------------
 def benchmark_data(args, data_dir: str, work: Path) -> dict:
     """Streaming decode vs decode-once cache over one folder at --data_resolution."""
-    from ..data.cache import CachedBatches, open_cache
-    from ..data.stream import build_train_batches, open_source
-    from ..data.imaging import TransformSettings
-
     cfg = _config(args, data_dir, work, args.data_resolution)
-    source = open_source(cfg)
+    source = open_source(cfg.data)
     total = source.num_examples
-    stream_s, stream_n = _take(build_train_batches(cfg, source, 0, 1), total)
+    stream_s, stream_n = _take(build_train_batches(cfg.data, source, 0, 1, cfg.optim.train_batch_size, cfg.run.seed),
+                               total)
     start = time.perf_counter()
-    images = open_cache(cfg, source)
+    images = open_cache(cfg.data, source)
     build_s = time.perf_counter() - start
-    cached = CachedBatches(images, TransformSettings(cfg.resolution, cfg.center_crop, cfg.random_flip),
-                           cfg.train_batch_size, cfg.seed)
+    cached = CachedBatches(images, TransformSettings(cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip),
+                           cfg.optim.train_batch_size, cfg.run.seed)
     cache_s, cache_n = _take(cached, 5 * total)  # several epochs: one is too short to time
     stream_ips, cache_ips = stream_n / stream_s, cache_n / cache_s
-    return {"images": total, "resolution": cfg.resolution, "stream_images_per_sec": stream_ips,
+    return {"images": total, "resolution": cfg.data.resolution, "stream_images_per_sec": stream_ips,
             "cache_images_per_sec": cache_ips, "cache_build_sec": build_s, "cache_mb": images.nbytes / 2**20,
             "speedup": cache_ips / stream_ips}
 
@@ -124,41 +116,30 @@ class _NoPublisher:
     def sample_grid(self, model, step):
         return None
 
-    def export(self, model, step):
+    def export(self, model, step, training_seconds):
         return None
 
 
 def _trainer(accelerator, cfg, optimized: bool, device: torch.device):
     """A Trainer for one benchmark mode, built the way `flowers_ddpm.training.diffusion_run` builds it."""
-    import torch
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    from ..data.cache import build_cached_batches
-    from ..data.stream import build_train_batches, open_source
-    from ..models.unet import build_noise_scheduler, build_unet
-    from ..objectives.diffusion import DiffusionObjective
-    from ..training.device import DeviceBatches, build_optimizer, prepare_model
-    from ..training.trainer import LoopSettings, Trainer
-
-    torch.manual_seed(cfg.seed)
-    model = build_unet(cfg.model_preset, cfg.resolution)
-    scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
-    optimizer = build_optimizer(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=optimized)
+    torch.manual_seed(cfg.run.seed)
+    model = build_unet(cfg.model.model_preset, cfg.data.resolution)
+    scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, fused=optimized)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, foreach=optimized)
+    ema = EMAModel(model.parameters(), decay=cfg.ema.ema_max_decay, use_ema_warmup=True, foreach=optimized)
     ema.to(device)
-    source = open_source(cfg)
+    source = open_source(cfg.data)
     if optimized:
-        model = prepare_model(model, compile=cfg.compile)
+        model = prepare_model(model, compile=cfg.speed.compile)
         model, optimizer = accelerator.prepare(model, optimizer)  # bf16 autocast when the accelerator has it
-        batches = build_cached_batches(cfg, source, 0, 1)
+        batches = build_cached_batches(cfg.data, source, 0, 1, cfg.optim.train_batch_size, cfg.run.seed)
     else:  # fp32, as diffusers' example with --mixed_precision no: not prepared, so no autocast
         model = model.to(device)
-        batches = build_train_batches(cfg, source, 0, 1, jpeg_draft=False)  # full-size decode, as diffusers does
+        # full-size decode, as diffusers does
+        batches = build_train_batches(cfg.data, source, 0, 1, cfg.optim.train_batch_size, cfg.run.seed, jpeg_draft=False)
     batches = DeviceBatches(batches, device, channels_last=optimized)
-    settings = LoopSettings(max_train_steps=10**9, output_dir=cfg.output_dir, logging_steps=10**9,
+    settings = LoopSettings(max_train_steps=10**9, output_dir=cfg.run.output_dir, logging_steps=10**9,
                             checkpointing_steps=10**9, save_images_steps=10**9)
     trainer = Trainer(accelerator, model, DiffusionObjective(scheduler), optimizer, lr_scheduler, ema, batches,
                       _NoPublisher(), settings)
@@ -166,8 +147,6 @@ def _trainer(accelerator, cfg, optimized: bool, device: torch.device):
 
 
 def _sync(device: torch.device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -183,8 +162,6 @@ def _timed_steps(trainer, batches, steps: int, device: torch.device) -> float:
 
 def model_flops_per_image(trainer, batches) -> float:
     """Forward + backward FLOPs of one training micro-batch per image (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     batch = next(batches)
     with FlopCounterMode(display=False) as counter:
         loss = trainer.objective(trainer.model, batch)
@@ -195,8 +172,6 @@ def model_flops_per_image(trainer, batches) -> float:
 
 def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Optional[float]:
     """The device's dense bf16 peak in FLOP/s (None on CPUs and unknown GPUs)."""
-    import torch
-
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda":
@@ -206,8 +181,6 @@ def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Option
 
 
 def _precision(args, device: torch.device) -> str:
-    from ..training.device import bf16_supported
-
     if args.mixed_precision != "auto":
         return args.mixed_precision
     return "bf16" if bf16_supported(device) else "no"
@@ -215,17 +188,9 @@ def _precision(args, device: torch.device) -> str:
 
 def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> dict:
     """Baseline vs optimized training step, alternating rounds, steady state."""
-    import torch
-
-    from accelerate import Accelerator
-
-    from ..data.cache import open_cache
-    from ..data.stream import open_source
-    from ..training.device import configure_backends
-
     precision = _precision(args, device)
     cfg = _config(args, data_dir, work, args.resolution, compile=args.compile)
-    open_cache(cfg, open_source(cfg))  # built before timing; the data section times the build
+    open_cache(cfg.data, open_source(cfg.data))  # built before timing; the data section times the build
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     modes = {}
     for name in ("baseline", "optimized"):
@@ -238,7 +203,6 @@ def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> di
         start = time.perf_counter()
         _timed_steps(mode["trainer"], mode["batches"], args.warmup_steps, device)
         mode["warmup_sec"] = time.perf_counter() - start
-    from tqdm.auto import tqdm
 
     for _ in tqdm(range(args.rounds), desc="train rounds", dynamic_ncols=True):
         for name, mode in modes.items():
@@ -248,9 +212,9 @@ def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> di
             mode["seconds"] += _timed_steps(mode["trainer"], mode["batches"], args.steps, device)
             if device.type == "cuda":
                 mode["peak"] = max(mode["peak"], torch.cuda.max_memory_allocated(device))
-    images = args.rounds * args.steps * cfg.train_batch_size
+    images = args.rounds * args.steps * cfg.optim.train_batch_size
     peak = peak_flops(device, args.peak_tflops)
-    result = {"model_preset": cfg.model_preset, "resolution": cfg.resolution, "batch_size": cfg.train_batch_size,
+    result = {"model_preset": cfg.model.model_preset, "resolution": cfg.data.resolution, "batch_size": cfg.optim.train_batch_size,
               "timed_steps_per_mode": args.rounds * args.steps, "model_gflops_per_image": flops / 1e9}
     for name, mode in modes.items():
         ips = images / mode["seconds"]
@@ -278,12 +242,6 @@ def parse_samplers(text: str) -> dict[str, int]:
 
 def benchmark_sample(args, device: torch.device) -> dict:
     """Images/s of each sampler on a freshly initialised UNet (speed does not depend on the weights)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..models.unet import build_noise_scheduler, build_unet
-    from ..pipelines.sampling import build_pipeline, generate, prepare_for_sampling
-
     torch.manual_seed(0)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     unet = build_unet(args.model_preset, args.resolution)
@@ -306,10 +264,6 @@ def benchmark_sample(args, device: torch.device) -> dict:
 # -- the command ----------------------------------------------------------------------------------------------
 def machine_description(device: torch.device) -> dict:
     """What the numbers were measured on, including the load from other programs."""
-    import torch
-
-    import platform
-
     info = {"device": str(device), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "load_average_start": list(os.getloadavg())}
@@ -344,8 +298,6 @@ def format_table(results: dict) -> str:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Run the requested parts and return (and optionally write) the results."""
-    import torch
-
     parts = set(filter(None, args.parts.split(",")))
     if parts - {"data", "train", "sample"} or not parts:
         raise UserError(f"parts must be a comma-separated subset of data,train,sample; got {args.parts!r}")

@@ -19,18 +19,30 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import re
+import statistics
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+import torch.distributed
 from tqdm.auto import tqdm
 
-from ..config.loading import TrainConfig, build_config, load_yaml
+from .._util.atomic import atomic_write_text
+from .._util.ranks import is_main_process
+from ..config.loading import build_config, load_yaml
+from ..config.sections import FIELDS, TrainConfig
+from ..data.stream import open_source
 from ..errors import UserError
+from ..evaluation.command import run_evaluation
+from ..evaluation.features import load_factory, resolve_inception_weights
+from ..models.unet import check_preset
+from ..pipelines.conditioning import class_ids
+from ..publish.run_log import read_records
+from ..training.diffusion_run import run_training
 from ..training.stopping import InterruptOnSigterm, Preempted, TrainingStopped
+from .sweep_report import write_comparison
 
 logger = logging.getLogger(__name__)
 MANIFEST, RESULT_FILE, TRIALS_DIR = "sweep.json", "result.json", "trials"
@@ -55,7 +67,7 @@ class Trial:
 
     @property
     def folder(self) -> Path:
-        return Path(self.cfg.output_dir)
+        return Path(self.cfg.run.output_dir)
 
     @property
     def finished(self) -> bool:
@@ -64,8 +76,6 @@ class Trial:
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
     """`["learning_rate=1e-4,2e-4", ...]` -> {"learning_rate": ["1e-4", "2e-4"], ...}, keys in the given order."""
-    from ..config.loading import _FIELDS
-
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -73,7 +83,7 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         choices = [v.strip() for v in values.split(",")]
         if not sep or not key or not all(choices):
             raise UserError(f"grid entry {item!r} must look like setting=value1,value2")
-        if key not in _FIELDS or not _FIELDS[key].metadata["cli"]:
+        if key not in FIELDS or not FIELDS[key].metadata["cli"]:
             raise UserError(f"grid key {key!r} is not a training setting; see `flowers-ddpm train --help`")
         if key in NOT_IN_GRID:
             raise UserError(f"grid key {key!r} cannot be swept: {NOT_IN_GRID[key]}")
@@ -100,30 +110,17 @@ def plan_trials(base: dict, grid: dict[str, list[str]], max_train_steps: int, sw
                      "resume_from_checkpoint": "latest"}
         try:
             cfg = build_config(base, overrides)
+            check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
         except UserError as e:
             raise UserError(f"trial {', '.join(f'{k}={v}' for k, v in values.items())}: {e}") from None
         trials.append(Trial(name, values, cfg))
     return trials
 
 
-def _is_main_process() -> bool:
-    # the launcher's environment, read before any Accelerator exists (as in cli._setup_logging)
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _end_process_group() -> None:
     """What `accelerator.end_training()` does at the end of a training run, once for the whole sweep."""
-    import torch.distributed
-
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def _write_json(path: Path, value: dict) -> None:
-    """Write atomically, so a killed sweep never leaves a half-written result that counts as finished."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def claim_folder(sweep_dir: Path, manifest: dict) -> None:
@@ -138,31 +135,15 @@ def claim_folder(sweep_dir: Path, manifest: dict) -> None:
         return
     if (sweep_dir / TRIALS_DIR).exists():
         raise UserError(f"{sweep_dir} has trials but no {MANIFEST}; choose another --output_dir")
-    if _is_main_process():
+    if is_main_process():
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(path, manifest)
-
-
-def _train_log(folder: Path) -> list[dict]:
-    """The trainer's loss log entries, one per step (a resumed run's later entry for a step wins)."""
-    from ..publish.report import LOSS_LOG
-
-    by_step = {}
-    path = folder / "report" / LOSS_LOG
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                by_step[entry["step"]] = entry
-    return [by_step[step] for step in sorted(by_step)]
+        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def trial_result(trial: Trial, report: dict) -> dict:
     """The trial's row of the comparison: its grid values, final loss, training throughput and metrics."""
-    import statistics
-
-    log = _train_log(trial.folder)
-    return {"trial": trial.name, "settings": {key: getattr(trial.cfg, key) for key in trial.values},
+    log = read_records(trial.folder)
+    return {"trial": trial.name, "settings": {key: trial.cfg.get(key) for key in trial.values},
             "final_loss": log[-1]["loss"] if log else None,
             "train_images_per_sec": statistics.median(e["images_per_sec"] for e in log) if log else None,
             "metrics": report["results"][0], "finished_at": datetime.now(timezone.utc).isoformat()}
@@ -170,9 +151,6 @@ def trial_result(trial: Trial, report: dict) -> dict:
 
 def run_trial(trial: Trial, evaluation) -> Optional[dict]:
     """Train (resuming from the trial's latest checkpoint), evaluate the exported pipeline, write result.json."""
-    from ..evaluation.evaluate import run_evaluation
-    from ..training.diffusion_run import run_training
-
     pipeline = run_training(trial.cfg, keep_process_group=True)  # the next trial uses the same process group
     options = dataclasses.replace(evaluation, model=str(pipeline), output=str(trial.folder / "metrics.json"),
                                   compare_schedulers=False)
@@ -180,14 +158,13 @@ def run_trial(trial: Trial, evaluation) -> Optional[dict]:
     if report is None:  # not the main process
         return None
     result = trial_result(trial, report)
-    _write_json(trial.folder / RESULT_FILE, result)
+    # atomically: a killed sweep never leaves a half-written result that counts as finished
+    atomic_write_text(trial.folder / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 
 def check_evaluation(evaluation) -> None:
     """Fail before the first trial on evaluation settings that would otherwise fail after it."""
-    from ..evaluation.features import load_factory, resolve_inception_weights
-
     least = 4 if evaluation.precision_recall else 2
     if evaluation.num_images < least:
         raise UserError(f"num_images must be >= {least} (4 for precision/recall with k=3); got {evaluation.num_images}")
@@ -204,17 +181,11 @@ def check_conditioning(evaluation, trials: list[Trial]) -> None:
     here, because a trial's evaluation would only find out after its training)."""
     if not evaluation.class_labels and evaluation.guidance_scale is None:
         return
-    if not all(trial.cfg.class_conditional for trial in trials):
+    if not all(trial.cfg.model.class_conditional for trial in trials):
         raise UserError("--class_labels and --guidance_scale need class-conditional trials (class_conditional: true)")
-    if not evaluation.class_labels:
-        return
-    from ..data.stream import open_source
-
-    names = [str(name).lower() for name in open_source(trials[0].cfg).class_names or []]
-    for label in evaluation.class_labels:
-        known = str(label).strip().lower() in names or (str(label).isdigit() and int(label) < len(names))
-        if not known:
-            raise UserError(f"unknown class {label!r}; classes are {', '.join(names)} or their indices")
+    if evaluation.class_labels:
+        names = open_source(trials[0].cfg.data).class_names or []
+        class_ids(evaluation.class_labels, names, len(names))
 
 
 # evaluation arguments that do not change a result (images are seeded one by one, so the batch size does not matter)
@@ -227,16 +198,14 @@ def evaluation_settings(evaluation) -> dict:
 
 
 def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_dir: Optional[str],
-              evaluation) -> Optional[Path]:
+              evaluation, overrides: Optional[dict] = None) -> Optional[Path]:
     """The `sweep` command: run the unfinished trials, then write the comparison; returns the table path (main
-    process) or None."""
-    from .sweep_report import write_comparison
-
+    process) or None. `overrides`: training settings given as flags, over the YAML file and under the grid."""
     if max_train_steps < 1:
         raise UserError(f"max_train_steps must be >= 1; got {max_train_steps}")
-    base = load_yaml(config)
+    base = {**load_yaml(config), **(overrides or {})}
     grid = parse_grid(grid_items)
-    sweep_dir = Path(output_dir or f"{base.get('output_dir', TrainConfig.output_dir)}-sweep")
+    sweep_dir = Path(output_dir or f"{base.get('output_dir', FIELDS['output_dir'].default)}-sweep")
     trials = plan_trials(base, grid, max_train_steps, sweep_dir)
     check_evaluation(evaluation)
     check_conditioning(evaluation, trials)
@@ -247,7 +216,7 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
         logger.info("%d of %d trials already finished; running the other %d", len(trials) - len(pending),
                     len(trials), len(pending))
     try:
-        for trial in tqdm(pending, desc="sweep", unit="trial", disable=not _is_main_process()):
+        for trial in tqdm(pending, desc="sweep", unit="trial", disable=not is_main_process()):
             logger.info("trial %s", trial.name)
             try:
                 with InterruptOnSigterm():
@@ -262,7 +231,7 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
                                 "sweep command to continue") from None
     finally:
         _end_process_group()
-    if not _is_main_process():
+    if not is_main_process():
         return None
     results = [json.loads((trial.folder / RESULT_FILE).read_text()) for trial in trials]
     return write_comparison(results, list(grid), sweep_dir)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from .._util.tables import markdown_table
+
 # (key in the flattened row, column title); grid settings come first, after the trial name
 RESULT_COLUMNS = (("final_loss", "final loss"), ("fid", "FID"), ("kid_mean", "KID"), ("kid_std", "KID std"),
                   ("train_images_per_sec", "train images/s"), ("sample_images_per_sec", "sample images/s"))
@@ -35,14 +37,13 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
     """A markdown table, one row per trial, best FID marked in bold."""
     fids = [row["fid"] for row in rows if row["fid"] is not None]
     best = min(fids) if fids else None
-    lines = ["| trial | " + " | ".join(keys + [title for _, title in RESULT_COLUMNS]) + " |",
-             "| --- | " + " | ".join(["---"] * len(keys) + ["---:"] * len(RESULT_COLUMNS)) + " |"]
-    for row in rows:
-        cells = [_cell(k, row[k]) for k in keys] + [_cell(k, row[k]) for k, _ in RESULT_COLUMNS]
-        if best is not None and row["fid"] == best:
-            cells[len(keys) + 1] = f"**{cells[len(keys) + 1]}**"
-        lines.append(f"| {row['trial']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+
+    def cell(key: str, value) -> str:
+        text = _cell(key, value)
+        return f"**{text}**" if key == "fid" and best is not None and value == best else text
+
+    columns = [("trial", "trial"), *((key, key) for key in keys), *RESULT_COLUMNS]
+    return markdown_table(rows, columns, cell, right_aligned=[key for key, _ in RESULT_COLUMNS])
 
 
 def write_csv(rows: list[dict], keys: list[str], path: Path) -> None:

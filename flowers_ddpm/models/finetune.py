@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from huggingface_hub import file_exists
+from peft import LoraConfig, PeftModel, get_peft_model
 
+from .._util.hub_ids import is_hub_id
+from ..config.sections import FinetuneSettings, ModelSettings
 from ..errors import UserError
+from .unet import build_noise_scheduler
 
 logger = logging.getLogger(__name__)
 ADAPTER_DIR = "lora_adapter"  # inside the exported pipeline folder
@@ -29,9 +35,8 @@ def _unet_location(init_from: str) -> tuple[str, Optional[str]]:
         if (local / "config.json").is_file():
             return init_from, None
         raise UserError(f"init_from {init_from} is neither a pipeline folder (with unet/) nor a UNet2DModel folder")
-    if init_from.startswith((".", "/", "~")) or init_from.count("/") > 1:
+    if not is_hub_id(init_from):
         raise UserError(f"init_from {init_from} does not exist")
-    from huggingface_hub import file_exists
 
     try:  # a Hub id: a pipeline repo has unet/config.json, a bare UNet repo has config.json at its root
         return init_from, ("unet" if file_exists(init_from, "unet/config.json") else None)
@@ -41,8 +46,6 @@ def _unet_location(init_from: str) -> tuple[str, Optional[str]]:
 
 def load_pretrained_unet(init_from: str, resolution: int):
     """The pretrained UNet2DModel of `init_from`, set to train at `resolution`."""
-    from diffusers import UNet2DModel
-
     path, subfolder = _unet_location(init_from)
     try:
         unet = UNet2DModel.from_pretrained(path, subfolder=subfolder)
@@ -62,8 +65,6 @@ def load_pretrained_unet(init_from: str, resolution: int):
 
 def load_pretrained_scheduler(init_from: str):
     """The DDPMScheduler of a pretrained pipeline (same betas and prediction type), or None for a bare UNet."""
-    from diffusers import DDPMScheduler
-
     path, subfolder = _unet_location(init_from)
     if subfolder is None:
         return None
@@ -78,8 +79,6 @@ def load_pretrained_scheduler(init_from: str):
 def add_class_conditioning(unet, num_class_embeds: int):
     """A copy of an unconditional UNet2DModel with a class embedding initialised to zero, so it starts out computing
     exactly what the pretrained model computes for every class."""
-    from diffusers import UNet2DModel
-
     if unet.config.num_class_embeds is not None:
         if unet.config.num_class_embeds != num_class_embeds:
             raise UserError(f"the pretrained UNet has {unet.config.num_class_embeds} classes, not {num_class_embeds}")
@@ -93,8 +92,6 @@ def add_class_conditioning(unet, num_class_embeds: int):
 
 def apply_lora(unet, rank: int, alpha: Optional[float], target_modules: str):
     """Wrap the UNet in a peft model with LoRA adapters on `target_modules`; only the adapters train."""
-    from peft import LoraConfig, get_peft_model
-
     targets = [name.strip() for name in target_modules.split(",") if name.strip()]
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
                         init_lora_weights="gaussian")
@@ -141,8 +138,6 @@ def count_parameters(model) -> tuple[int, int]:
 
 def is_lora(model) -> bool:
     """Whether the model is a peft-wrapped UNet with LoRA adapters."""
-    from peft import PeftModel
-
     return isinstance(model, PeftModel)
 
 
@@ -170,27 +165,26 @@ def save_adapter(model, folder: str | Path, base_model: Optional[str] = None) ->
     return folder
 
 
-def load_for_finetuning(cfg):
-    """(UNet, noise scheduler) for --init_from: the pretrained weights and, from a pipeline, its noise schedule."""
-    from .unet import build_noise_scheduler
-
-    unet = load_pretrained_unet(cfg.init_from, cfg.resolution)
-    scheduler = load_pretrained_scheduler(cfg.init_from)
+def load_for_finetuning(init_from: str, resolution: int, model: ModelSettings):
+    """(UNet, noise scheduler) for --init_from: the pretrained weights and, from a pipeline, its noise schedule
+    (else the one `model` describes)."""
+    unet = load_pretrained_unet(init_from, resolution)
+    scheduler = load_pretrained_scheduler(init_from)
     if scheduler is None:
-        scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
+        scheduler = build_noise_scheduler(model.ddpm_num_steps, model.ddpm_beta_schedule, model.prediction_type)
     else:
-        logger.info("noise schedule from %s: %d steps, %s betas, predicts %s", cfg.init_from,
+        logger.info("noise schedule from %s: %d steps, %s betas, predicts %s", init_from,
                     scheduler.config.num_train_timesteps, scheduler.config.beta_schedule,
                     scheduler.config.prediction_type)
     return unet, scheduler
 
 
-def select_trainable(model, cfg):
+def select_trainable(model, finetune: FinetuneSettings):
     """Apply --lora_rank or --train_only; returns the model to train (peft-wrapped for LoRA)."""
-    if cfg.lora_rank is not None:
-        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
-    elif cfg.train_only:
-        freeze_except(model, cfg.train_only)
+    if finetune.lora_rank is not None:
+        model = apply_lora(model, finetune.lora_rank, finetune.lora_alpha, finetune.lora_target_modules)
+    elif finetune.train_only:
+        freeze_except(model, finetune.train_only)
     trainable, total = count_parameters(model)
     logger.info("%s of %s parameters train (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model

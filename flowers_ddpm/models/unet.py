@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from diffusers import DDPMScheduler, EDMDPMSolverMultistepScheduler, UNet2DModel
+
+from ..config.sections import ModelSettings
+from ..errors import UserError
+
 # Pixel resolutions at which the ADM UNet has self-attention (Dhariwal & Nichol 2021, final architecture).
 ADM_ATTENTION_RESOLUTIONS = (32, 16, 8)
 
@@ -25,7 +30,7 @@ PRESETS: dict[str, dict] = {
         attention_head_dim=16,
     ),
     # CPU-sized (~1.1M parameters): three levels, self-attention only at the lowest (1/4 resolution), where it is
-    # cheap. The recipe ablation's model (RECIPES.md); resolution a multiple of 4.
+    # cheap. The recipe ablation's model (docs/recipes.md); resolution a multiple of 4.
     "small": dict(
         layers_per_block=1,
         block_out_channels=(32, 64, 64),
@@ -34,9 +39,9 @@ PRESETS: dict[str, dict] = {
         norm_num_groups=8,
         attention_head_dim=16,
     ),
-    # ADM (the paper's final architecture) scaled for 64x64 Flowers; the README's "ADM preset" table maps every
-    # paper choice to these settings. Block types depend on the resolution (attention at 32, 16 and 8 px) and are
-    # filled in by `unet_kwargs`.
+    # ADM (the paper's final architecture) scaled for 64x64 Flowers; the "ADM preset" table of
+    # docs/adm-and-guidance.md maps every paper choice to these settings. Block types depend on the resolution
+    # (attention at 32, 16 and 8 px) and are filled in by `unet_kwargs`.
     "adm": dict(
         layers_per_block=2,
         block_out_channels=(128, 256, 384, 512),
@@ -78,6 +83,41 @@ def downsample_factor(preset: str, overrides: Optional[dict] = None) -> int:
     return 2 ** (len(unet_kwargs(preset, overrides)["down_block_types"]) - 1)
 
 
+# Set from the run (RGB images, the training resolution, learned variances, classes), never from a loaded config.
+RUN_SET_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds")
+
+
+def load_unet_config(name_or_path: str) -> dict:
+    """The architecture kwargs of a UNet2DModel config (a folder holding config.json, or a Hub id), as diffusers'
+    example reads --model_config_name_or_path; the keys the run sets itself are dropped."""
+    try:
+        config = UNet2DModel.load_config(name_or_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read a UNet2DModel config from {name_or_path}: {str(e).splitlines()[0]}") from None
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in RUN_SET_KEYS}
+
+
+def unet_overrides(model: ModelSettings) -> dict:
+    """What is merged over the preset: --model_config_name_or_path's config < --unet_config < --dropout."""
+    overrides = load_unet_config(model.model_config_name_or_path) if model.model_config_name_or_path else {}
+    overrides.update(model.unet_config or {})
+    if model.dropout is not None:
+        overrides["dropout"] = model.dropout
+    return overrides
+
+
+def check_preset(model: ModelSettings, resolution: int, pretrained: bool = False) -> None:
+    """A one-line UserError unless the preset exists and `resolution` suits its downsampling (a pretrained UNet
+    brings its own architecture, so only the name is checked then)."""
+    if model.model_preset not in PRESETS:
+        raise UserError(f"model_preset must be one of {', '.join(PRESETS)}; got {model.model_preset!r}")
+    factor = downsample_factor(model.model_preset, unet_overrides(model))
+    name = model.model_config_name_or_path or model.model_preset
+    if not pretrained and resolution % factor:
+        raise UserError(f"resolution must be divisible by {factor} (the {name} UNet's downsampling factor); "
+                        f"got {resolution}")
+
+
 def build_unet(preset: str, resolution: int, overrides: Optional[dict] = None, num_classes: Optional[int] = None,
                learn_sigma: bool = False):
     """A freshly initialised UNet2DModel for RGB images at `resolution`.
@@ -86,8 +126,6 @@ def build_unet(preset: str, resolution: int, overrides: Optional[dict] = None, n
     "no class" token used for classifier-free guidance. With `learn_sigma` it outputs 6 channels: the prediction
     and the interpolation weights of the learned variance (Improved DDPM's `learned_range`).
     """
-    from diffusers import UNet2DModel
-
     kwargs = unet_kwargs(preset, overrides, resolution)
     if num_classes is not None:
         kwargs["num_class_embeds"] = num_classes + 1
@@ -102,8 +140,17 @@ def build_noise_scheduler(num_steps: int, beta_schedule: str, prediction_type: s
     defaults: "leading" timestep spacing (diffusers' DDIM steps by num_train_timesteps // steps, which "linspace"
     does not match) and x0 clipped to [-1, 1] (without it, briefly trained epsilon models diverge at large t).
     """
-    from diffusers import DDPMScheduler
-
     return DDPMScheduler(num_train_timesteps=num_steps, beta_schedule=beta_schedule, prediction_type=prediction_type,
                          variance_type="learned_range" if learn_sigma else "fixed_small",
                          timestep_spacing="leading", clip_sample=True, clip_sample_range=1.0)
+
+
+
+def build_edm_scheduler(sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                        prediction_type: str = "epsilon"):
+    """The scheduler of an EDM-trained UNet (exported with the pipeline): diffusers' EDM DPM-Solver++ (2nd order,
+    Karras sigmas), whose `precondition_inputs` / `precondition_noise` / `precondition_outputs` the EDM objective
+    also trains through, so training and sampling share one definition of c_in, c_noise, c_skip and c_out."""
+    return EDMDPMSolverMultistepScheduler(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data,
+                                          prediction_type=prediction_type, algorithm_type="dpmsolver++",
+                                          solver_order=2, final_sigmas_type="zero")

@@ -9,8 +9,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from diffusers.training_utils import compute_snr
 
 from .vlb import VariationalBound
+
+
+def class_conditioning(batch: dict, num_classes: Optional[int], dropout_prob: float) -> Optional[torch.Tensor]:
+    """The batch's class labels for the UNet (None for an unconditional one), each replaced by the "no class" token
+    `num_classes` with probability `dropout_prob` (classifier-free guidance training)."""
+    if num_classes is None:
+        return None
+    labels = batch["class_labels"].to(batch["pixel_values"].device)
+    dropped = torch.rand(labels.shape, device=labels.device) < dropout_prob
+    return torch.where(dropped, torch.full_like(labels, num_classes), labels)
 
 
 class DiffusionObjective:
@@ -43,7 +54,6 @@ class DiffusionObjective:
         """Per-example MSE weights: 1, or Min-SNR-gamma (Hang et al. 2023) expressed for the prediction type."""
         if self.snr_gamma is None:
             return torch.ones(timesteps.shape, device=timesteps.device)
-        from diffusers.training_utils import compute_snr
 
         snr = compute_snr(self.scheduler, timesteps).float()
         clipped = torch.clamp(snr, max=self.snr_gamma)
@@ -55,11 +65,7 @@ class DiffusionObjective:
 
     def conditioning(self, batch: dict) -> Optional[torch.Tensor]:
         """The class labels fed to the UNet, with labels dropped to "no class" at `class_dropout_prob`."""
-        if self.num_classes is None:
-            return None
-        labels = batch["class_labels"].to(batch["pixel_values"].device)
-        dropped = torch.rand(labels.shape, device=labels.device) < self.class_dropout_prob
-        return torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+        return class_conditioning(batch, self.num_classes, self.class_dropout_prob)
 
     def loss(self, output, clean, noise, timesteps, noisy) -> torch.Tensor:
         """The loss of one UNet output (3 channels, or 6 when it learns its variances)."""

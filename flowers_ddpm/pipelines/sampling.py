@@ -6,49 +6,96 @@ Nothing here imports the trainer: sampling works on pipelines made elsewhere too
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
-import shutil
+import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    UNet2DModel,
+)
+from diffusers.utils import make_image_grid
+from huggingface_hub import constants as hub_constants
 from PIL import Image
+from tqdm.auto import tqdm
 
+from .._util.hub_ids import is_hub_id
 from ..errors import UserError
-
-TRAINING_CONFIG_NAME = "training_config.yaml"
+from ..models.classifier import NoiseAwareClassifier
+from .guided import GuidedDDPMPipeline, is_edm_scheduler
 
 
 def scheduler_classes() -> dict:
-    """Sampler name -> diffusers scheduler class."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
+    """Sampler name -> diffusers scheduler class, for DDPM-trained models."""
     return {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
 
+def edm_scheduler_classes() -> dict:
+    """Sampler name -> diffusers scheduler class, for EDM-trained models (`--objective edm`)."""
+    return {"edm-dpmsolver++": EDMDPMSolverMultistepScheduler, "edm-euler": EDMEulerScheduler}
+
+
+def is_edm_config(config) -> bool:
+    """Whether a scheduler config belongs to an EDM scheduler (it has sigma_data; DDPM-family ones have betas)."""
+    return "sigma_data" in config
+
+
+def default_sampler(config) -> Optional[str]:
+    """The sampler of the `sample` command without --scheduler: DDIM for DDPM-family models (the best measured in
+    docs/sampling.md; their own scheduler is usually DDPM, which measured worst at 50 steps), None (the
+    pipeline's own scheduler) for EDM models, which DDIM cannot sample."""
+    return None if is_edm_config(config) else "ddim"
+
+
+# a beta schedule only DDPMScheduler computes (DDIM and DPM-Solver take them as trained_betas)
+OWN_BETA_SCHEDULES = ("sigmoid",)
+
+
 def make_scheduler(name: str, config):
-    """A sampler built from a training scheduler's config (same betas, prediction type and timestep count).
+    """A sampler built from a training scheduler's config (same betas or sigmas, prediction type and timestep
+    count). DDPM-family samplers refuse EDM-trained models and the EDM samplers refuse DDPM-trained ones.
 
     DPM-Solver++ has no `clip_sample`; where the config clips x0 (DDPM and DDIM do, to [-1, 1] by default) it gets
     the same clip through its thresholding with `sample_max_value` = `clip_sample_range` (for the range 1 the
     dynamic threshold is pinned at 1, a plain clip). Without it, the x0 predictions of a briefly trained
     epsilon-predicting model at large t, and their extrapolation by guidance, go unbounded (docs/sampling.md).
     """
-    classes = scheduler_classes()
-    if name not in classes:
-        raise UserError(f"scheduler must be one of {', '.join(classes)}; got {name!r}")
+    ddpm, edm = scheduler_classes(), edm_scheduler_classes()
+    if name not in ddpm and name not in edm:
+        raise UserError(f"scheduler must be one of {', '.join([*ddpm, *edm])}; got {name!r}")
+    if is_edm_config(config) != (name in edm):
+        kind, fits = ("an EDM-trained", edm) if is_edm_config(config) else ("a DDPM-trained", ddpm)
+        raise UserError(f"scheduler {name} cannot sample {kind} model; use one of {', '.join(fits)}")
+    if name in edm:  # only the settings the chosen EDM scheduler takes (the others would be warned about)
+        accepted = inspect.signature(edm[name].__init__).parameters
+        return edm[name].from_config({k: v for k, v in config.items() if k in accepted})
+    extra = {}
     if name == "dpmsolver++":
-        options = {"algorithm_type": "dpmsolver++"}
+        extra["algorithm_type"] = "dpmsolver++"
         if config.get("clip_sample") and not config.get("thresholding"):
-            options.update(thresholding=True, sample_max_value=config.get("clip_sample_range", 1.0))
-        return classes[name].from_config(config, **options)
-    return classes[name].from_config(config)
+            extra.update(thresholding=True, sample_max_value=config.get("clip_sample_range", 1.0))
+    if config.get("beta_schedule") in OWN_BETA_SCHEDULES and config.get("trained_betas") is None and name != "ddpm":
+        # DDIM and DPM-Solver do not compute these schedules themselves: hand them the training betas
+        extra["trained_betas"] = DDPMScheduler.from_config(config).betas.tolist()
+    return ddpm[name].from_config(config, **extra)
 
 
 def check_sampler_steps(scheduler, steps: int) -> None:
     """A one-sentence error for step counts the sampler cannot take (diffusers would fail with an IndexError
     halfway through sampling: DPM-Solver++ needs fewer steps than the training timesteps)."""
+    if is_edm_scheduler(scheduler):  # continuous noise levels: any positive step count
+        if steps < 1:
+            raise UserError(f"{steps} sampling steps: this sampler takes at least 1 step")
+        return
     limit = scheduler.config.num_train_timesteps
     multistep = isinstance(scheduler, scheduler_classes()["dpmsolver++"])
     if steps < 1 or steps > limit or (multistep and steps >= limit):
@@ -57,89 +104,9 @@ def check_sampler_steps(scheduler, steps: int) -> None:
                         f"{limit} timesteps")
 
 
-GUIDED_PIPELINE_MODULE = "guided_ddpm_pipeline"  # the file name of guided_pipeline.py inside exported folders
-
-
-def needs_guided_pipeline(unet) -> bool:
-    """Class-conditional or learned-variance UNets need GuidedDDPMPipeline; the rest are plain DDPMPipelines."""
-    return unet.config.num_class_embeds is not None or unet.config.out_channels != unet.config.in_channels
-
-
-def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None):
-    """A plain diffusers DDPMPipeline for an unconditional UNet, a GuidedDDPMPipeline otherwise."""
-    from diffusers import DDPMPipeline
-
-    if needs_guided_pipeline(unet):
-        from .guided import GuidedDDPMPipeline
-
-        return GuidedDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
-    return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-
-
-CLASSIFIER_MODULE = "classifier"  # the file name of classifier.py inside a pipeline folder's classifier/ folder
-
-
-def _ship_pipeline_code(folder: Path, pipe) -> None:
-    """Make a GuidedDDPMPipeline folder loadable by plain diffusers: copy the class's source file into it and name
-    it in model_index.json, diffusers' convention for custom pipelines (loaded with trust_remote_code=True). A
-    saved classifier ships its source as `classifier/classifier.py`, diffusers' convention for custom components
-    (`get_class_obj_and_candidates` loads `<component>/<library>.py` of a ["<library>", "<class>"] entry)."""
-    from ..models import classifier
-    from . import guided
-
-    shutil.copyfile(guided.__file__, folder / f"{GUIDED_PIPELINE_MODULE}.py")
-    index_path = folder / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["_class_name"] = [GUIDED_PIPELINE_MODULE, "GuidedDDPMPipeline"]
-    if getattr(pipe, "classifier", None) is not None:
-        shutil.copyfile(classifier.__file__, folder / "classifier" / f"{CLASSIFIER_MODULE}.py")
-        index["classifier"] = [CLASSIFIER_MODULE, type(pipe.classifier).__name__]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def save_pipeline(pipe, path: str | Path, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write `pipe` as a `DiffusionPipeline.from_pretrained`-loadable folder (safetensors) atomically at `path`,
-    with the code of a GuidedDDPMPipeline and its classifier; `write_extra(folder)` adds more files before the
-    folder is moved into place."""
-    from .guided import GuidedDDPMPipeline
-
-    path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    if isinstance(pipe, GuidedDDPMPipeline):
-        _ship_pipeline_code(tmp, pipe)
-    if write_extra is not None:
-        write_extra(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None,
-                    class_names: Optional[list] = None, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """Export a trained UNet and its noise scheduler as a pipeline folder at `path` (see `save_pipeline`)."""
-
-    def extras(folder: Path) -> None:
-        if training_config_yaml is not None:
-            (folder / TRAINING_CONFIG_NAME).write_text(training_config_yaml)
-        if write_extra is not None:
-            write_extra(folder)
-
-    return save_pipeline(build_pipeline(unet, noise_scheduler, class_names), path, extras)
-
-
 def _load_guided(model: str, dtype):
     """Build a GuidedDDPMPipeline from our own classes (no remote code is executed) and the folder's components;
     a saved classifier is loaded in float32, as classifier guidance differentiates it."""
-    from diffusers import DiffusionPipeline, UNet2DModel
-
-    from ..models.classifier import NoiseAwareClassifier
-    from .guided import GuidedDDPMPipeline
-
     index = DiffusionPipeline.load_config(model)
     unet = UNet2DModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
     scheduler_class = getattr(importlib.import_module("diffusers"), index["scheduler"][1])
@@ -155,22 +122,59 @@ def _load_guided(model: str, dtype):
                               class_names=index.get("class_names"), **defaults)
 
 
-def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype] = None):
-    """Load any diffusers pipeline from a local folder or a Hub id, with one-line errors for the usual mistakes."""
-    from diffusers import DiffusionPipeline
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off (HF_HUB_OFFLINE), now or when huggingface_hub was imported."""
+    return hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
-    local = Path(model)
-    looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_local and not (local / "model_index.json").is_file():
+
+def shipped_code(folder: Path, index: dict) -> list[Path]:
+    """The .py files of a local pipeline folder that diffusers would import to load it: the pipeline class
+    (`_class_name: [module, class]`) and components of a custom class (`unet: [module, class]` ->
+    unet/<module>.py)."""
+    candidates = []
+    class_name = index.get("_class_name")
+    if isinstance(class_name, list) and class_name and class_name[0]:
+        candidates.append(folder / f"{class_name[0]}.py")
+    for name, value in index.items():
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+            candidates.append(folder / name / f"{value[0]}.py")
+    return [path for path in candidates if path.is_file()]
+
+
+def _refuse_code(model: str, files: list) -> UserError:
+    named = ", ".join(str(f) for f in files) if files else "Python files"
+    return UserError(f"{model} ships code that loading it would run ({named}); read it, and if you trust it pass "
+                     "--trust_remote_code (flowers-ddpm sample) or load it with DiffusionPipeline.from_pretrained("
+                     "..., trust_remote_code=True)")
+
+
+def load_pipeline(model: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                  trust_remote_code: bool = False):
+    """Load any diffusers pipeline from a local folder or a Hub id, with one-line errors for the usual mistakes.
+    A pipeline that ships its own code (a custom pipeline or component class) is refused unless
+    `trust_remote_code`; our own GuidedDDPMPipeline folders are built from our classes and run none of theirs."""
+    hub = is_hub_id(model)
+    if not hub and not (Path(model) / "model_index.json").is_file():
         raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        class_name = DiffusionPipeline.load_config(model).get("_class_name")
+        index = DiffusionPipeline.load_config(model)
+        class_name = index.get("_class_name")
         if isinstance(class_name, list) and class_name[1] == "GuidedDDPMPipeline":
             pipe = _load_guided(model, dtype)
         else:
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+            if not hub and not trust_remote_code and shipped_code(Path(model), index):
+                raise _refuse_code(model, shipped_code(Path(model), index))
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:  # huggingface_hub's not-found and connection errors are OSErrors
+        if hub and hub_offline():
+            raise UserError(f"cannot load pipeline {model}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) "
+                            f"and {model} is not in the local cache; unset HF_HUB_OFFLINE to download it, or pass a "
+                            "local pipeline folder") from None
         raise UserError(f"cannot load pipeline {model}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):  # a Hub repo that ships code (diffusers refuses it)
+            raise _refuse_code(model, []) from None
+        raise
     pipe.set_progress_bar_config(leave=False)
     return prepare_for_sampling(pipe.to(device))
 
@@ -185,24 +189,8 @@ def prepare_for_sampling(pipe):
     return pipe
 
 
-def resolve_class_labels(pipe, class_labels: Optional[list], classifier=None) -> Optional[list[int]]:
-    """Class indices for labels given as indices or names (of the pipeline's classes, or of the guiding
-    classifier's for an unconditional model); one-sentence errors for a wrong label or model."""
-    if not class_labels:
-        return None
-    classifier = classifier if classifier is not None else getattr(pipe, "classifier", None)
-    if getattr(pipe, "num_classes", None) is None and classifier is None:
-        raise UserError("--class_labels needs a class-conditional pipeline or --classifier; this model is unconditional")
-    try:
-        return pipe.label_ids(class_labels, classifier)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 def load_classifier(path: str, device: torch.device):
     """A noise-aware classifier folder written by `train-classifier` (float32, eval mode)."""
-    from ..models.classifier import NoiseAwareClassifier
-
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise UserError(f"--classifier {path} is not a classifier folder (no config.json; pass the --output_dir "
@@ -215,12 +203,12 @@ def load_classifier(path: str, device: torch.device):
 def with_classifier(pipe, classifier):
     """The pipeline as a GuidedDDPMPipeline (a plain DDPMPipeline is wrapped, sharing its UNet and scheduler),
     after checking that the classifier fits it: same resolution, noise schedule and classes."""
-    from .guided import GuidedDDPMPipeline
-
     config, unet = classifier.config, pipe.unet
     if config.sample_size != unet.config.sample_size:
         raise UserError(f"the classifier works at {config.sample_size} px but the model generates "
                         f"{unet.config.sample_size} px images")
+    if is_edm_scheduler(pipe.scheduler):
+        raise UserError("classifier guidance needs a DDPM-trained model; this one samples with an EDM scheduler")
     schedule = {k: pipe.scheduler.config.get(k) for k in (config.noise_schedule or {})}
     if schedule != (config.noise_schedule or {}):
         raise UserError(f"the classifier was trained on the noise schedule {config.noise_schedule} but the model "
@@ -237,34 +225,16 @@ def with_classifier(pipe, classifier):
     return guided
 
 
-def attach_classifier(model: str, classifier_dir: str, output: str | Path, classifier_scale: float = 1.0,
-                      guidance_scale: float = 1.0) -> Path:
-    """Write a GuidedDDPMPipeline folder at `output`: the pipeline `model` (conditional or not) with the classifier
-    of `classifier_dir` as its saved `classifier` component and the given default guidance scales, loadable with
-    only diffusers installed. The source's training config is kept."""
-    device = torch.device("cpu")
-    classifier = load_classifier(classifier_dir, device)
-    pipe = with_classifier(load_pipeline(model, device), classifier)
-    pipe.register_modules(classifier=classifier)
-    pipe.register_to_config(classifier_scale=float(classifier_scale), guidance_scale=float(guidance_scale))
-    source_config = Path(model) / TRAINING_CONFIG_NAME
-
-    def copy_training_config(folder: Path) -> None:
-        if source_config.is_file():
-            shutil.copyfile(source_config, folder / TRAINING_CONFIG_NAME)
-
-    return save_pipeline(pipe, output, copy_training_config)
-
-
 def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[str] = None,
              batch_size: int = 16, class_labels: Optional[list[int]] = None,
              guidance_scale: Optional[float] = None, classifier=None,
-             classifier_scale: Optional[float] = None) -> list[Image.Image]:
+             classifier_scale: Optional[float] = None, progress: bool = False) -> list[Image.Image]:
     """Generate images; image i uses its own generator seeded with seed + i, so batch size does not change them.
 
     With `class_labels` image i is of class `class_labels[i % len(class_labels)]` (class-conditional pipelines, or
     any GuidedDDPMPipeline with a noise-aware `classifier` or a saved one, which guides with `classifier_scale`).
-    Scales left out (None) take the pipeline's defaults.
+    Scales left out (None) take the pipeline's defaults. The pipeline's own progress bar (one per batch) is off;
+    `progress` shows one bar over all images instead.
     """
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -272,26 +242,37 @@ def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[s
     images: list[Image.Image] = []
     # classifier guidance differentiates the classifier, which inference_mode tensors do not allow
     guided = classifier is not None or getattr(pipe, "classifier", None) is not None
-    with torch.no_grad() if guided else torch.inference_mode():
-        for start in range(0, num_images, batch_size):
-            count = min(batch_size, num_images - start)
-            generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
-            extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-            if classifier is not None:
-                extra["classifier"] = classifier
-            if classifier_scale is not None:
-                extra["classifier_scale"] = classifier_scale
-            if class_labels:
-                extra["class_labels"] = [class_labels[(start + i) % len(class_labels)] for i in range(count)]
-            images += pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="pil",
-                           **extra).images
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))  # the caller's settings, restored at the end
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        with torch.no_grad() if guided else torch.inference_mode(), \
+                tqdm(total=num_images, desc="sample", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, num_images, batch_size):
+                count = min(batch_size, num_images - start)
+                images += _generate_batch(pipe, start, count, steps, seed, class_labels, guidance_scale, classifier,
+                                          classifier_scale)
+                bar.update(count)
+    finally:
+        pipe.set_progress_bar_config(**bar_config)
     return images
+
+
+def _generate_batch(pipe, start: int, count: int, steps: int, seed: int, class_labels, guidance_scale, classifier,
+                    classifier_scale) -> list[Image.Image]:
+    """Images start .. start + count - 1 of `generate`."""
+    generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
+    extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    if classifier is not None:
+        extra["classifier"] = classifier
+    if classifier_scale is not None:
+        extra["classifier_scale"] = classifier_scale
+    if class_labels:
+        extra["class_labels"] = [class_labels[(start + i) % len(class_labels)] for i in range(count)]
+    return pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="pil", **extra).images
 
 
 def image_grid(images: list[Image.Image]) -> Image.Image:
     """A near-square grid (diffusers' make_image_grid), padding the last row with black tiles."""
-    from diffusers.utils import make_image_grid
-
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     padded = images + [Image.new("RGB", images[0].size)] * (rows * cols - len(images))

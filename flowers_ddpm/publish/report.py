@@ -1,21 +1,22 @@
 """The training report in <output_dir>/report/: loss curve, sample grids over training, a denoising progression.
 
-Reads only what a run wrote (report/loss.jsonl, samples/, the exported pipeline/), never the trainer.
+Reads only what a run wrote (the run log report/loss.jsonl, samples/, the exported pipeline/), never the trainer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from PIL import Image, ImageDraw
 
+from ..pipelines.sampling import load_pipeline, make_scheduler
+from .run_log import loss_curve
+
 logger = logging.getLogger(__name__)
-LOSS_LOG = "loss.jsonl"
 TRAINING_INFO = "training_info.json"
 FINAL_SAMPLES, SAMPLES_OVER_TRAINING = "final_samples.png", "samples_over_training.png"
 LOSS_CURVE, DENOISING = "loss_curve.png", "denoising.png"
@@ -27,21 +28,16 @@ def write_training_info(pipeline_dir: Path, step: int, seconds: float, hardware:
     (Path(pipeline_dir) / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def read_loss_log(path: Path) -> tuple[list[int], list[float]]:
-    """(steps, losses) from the trainer's JSON lines; a resumed run's later entry for a step wins."""
-    by_step: dict[int, float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                by_step[entry["step"]] = entry["loss"]
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
+def image_size(pipeline_dir: Path) -> Optional[int]:
+    """The px of the images a pipeline folder generates (its UNet's sample_size), None when unknown."""
+    config = Path(pipeline_dir) / "unet" / "config.json"
+    size = json.loads(config.read_text()).get("sample_size") if config.is_file() else None
+    return size if isinstance(size, int) else size[0] if isinstance(size, (list, tuple)) else None
 
 
-def plot_loss_curve(loss_log: Path, out: Path) -> Optional[Path]:
-    """Loss against optimizer step as a PNG; None when nothing was logged."""
-    steps, losses = read_loss_log(loss_log)
+def plot_loss_curve(output_dir: str | Path, out: Path) -> Optional[Path]:
+    """The run's loss against optimizer step as a PNG; None when nothing was logged."""
+    steps, losses = loss_curve(output_dir)
     if not steps:
         return None
     import matplotlib
@@ -62,13 +58,24 @@ def plot_loss_curve(loss_log: Path, out: Path) -> Optional[Path]:
     return out
 
 
-def _labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
-    """Tiles side by side, each with a caption strip above it; tiny tiles are enlarged so captions fit."""
+MIN_SHOWN_PX = 64  # images smaller than this are enlarged (nearest neighbour) in everything people look at
+
+
+def enlarge(image: Image.Image, image_size: int, minimum: int = MIN_SHOWN_PX) -> Image.Image:
+    """`image` (one image or a grid of images of `image_size` px) enlarged by a whole factor with nearest
+    neighbour, so each image is at least `minimum` px on screen; unchanged when it already is."""
+    scale = max(1, -(-minimum // max(image_size, 1)))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
+def labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str], image_size: Optional[int] = None,
+                 gap: int = 0) -> Image.Image:
+    """Tiles side by side, `gap` px apart, each with a caption strip above it. Tiles are single images, or grids of
+    images of `image_size` px; small images are enlarged so each is at least 64 px and captions fit."""
     caption = 14
-    scale = max(1, -(-64 // min(t.width for t in tiles)))
-    tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles] if scale > 1 else tiles
-    width, height = max(t.width for t in tiles), max(t.height for t in tiles)
-    row = Image.new("RGB", (width * len(tiles), height + caption), "white")
+    tiles = [enlarge(t, image_size or min(t.width for t in tiles)) for t in tiles]
+    width, height = max(t.width for t in tiles) + gap, max(t.height for t in tiles)
+    row = Image.new("RGB", (width * len(tiles) - gap, height + caption), "white")
     draw = ImageDraw.Draw(row)
     for i, (tile, label) in enumerate(zip(tiles, labels)):
         row.paste(tile, (i * width, caption))
@@ -76,16 +83,30 @@ def _labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str]) -> Image.
     return row
 
 
-def samples_over_training(samples_dir: Path, out: Path, max_columns: int = 6) -> Optional[Path]:
-    """The sample grids at (up to) `max_columns` evenly spaced steps, labelled with their step."""
+def evenly_spaced(count: int, picks: int) -> list[int]:
+    """`picks` (or all `count`) indices from 0 to count - 1, evenly spaced, always with the first and the last."""
+    if count <= picks:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / max(picks - 1, 1)) for i in range(picks)})
+
+
+def samples_over_training(samples_dir: Path, out: Path, max_columns: int = 6,
+                          image_size: Optional[int] = None) -> Optional[Path]:
+    """The sample grids at (up to) `max_columns` evenly spaced steps, the last one included, labelled with their
+    step; `image_size`: the px of one image in the grids (small ones are enlarged)."""
     grids = sorted(samples_dir.glob("step-*.png"))
     if not grids:
         return None
-    picks = sorted({round(i * (len(grids) - 1) / max(max_columns - 1, 1)) for i in range(min(max_columns, len(grids)))})
-    chosen = [grids[i] for i in picks]
-    _labelled_row([Image.open(p).convert("RGB") for p in chosen],
-                  [f"step {int(p.stem.split('-')[1])}" for p in chosen]).save(out)
+    chosen = [grids[i] for i in evenly_spaced(len(grids), max_columns)]
+    labelled_row([Image.open(p).convert("RGB") for p in chosen],
+                 [f"step {int(p.stem.split('-')[1])}" for p in chosen], image_size, gap=4).save(out)
     return out
+
+
+def strip_indices(steps: int, columns: int) -> set[int]:
+    """Which of the states x_T .. x_0 of `steps` sampling steps a denoising strip shows: `columns` evenly spaced
+    indices into the steps taken, 0 = the initial noise, `steps` = the image."""
+    return {round(i * steps / (columns - 1)) for i in range(columns)}
 
 
 @torch.inference_mode()
@@ -95,8 +116,6 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
 
     This repeats DDPMPipeline's sampling loop because the pipeline returns only the final image, not x_t.
     """
-    from ..pipelines.sampling import make_scheduler
-
     unet = pipe.unet
     sched = make_scheduler(scheduler, pipe.scheduler.config) if scheduler else pipe.scheduler
     pipe.scheduler = sched
@@ -104,7 +123,7 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
     model_output = getattr(pipe, "scheduler_input", lambda x, t: unet(x, t).sample)
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    keep = {round(i * steps / (columns - 1)) for i in range(columns)}  # indices into the steps taken, 0 = noise
+    keep = strip_indices(steps, columns)
     rows, labels = [], []
     for seed in seeds:
         sched.set_timesteps(steps)  # also resets multistep solvers' state (DPM-Solver++ fails without it)
@@ -113,12 +132,12 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
         tiles, labels = [], []
         for i, t in enumerate(list(sched.timesteps) + [None]):
             if i in keep:
-                tiles.append(_to_image(x))
+                tiles.append(tensor_to_image(x))
                 labels.append("noise" if i == 0 else f"t={int(t)}" if t is not None else "t=0")
             if t is not None:
                 x = sched.step(model_output(x, t), t, x, generator=generator).prev_sample
         rows.append(tiles)
-    grid = [_labelled_row(tiles, labels if r == 0 else [""] * len(tiles)) for r, tiles in enumerate(rows)]
+    grid = [labelled_row(tiles, labels if r == 0 else [""] * len(tiles)) for r, tiles in enumerate(rows)]
     strip = Image.new("RGB", (grid[0].width, sum(g.height for g in grid)), "white")
     for r, row in enumerate(grid):
         strip.paste(row, (0, sum(g.height for g in grid[:r])))
@@ -126,21 +145,22 @@ def denoising_strip(pipe, out: Path, seeds: Sequence[int] = (0, 1, 2), columns: 
     return out
 
 
-def _to_image(x: torch.Tensor) -> Image.Image:
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """The first image of a batch in [-1, 1] as an RGB image."""
     array = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
 
 
 def write_report(output_dir: str | Path, steps: int = 50, scheduler: Optional[str] = None, seed: int = 0) -> Path:
     """Write loss_curve.png, samples_over_training.png, final_samples.png and denoising.png under report/."""
-    from ..pipelines.sampling import load_pipeline
-
     output_dir = Path(output_dir)
     folder = output_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    plot_loss_curve(folder / LOSS_LOG, folder / LOSS_CURVE)
-    if samples_over_training(output_dir / "samples", folder / SAMPLES_OVER_TRAINING):
-        shutil.copyfile(sorted((output_dir / "samples").glob("step-*.png"))[-1], folder / FINAL_SAMPLES)
+    plot_loss_curve(output_dir, folder / LOSS_CURVE)
+    size = image_size(output_dir / "pipeline")
+    if samples_over_training(output_dir / "samples", folder / SAMPLES_OVER_TRAINING, image_size=size):
+        final = Image.open(sorted((output_dir / "samples").glob("step-*.png"))[-1])
+        enlarge(final, size or final.width).save(folder / FINAL_SAMPLES)
     if (output_dir / "pipeline" / "model_index.json").is_file():
         pipe = load_pipeline(str(output_dir / "pipeline"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         denoising_strip(pipe, folder / DENOISING, seeds=(seed, seed + 1, seed + 2), steps=steps, scheduler=scheduler)

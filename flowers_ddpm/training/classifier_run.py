@@ -11,60 +11,59 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
-from ..config.loading import TrainConfig, classifier_eval_timesteps
+from .._util.atomic import atomic_files_into
+from ..config.sections import TrainConfig
+from ..config.validation import classifier_eval_timesteps
 from ..errors import UserError
+from ..evaluation.reference import real_image_batches
+from ..models.classifier import classifier_for_unet
+from ..models.unet import build_noise_scheduler, unet_kwargs, unet_overrides
+from ..objectives.classifier import ClassifierObjective
+from ..publish.report import LOSS_CURVE, plot_loss_curve
+from .device import configure_backends
+from .optimization import build_optimization
+from .run_setup import device_batches, init_trackers, loop_settings, run_trainer, start_run
+from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
 ACCURACY_FILE = "accuracy.json"
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
 
 
-class ClassifierObjective:
-    """Cross-entropy of the classifier on x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at t uniform in [0, T)."""
-
-    def __init__(self, noise_scheduler):
-        self.scheduler = noise_scheduler
-        self.num_timesteps = noise_scheduler.config.num_train_timesteps
-
-    def __call__(self, model, batch: dict) -> torch.Tensor:
-        clean = batch["pixel_values"]
-        timesteps = torch.randint(0, self.num_timesteps, (clean.shape[0],), device=clean.device)
-        noisy = self.scheduler.add_noise(clean, torch.randn_like(clean), timesteps)
-        return torch.nn.functional.cross_entropy(model(noisy, timesteps).float(), batch["class_labels"])
-
-
 class AccuracyEvaluator:
-    """Top-1 accuracy at fixed noise levels on `classifier_eval_images` center-cropped images (each process scores
-    its share, counts are summed), with the same noise at every evaluation; the main process writes
-    <output_dir>/accuracy.json."""
+    """Top-1 accuracy at fixed noise levels on `classifier_eval_images` center-cropped images, as many of each
+    class as the data allow (each process scores its share, counts are summed), with the same noise at every
+    evaluation; the main process writes <output_dir>/accuracy.json. The images are held out when
+    --classifier_eval_split names a split other than the training one."""
 
     def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
-        from ..evaluation.reference import real_image_batches
-
-        self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.seed
+        self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.run.seed
         self.levels = classifier_eval_timesteps(cfg)
-        self.split = cfg.classifier_eval_split or cfg.dataset_split
-        eval_cfg = dataclasses.replace(cfg, dataset_split=self.split, center_crop=True)
+        self.split = cfg.classifier.classifier_eval_split or cfg.data.dataset_split
+        self.held_out = self.split != cfg.data.dataset_split
+        eval_data = dataclasses.replace(cfg.data, dataset_split=self.split, center_crop=True)
         self.batches = [(images, labels) for _, images, labels in real_image_batches(
-            eval_cfg, accelerator.process_index, accelerator.num_processes, cfg.eval_batch_size,
-            cfg.classifier_eval_images)]
-        self.output = Path(cfg.output_dir) / ACCURACY_FILE
+            eval_data, accelerator.process_index, accelerator.num_processes, cfg.run.eval_batch_size,
+            cfg.classifier.classifier_eval_images, class_balanced=True)]
+        self.output = Path(cfg.run.output_dir) / ACCURACY_FILE
 
     @torch.no_grad()
-    def accuracies(self, model) -> tuple[list[float], int]:
-        """(accuracy at each noise level, number of images) over all processes."""
+    def accuracies(self, model) -> tuple[list[float], int, list[int]]:
+        """(accuracy at each noise level, number of images, images per class) over all processes."""
         device = self.accelerator.device
         generator = torch.Generator().manual_seed(self.seed + self.accelerator.process_index)
-        correct = torch.zeros(len(self.levels) + 1, device=device)  # last entry: number of images
+        num_classes = model.config.num_classes
+        # accuracy at each level, then the number of images, then the images of each class
+        correct = torch.zeros(len(self.levels) + 1 + num_classes, device=device)
         for images, labels in self.batches:
             clean, labels = images.to(device).float() / 127.5 - 1, labels.to(device)
-            correct[-1] += len(labels)
+            correct[len(self.levels)] += len(labels)
+            correct[len(self.levels) + 1:] += torch.bincount(labels, minlength=num_classes).float()
             for i, t in enumerate(self.levels):
                 timesteps = torch.full((len(labels),), t, device=device, dtype=torch.long)
                 noise = torch.randn(clean.shape, generator=generator).to(device)
@@ -72,20 +71,24 @@ class AccuracyEvaluator:
                 correct[i] += (logits.argmax(-1) == labels).sum()
         if self.accelerator.num_processes > 1:
             correct = self.accelerator.reduce(correct, reduction="sum")
-        total = int(correct[-1].item())
-        return [c / max(total, 1) for c in correct[:-1].tolist()], total
+        values = correct.tolist()
+        total = int(values[len(self.levels)])
+        per_class = [int(v) for v in values[len(self.levels) + 1:]]
+        return [c / max(total, 1) for c in values[:len(self.levels)]], total, per_class
 
     def __call__(self, model, step: int) -> dict:
         was_training = model.training
         model.eval()
-        accuracy, total = self.accuracies(model)
+        accuracy, total, per_class = self.accuracies(model)
         model.train(was_training)
         by_level = {str(t): round(a, 4) for t, a in zip(self.levels, accuracy)}
         if self.accelerator.is_main_process:
-            report = {"step": step, "num_images": total, "split": self.split, "accuracy": by_level}
+            report = {"step": step, "num_images": total, "split": self.split, "held_out": self.held_out,
+                      "images_per_class": per_class, "chance": round(1 / len(per_class), 4), "accuracy": by_level}
             self.output.write_text(json.dumps(report, indent=2) + "\n")
-            logger.info("step %d: accuracy on %d images at t=%s", step, total,
-                        ", ".join(f"{t}: {a:.3f}" for t, a in by_level.items()))
+            seen = "held-out" if self.held_out else "training (set --classifier_eval_split to hold images out)"
+            logger.info("step %d: accuracy on %d %s images (at least %d per class; chance %.3f) at t=%s", step, total, seen,
+                        min(per_class), 1 / len(per_class), ", ".join(f"{t}: {a:.3f}" for t, a in by_level.items()))
         return {f"accuracy/t={t}": a for t, a in by_level.items()}
 
 
@@ -99,13 +102,10 @@ class ClassifierPublisher:
     def sample_grid(self, model, step: int):
         return None
 
-    def export(self, model, step: int) -> None:
-        tmp = self.output_dir / "classifier.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        for path in tmp.iterdir():  # file by file, each atomically, so a reader never sees a half-written file
-            os.replace(path, self.output_dir / path.name)
-        tmp.rmdir()
+    def export(self, model, step: int, training_seconds: float) -> None:
+        # file by file, each atomically: the output folder also holds checkpoints, logs and the report
+        with atomic_files_into(self.output_dir, "classifier.tmp") as staging:
+            model.save_pretrained(str(staging), safe_serialization=True)
         logger.info("exported the classifier at step %d to %s", step, self.output_dir)
 
 
@@ -119,45 +119,32 @@ def classifier_classes(cfg: TrainConfig, source) -> list[str]:
 
 def build_classifier(cfg: TrainConfig, class_names: list[str], noise_scheduler):
     """The encoder half of the configured UNet preset with an attention-pooling head."""
-    from ..models.classifier import classifier_for_unet
-    from ..models.unet import unet_kwargs
-    from .diffusion_run import unet_overrides
-
     schedule = {k: noise_scheduler.config[k] for k in SCHEDULE_KEYS}
-    return classifier_for_unet(unet_kwargs(cfg.model_preset, unet_overrides(cfg), cfg.resolution), cfg.resolution,
+    return classifier_for_unet(unet_kwargs(cfg.model.model_preset, unet_overrides(cfg.model), cfg.data.resolution), cfg.data.resolution,
                                class_names, schedule)
 
 
 def run_classifier_training(cfg: TrainConfig) -> Path:
     """Train the noise-aware classifier as configured; returns the output folder (the exported classifier)."""
-    from accelerate.utils import set_seed
-
-    from ..models.unet import build_noise_scheduler
-    from .device import configure_backends
-    from ..publish.report import LOSS_CURVE, LOSS_LOG, plot_loss_curve
-    from .diffusion_run import build_optimization, device_batches, init_trackers, loop_settings, run_trainer, start_run
-    from .trainer import Trainer
-
-    if cfg.init_from or cfg.lora_rank or cfg.class_conditional:
+    if cfg.finetune.init_from or cfg.finetune.lora_rank or cfg.model.class_conditional:
         raise UserError("train-classifier trains a classifier from scratch; init_from, lora_rank and "
                         "class_conditional apply to the diffusion model (train)")
-    if (Path(cfg.output_dir) / "pipeline").exists():
-        raise UserError(f"output_dir {cfg.output_dir} holds a diffusion training run; give train-classifier its own "
+    if (Path(cfg.run.output_dir) / "pipeline").exists():
+        raise UserError(f"output_dir {cfg.run.output_dir} holds a diffusion training run; give train-classifier its own "
                         "--output_dir")
-    accelerator, source, class_names, max_steps, resume_from = start_run(cfg, classifier_classes)
-    configure_backends(cfg.allow_tf32)
-    set_seed(cfg.seed)  # identical initial weights on every process
-    noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
+    accelerator, source, class_names, max_steps, resume_from, per_epoch = start_run(cfg, classifier_classes)
+    configure_backends(cfg.speed.allow_tf32)
+    set_seed(cfg.run.seed)  # identical initial weights on every process
+    noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type)
     model = build_classifier(cfg, class_names, noise_scheduler)
     evaluator = AccuracyEvaluator(cfg, accelerator, noise_scheduler)
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, model.parameters(), accelerator, max_steps)
     batches = device_batches(cfg, source, accelerator)
     init_trackers(cfg, accelerator)
-    settings = dataclasses.replace(loop_settings(cfg, max_steps), eval_steps=cfg.classifier_eval_steps or max_steps)
+    settings = dataclasses.replace(loop_settings(cfg, max_steps, per_epoch), eval_steps=cfg.classifier.classifier_eval_steps or max_steps)
     trainer = Trainer(accelerator, model, ClassifierObjective(noise_scheduler), optimizer, lr_scheduler, ema,
-                      batches, ClassifierPublisher(cfg.output_dir), settings, evaluator)
+                      batches, ClassifierPublisher(cfg.run.output_dir), settings, evaluator)
     run_trainer(trainer, accelerator, resume_from)
     if accelerator.is_main_process:
-        report = Path(cfg.output_dir) / "report"
-        plot_loss_curve(report / LOSS_LOG, report / LOSS_CURVE)
-    return Path(cfg.output_dir)
+        plot_loss_curve(cfg.run.output_dir, Path(cfg.run.output_dir) / "report" / LOSS_CURVE)
+    return Path(cfg.run.output_dir)

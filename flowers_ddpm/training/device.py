@@ -8,6 +8,7 @@ contiguous layout that safetensors checkpoints and exports require.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Iterator
 
@@ -33,22 +34,15 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-def build_optimizer(params, lr: float, betas: tuple, weight_decay: float, eps: float,
-                    fused: bool = True) -> torch.optim.AdamW:
-    """AdamW; the fused kernel (one launch for all parameters; CUDA and CPU) unless `fused` is False, which gives
-    PyTorch's default implementation as in diffusers' example."""
-    kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
-    if fused:
-        try:
-            return torch.optim.AdamW(params, fused=True, **kwargs)
-        except RuntimeError as e:  # a device without fused kernels
-            logger.info("fused AdamW unavailable (%s); using foreach", e)
-            return torch.optim.AdamW(params, foreach=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False):
-    """Enable gradient checkpointing and/or compile the UNet in place (before `accelerator.prepare`)."""
+def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False, xformers: bool = False):
+    """Enable gradient checkpointing, xformers attention and/or compile the UNet in place (before
+    `accelerator.prepare`)."""
+    if xformers:
+        if importlib.util.find_spec("xformers") is not None:
+            model.enable_xformers_memory_efficient_attention()
+        else:
+            logger.info("xformers is not installed: attention uses PyTorch's scaled_dot_product_attention, which is "
+                        "memory-efficient as well")
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if compile:

@@ -1,0 +1,66 @@
+"""Class labels and guidance scales: the one place that resolves and checks them, for `sample`, `evaluate` and
+`sweep` (before its trials train).
+
+Labels are class indices, digit strings or class names (case-insensitive); a class-conditional pipeline names its
+own classes, an unconditional one guided by a noise-aware classifier takes the classifier's. GuidedDDPMPipeline
+(pipelines/guided.py) keeps a minimal check of its own arguments: it ships inside exported folders and may import
+only torch and diffusers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from ..errors import UserError
+
+
+def class_ids(class_labels: Sequence, class_names: Optional[Sequence[str]], num_classes: Optional[int]) -> list[int]:
+    """Class indices for labels given as indices, digit strings or names of `class_names`; a one-sentence error for
+    an unknown name or an index out of range."""
+    names = [str(name).lower() for name in class_names or []]
+    ids = []
+    for label in class_labels:
+        text = label.strip() if isinstance(label, str) else None
+        if text is not None and text.lower() in names:
+            ids.append(names.index(text.lower()))
+        elif isinstance(label, int) or (text is not None and text.isdigit()):
+            ids.append(int(label))
+        else:
+            raise UserError(f"unknown class {label!r}; classes are {', '.join(names) or 'indices'}")
+        if not 0 <= ids[-1] < (num_classes or 0):
+            raise UserError(f"class index {ids[-1]} is out of range for {num_classes} classes")
+    return ids
+
+
+def resolve_conditioning(pipe, class_labels: Optional[Sequence], guidance_scale: Optional[float] = None,
+                         classifier=None, classifier_scale: Optional[float] = None,
+                         every_class: bool = False) -> Optional[list[int]]:
+    """The class indices to draw images of (None: unconditional), after checking that the labels, the
+    classifier-free `guidance_scale`, the guiding `classifier` (one passed in; else the pipeline's saved one) and
+    its `classifier_scale` fit the pipeline; one-sentence errors otherwise. Without labels a class-conditional
+    pipeline draws every class in turn when `every_class` (evaluation), else unlabelled images through its "no
+    class" token (sampling)."""
+    num_classes = getattr(pipe, "num_classes", None)
+    guide = classifier if classifier is not None else getattr(pipe, "classifier", None)
+    if classifier_scale is not None and guide is None:
+        raise UserError("--classifier_scale needs --classifier (the folder written by train-classifier) or a "
+                        "pipeline that carries one (attach-classifier)")
+    if every_class and guidance_scale is not None and num_classes is None:
+        raise UserError("--guidance_scale needs a class-conditional pipeline; this model is unconditional")
+    labels = None
+    if class_labels:
+        if num_classes is None and guide is None:
+            raise UserError("--class_labels needs a class-conditional pipeline or --classifier; this model is "
+                            "unconditional")
+        guide_config = getattr(guide, "config", None)
+        names = pipe.config.get("class_names") or getattr(guide_config, "class_names", None)
+        labels = class_ids(class_labels, names, num_classes if num_classes is not None else
+                           getattr(guide_config, "num_classes", 0))
+    elif every_class and num_classes is not None:
+        labels = list(range(num_classes))
+    if classifier is not None and labels is None:
+        raise UserError("--classifier needs --class_labels (the classes to guide the samples towards)")
+    if guidance_scale is not None and (labels is None or num_classes is None):
+        raise UserError("--guidance_scale needs --class_labels and a class-conditional model (classifier-free "
+                        "guidance); use --classifier_scale to guide an unconditional model")
+    return labels
