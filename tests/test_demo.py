@@ -73,10 +73,11 @@ def test_a_request_draws_the_grid_sample_writes_and_the_first_images_steps(pipel
     assert np.array_equal(tile(4), np.asarray(result.images[0].resize((64, 64), Image.NEAREST)))
     assert not np.array_equal(tile(1), tile(0)) and not np.array_equal(tile(3), tile(4))
 
-    # the next request starts from the pipeline's own scheduler again, as a fresh `sample` run does
+    # the next request starts from the pipeline's own scheduler again (DDPM here; `sample`'s default is DDIM, so it
+    # is named), as a fresh `sample` run does
     again = model.run(Request(num_images=2, seed=0, sampler=None, steps=3))
     assert np.array_equal(np.asarray(again.grid), sample_grid(pipeline_dir, tmp_path / "b.png", "--num_images",
-                                                              "2", "--steps", "3"))
+                                                              "2", "--steps", "3", "--scheduler", "ddpm"))
     assert "DDPMScheduler with 3 steps" in again.summary
 
 

@@ -133,9 +133,16 @@ def build_unet(preset: str, resolution: int, overrides: Optional[dict] = None, n
 
 
 def build_noise_scheduler(num_steps: int, beta_schedule: str, prediction_type: str, learn_sigma: bool = False):
-    """The DDPMScheduler used for training (and exported with the pipeline)."""
+    """The DDPMScheduler used for training (and exported with the pipeline).
+
+    Its config is also what every sampler is built from (`DDIMScheduler.from_config`, also in plain diffusers), so
+    the sampling settings measured best in docs/sampling.md are pinned here rather than left to diffusers'
+    defaults: "leading" timestep spacing (diffusers' DDIM steps by num_train_timesteps // steps, which "linspace"
+    does not match) and x0 clipped to [-1, 1] (without it, briefly trained epsilon models diverge at large t).
+    """
     return DDPMScheduler(num_train_timesteps=num_steps, beta_schedule=beta_schedule, prediction_type=prediction_type,
-                         variance_type="learned_range" if learn_sigma else "fixed_small")
+                         variance_type="learned_range" if learn_sigma else "fixed_small",
+                         timestep_spacing="leading", clip_sample=True, clip_sample_range=1.0)
 
 
 

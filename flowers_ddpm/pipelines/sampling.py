@@ -49,6 +49,13 @@ def is_edm_config(config) -> bool:
     return "sigma_data" in config
 
 
+def default_sampler(config) -> Optional[str]:
+    """The sampler of the `sample` command without --scheduler: DDIM for DDPM-family models (the best measured in
+    docs/sampling.md; their own scheduler is usually DDPM, which measured worst at 50 steps), None (the
+    pipeline's own scheduler) for EDM models, which DDIM cannot sample."""
+    return None if is_edm_config(config) else "ddim"
+
+
 # a beta schedule only DDPMScheduler computes (DDIM and DPM-Solver take them as trained_betas)
 OWN_BETA_SCHEDULES = ("sigmoid",)
 
