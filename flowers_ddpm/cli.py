@@ -267,10 +267,13 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="decode threads of the stream path")
     parser.add_argument("--compile", action="store_true", help="torch.compile the optimized model")
     parser.add_argument("--mixed_precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
-                        help="optimized mode's precision (auto: bf16 where the device supports it)")
+                        help="optimized mode's precision (auto: timed at start as `train --mixed_precision auto` does)")
+    parser.add_argument("--variants", default="auto",
+                        help="variants part: comma-separated fp32|bf16|fp16[-nchw][+compile] (auto: the device's "
+                             "precision candidates, channels-last and NCHW, and compiled with --compile)")
     parser.add_argument("--sample_batch_size", type=int, default=16)
     parser.add_argument("--samplers", default=DEFAULT_SAMPLERS, help="name=steps,... of the samplers to time")
-    parser.add_argument("--parts", default="data,train,sample", help="which of data,train,sample to run")
+    parser.add_argument("--parts", default="data,train,sample", help="which of data,train,variants,sample to run")
     parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the GPU for MFU")
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     parser.add_argument("--work_dir", default=None, help="where generated images and caches go (default: temp)")

@@ -187,16 +187,21 @@ def test_benchmark_runs_a_tiny_config_and_writes_every_key(tmp_path, capsys):
     assert main(["benchmark", "--num_images", "8", "--image_size", "48", "--data_resolution", "16", "--resolution",
                  "16", "--train_batch_size", "2", "--warmup_steps", "1", "--steps", "1", "--rounds", "1",
                  "--sample_batch_size", "2", "--samplers", "ddpm=2,ddim=1,dpmsolver++=1", "--work_dir",
-                 str(tmp_path), "--json", str(out)]) == 0
+                 str(tmp_path), "--parts", "data,train,variants,sample", "--variants", "fp32,bf16-nchw",
+                 "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    data, train, sample = results["data"], results["train"], results["sample"]
+    data, train, sample, variants = results["data"], results["train"], results["sample"], results["variants"]
     assert data["images"] == 8 and data["stream_images_per_sec"] > 0 and data["cache_images_per_sec"] > 0
     assert data["speedup"] == data["cache_images_per_sec"] / data["stream_images_per_sec"]
     for mode in ("baseline", "optimized"):
         assert train[mode]["images_per_sec"] > 0 and {"peak_memory_mb", "mfu", "precision"} <= set(train[mode])
     assert train["speedup"] > 0 and train["model_gflops_per_image"] > 0
+    choice = train["optimized"]["precision_choice"]  # auto: timed as `train` times it, and what ran
+    assert choice["setting"] == "auto" and choice["used"] == train["optimized"]["precision"]
+    assert variants["timed_steps_per_variant"] == 1
+    assert all(variants[name]["images_per_sec"] > 0 for name in ("fp32", "bf16-nchw"))
     assert all(sample[name]["images_per_sec"] > 0 for name in ("ddpm", "ddim", "dpmsolver++"))
     assert {"load_average_start", "load_average_end", "device"} <= set(results["machine"])
     table = capsys.readouterr().out
-    assert "speedup" in table and "dpmsolver++" in table
+    assert "speedup" in table and "dpmsolver++" in table and "bf16-nchw" in table
     assert not [p for p in os.listdir(tmp_path) if p.startswith("flowers-ddpm-bench-")]  # temp files removed

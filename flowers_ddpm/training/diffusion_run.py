@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from accelerate.utils import set_seed
@@ -54,10 +55,11 @@ def class_guidance(model, cfg: TrainConfig) -> dict:
 class PipelinePublisher:
     """Sample grids (PNG under <output_dir>/samples/) and pipeline exports (<output_dir>/pipeline/)."""
 
-    def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None, hardware: str = "unknown"):
+    def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None, hardware: str = "unknown",
+                 precision: Optional[dict] = None):
         self.cfg, self.noise_scheduler, self.class_names = cfg, noise_scheduler, class_names
         self.output_dir = Path(cfg.run.output_dir)
-        self.hardware, self.started = hardware, time.time()
+        self.hardware, self.started, self.precision = hardware, time.time(), precision
 
     def _guidance(self, model) -> dict:
         return class_guidance(model, self.cfg)
@@ -80,7 +82,8 @@ class PipelinePublisher:
     def export(self, model, step: int) -> None:
         def write_extra(folder: Path) -> None:
             save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.finetune.init_from)  # only for LoRA
-            write_training_info(folder, step=step, seconds=time.time() - self.started, hardware=self.hardware)
+            write_training_info(folder, step=step, seconds=time.time() - self.started, hardware=self.hardware,
+                                mixed_precision=self.precision)
 
         path = export_pipeline(merged_unet(model), self.noise_scheduler, self.output_dir / "pipeline",
                                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra)
@@ -139,17 +142,8 @@ def model_classes(cfg: TrainConfig, source):
     return list(source.class_names)
 
 
-def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
-    """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
-    process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
-    accelerator, source, class_names, max_steps, resume_from, per_epoch = start_run(cfg, model_classes)
-    if accelerator.is_main_process and run_differences(cfg):
-        logger.info("defaults that differ from diffusers' train_unconditional.py (docs/diffusers-compatibility.md): "
-                    "%s", "; ".join(run_differences(cfg)))
-    num_classes = len(class_names) if class_names else None
-
-    configure_backends(cfg.speed.allow_tf32)
-    set_seed(cfg.run.seed)  # identical initial weights on every process
+def build_model(cfg: TrainConfig, num_classes):
+    """The UNet to train (preset or fine-tuned, with what trains selected), its noise scheduler and objective."""
     if cfg.finetune.init_from:
         model, noise_scheduler = load_for_finetuning(cfg.finetune.init_from, cfg.data.resolution, cfg.model)
         if num_classes:
@@ -162,13 +156,39 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     model = select_trainable(model, cfg.finetune)  # everything, --train_only parts, or LoRA adapters
     objective = DiffusionObjective(noise_scheduler, cfg.objective.snr_gamma, cfg.model.learn_sigma, cfg.objective.vlb_weight, num_classes,
                                    cfg.objective.class_dropout_prob)
+    return model, noise_scheduler, objective
+
+
+def model_probe(cfg: TrainConfig, class_names):
+    """What `--mixed_precision auto` times: a fresh copy of the model, trainable parameters and objective."""
+    def probe():
+        model, _, objective = build_model(cfg, len(class_names) if class_names else None)
+        return model, trainable_parameters(model), objective
+
+    return probe
+
+
+def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
+    """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
+    process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
+    accelerator, source, class_names, max_steps, resume_from, per_epoch, precision = start_run(cfg, model_classes,
+                                                                                               model_probe)
+    if accelerator.is_main_process and run_differences(cfg):
+        logger.info("defaults that differ from diffusers' train_unconditional.py (docs/diffusers-compatibility.md): "
+                    "%s", "; ".join(run_differences(cfg)))
+    num_classes = len(class_names) if class_names else None
+
+    configure_backends(cfg.speed.allow_tf32)
+    set_seed(cfg.run.seed)  # identical initial weights on every process
+    model, noise_scheduler, objective = build_model(cfg, num_classes)
     evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler, class_names) if cfg.eval.eval_steps else None
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, trainable_parameters(model), accelerator,
                                                              max_steps)
     batches = device_batches(cfg, source, accelerator)
     init_trackers(cfg, accelerator)
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
-                      PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator)),
+                      PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator),
+                                        precision.record(accelerator.mixed_precision)),
                       loop_settings(cfg, max_steps, per_epoch), evaluator)
     run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:
