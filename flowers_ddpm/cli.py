@@ -241,6 +241,15 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> None:
+    if args.suite == "gpu":
+        from .experiments.gpu_check import format_gpu_table, run_gpu_check
+
+        print(format_gpu_table(run_gpu_check(args)))
+        if args.json:
+            print(f"results written to {args.json}")
+        return
+    if args.dry_run:
+        raise UserError("--dry_run belongs to --suite gpu")
     from .experiments.benchmark import format_table, run_benchmark
 
     results = run_benchmark(args)
@@ -253,6 +262,12 @@ DEFAULT_SAMPLERS = "ddpm=1000,ddim=50,dpmsolver++=20"
 
 
 def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=("parts", "gpu"), default="parts",
+                        help="parts: the --parts below; gpu: the fixed GPU check of docs/benchmarks.md (ddpm step "
+                             "variants with MFU, adm largest batch, samplers in fp16/bf16, a 2-minute train run; its "
+                             "sizes are its own, it takes --device, --peak_tflops, --work_dir, --json, --dry_run)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="--suite gpu at tiny sizes: seconds on a CPU (keeps the suite tested)")
     parser.add_argument("--train_data_dir", default=None,
                         help="folder of images (default: a generated folder of --image_size JPEGs)")
     parser.add_argument("--num_images", type=int, default=256, help="images to generate without --train_data_dir")
