@@ -18,6 +18,7 @@ from flowers_ddpm.training.precision import (
     candidates,
     choose,
     describe,
+    measure_candidates,
     resolve_mixed_precision,
     time_variants,
 )
@@ -145,3 +146,9 @@ def test_auto_is_the_default_and_train_records_what_ran(image_folder, tmp_path, 
     assert main(["train", *tiny_train_args(image_folder, pinned, max_train_steps=2)]) == 0  # --mixed_precision no
     info = json.loads((pinned / "pipeline" / "training_info.json").read_text())["mixed_precision"]
     assert info == {"setting": "no", "used": "no", "how": "explicit"}
+
+
+def test_a_batch_too_slow_for_the_budget_is_timed_smaller_and_scaled():
+    seconds, timed_at = measure_candidates(PROBE, ["no", "bf16"], 256, 16, CPU, budget_s=8)
+    assert 4 <= timed_at < 256  # a warm-up and two steps of each candidate at batch 256 do not fit in 8 s
+    assert set(seconds) == {"no", "bf16"} and all(s > 0 for s in seconds.values())

@@ -6,7 +6,8 @@ Candidates: fp32 (`no`) always; bf16 autocast where the device has bf16 units (`
 CPUs with AVX512-BF16 or AMX); fp16 autocast with a gradient scaler on CUDA only. With a single candidate (e.g. a
 CPU without bf16) nothing is timed. Otherwise each candidate runs forward, backward, gradient clipping and the AdamW
 step of the run's own model on a random batch of the run's shape, in alternating rounds (so load from other
-programs hits every candidate alike), within `PROBE_BUDGET_S`. The choice is the safest candidate (fp32, then bf16,
+programs hits every candidate alike), within `PROBE_BUDGET_S`; when the full batch is too slow for that (a large
+model on a CPU), a smaller batch is timed and scaled (`measure_candidates`). The choice is the safest candidate (fp32, then bf16,
 then fp16) whose median step time is within `MARGIN` of the fastest: a mixed-precision mode must be at least 10%
 faster to be used. The figures and the choice are cached per machine (CPU model and flags, or GPU name), PyTorch
 version, thread count, model config, resolution, batch and layout under `cache_location("speed")`, so later runs
@@ -47,6 +48,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_NAMES = {"no": "fp32", "tf32": "tf32", "bf16": "bf16", "fp16": "fp16"}
 PROBE_BUDGET_S = 20.0  # wall-clock for the whole measurement, model building included
 PROBE_MAX_ROUNDS = 5
+MIN_TIMED_BATCH = 4  # measure_candidates times at least this many images per step
 MARGIN = 1.10  # a mixed-precision candidate must be >= 10% faster than a safer one to be chosen
 CACHE_VERSION = 1
 
@@ -155,11 +157,11 @@ class StepTimes:
     seconds: float = 0.0
 
     def median(self) -> Optional[dict]:
-        """Median seconds per step of each variant; the warm-up steps when no round was timed; None when not every
-        variant got as far as its warm-up."""
-        if self.rounds:
-            return {name: statistics.median(times) for name, times in self.steps.items()}
-        return dict(self.warmup) if self.warmup and all(t is not None for t in self.warmup.values()) else None
+        """Median seconds per timed step of each variant; None when no round was timed (warm-up steps include
+        one-time set-up, so they do not compare fairly)."""
+        if not self.rounds:
+            return None
+        return {name: statistics.median(times) for name, times in self.steps.items()}
 
 
 def time_variants(probe: Probe, variants: list[Variant], batch_size: int, resolution: int, device: torch.device,
@@ -209,6 +211,39 @@ def time_variants(probe: Probe, variants: list[Variant], batch_size: int, resolu
         torch.cuda.empty_cache()
     times.seconds = time.perf_counter() - start
     return times
+
+
+def measure_candidates(probe: Probe, names: list, batch_size: int, resolution: int, device: torch.device,
+                       channels_last: bool = True, gradient_checkpointing: bool = False, allow_tf32: bool = True,
+                       budget_s: float = PROBE_BUDGET_S) -> tuple[Optional[dict], int]:
+    """Seconds per step of each precision in `names` at `batch_size` (None when not measurable within the
+    budget), and the batch actually timed.
+
+    One fp32 step of a single image first says how long a step takes: when a warm-up and a few steps of every
+    candidate at the full batch cannot fit in the budget (a large model on a CPU), a smaller batch that fits is
+    timed and its figures are scaled to the full batch (a CPU's images/s hardly depends on the batch)."""
+    start = time.perf_counter()
+    model, parameters, objective = probe()
+    model = model.to(device).train()
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    fp32 = "tf32" if allow_tf32 and device.type == "cuda" else "no"  # fp32 as the run computes it
+    variants = {p: Variant(fp32 if p == "no" else p, channels_last) for p in names}
+    single = step_function(model, list(parameters), objective, random_batch(1, resolution, device), variants[names[0]],
+                           device)
+    single()  # sets up kernels
+    began = time.perf_counter()
+    single()
+    per_image = time.perf_counter() - began  # an overestimate of a large batch's: fixed costs per step included
+    per_step = 0.75 * budget_s / (3 * len(names))  # a warm-up and two timed steps each, in 3/4 of the budget
+    # never below MIN_TIMED_BATCH images: at batch 1 the per-step costs (bf16 casts of every weight) dominate
+    timed_at = max(min(batch_size, MIN_TIMED_BATCH), min(batch_size, int(per_step / per_image)))
+    times = time_variants(lambda: (model, parameters, objective), list(variants.values()), timed_at, resolution,
+                          device, budget_s - (time.perf_counter() - start))
+    median = times.median()
+    if median is None:
+        return None, timed_at
+    return {p: median[v.name] * batch_size / timed_at for p, v in variants.items()}, timed_at
 
 
 # -- the choice, cached ------------------------------------------------------------------------------------------
@@ -299,39 +334,36 @@ def resolve_mixed_precision(setting: Optional[str], device: torch.device, probe:
     cached = _read_cache(path, identity)
     if cached is not None:
         built.clear()
+        scaled = (f"timed at batch {cached['timed_batch']} of {batch_size}, scaled; "
+                  if cached.get("timed_batch", batch_size) != batch_size else "")
         return PrecisionChoice(setting, cached["choice"], "cached", cached["seconds_per_step"],
-                               f"measured {cached['measured_at']}, {path}")
+                               f"{scaled}measured {cached['measured_at']}, {path}")
 
+    timed_at = batch_size
     if timer is None:
-        fp32 = "tf32" if allow_tf32 and device.type == "cuda" else "no"  # fp32 as the run would compute it
-
         def timer(names):
-            def model_to_time():
-                model, parameters, objective = built.pop() if built else probe()
-                if gradient_checkpointing:
-                    model.enable_gradient_checkpointing()
-                return model, parameters, objective
-
-            variants = {p: Variant(fp32 if p == "no" else p, channels_last) for p in names}
-            times = time_variants(model_to_time, list(variants.values()), batch_size, resolution, device, budget_s)
-            median = times.median()
-            return None if median is None else {p: median[variant.name] for p, variant in variants.items()}
+            nonlocal timed_at
+            model = built.pop() if built else probe()
+            seconds, timed_at = measure_candidates(lambda: model, names, batch_size, resolution, device, channels_last,
+                                                   gradient_checkpointing, allow_tf32, budget_s)
+            return seconds
 
     seconds = timer(found)
     built.clear()
     if not seconds:
         return PrecisionChoice(setting, "no", "not measurable",
-                               detail=f"one step takes longer than the {budget_s:.0f} s budget allows; fp32, the safe "
-                                      "choice")
+                               detail=f"a warm-up and one timed step of each candidate take longer than the "
+                                      f"{budget_s:.0f} s budget allows; fp32, the safe choice")
     choice = choose(seconds)
-    record = {"identity": identity, "choice": choice, "seconds_per_step": seconds,
+    scaled = f"timed at batch {timed_at} of {batch_size}, scaled; " if timed_at != batch_size else ""
+    record = {"identity": identity, "choice": choice, "seconds_per_step": seconds, "timed_batch": timed_at,
               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     except OSError as e:  # a read-only cache is no reason to stop a run
         logger.warning("could not cache the precision choice in %s: %s", path, e)
-    return PrecisionChoice(setting, choice, "measured", seconds, f"cached in {path}")
+    return PrecisionChoice(setting, choice, "measured", seconds, f"{scaled}cached in {path}")
 
 
 def _read_cache(path: Path, identity: dict) -> Optional[dict]:
