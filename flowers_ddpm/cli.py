@@ -11,37 +11,54 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 from . import __version__
 from ._util.ranks import is_main_process
 from .config.loading import TRAIN_SECTIONS, add_train_arguments, build_config, load_yaml, parse_train_config
-from .config.sections import SAMPLE_SCHEDULERS
-from .errors import UserError
-from .training.stopping import TrainingStopped
+from .config.sections import FIELDS, SAMPLE_SCHEDULERS
+from .errors import EXIT_STORAGE, UserError, storage_fault
+from .training.stopping import SignalStop, StopOutsideSteps, TrainingStopped
+
+# SIGTERM/SIGINT during a training command's start-up or end-of-run report (the training steps have their own
+# handling, flowers_ddpm.training.stopping.StopRequest)
+OUTSIDE_STEPS = dict(where="outside the training steps (during start-up or the end-of-run report)",
+                     advice="no training step was lost: rerun with --resume_from_checkpoint latest to continue")
+
+
+def _check_scales(args: argparse.Namespace, *names: str) -> None:
+    """Guidance scales (and other float flags) must be finite and not negative: NaN would pass every comparison
+    and sample noise, a negative scale guides away from the class."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{name} must be a finite number >= 0; got {value}")
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .training.diffusion_run import run_training
+    with StopOutsideSteps(**OUTSIDE_STEPS):  # the imports of the run take seconds: covered too
+        from .training.diffusion_run import run_training
 
-    cfg = parse_train_config(args)
-    path = run_training(cfg)
-    if is_main_process():
-        print(f"pipeline written to {path}")
+        run_training(parse_train_config(args))  # prints a summary of the run, with where the pipeline is
 
 
 def _train_classifier(args: argparse.Namespace) -> None:
-    from .training.classifier_run import run_classifier_training
+    with StopOutsideSteps(**OUTSIDE_STEPS):
+        from .training.classifier_run import run_classifier_training
 
-    cfg = parse_train_config(args)
-    path = run_classifier_training(cfg)
+        cfg = parse_train_config(args)
+        path = run_classifier_training(cfg)
     if is_main_process():
         print(f"classifier written to {path}")
 
 
 def _sample(args: argparse.Namespace) -> None:
+    _check_scales(args, "guidance_scale", "classifier_scale")
+
     import torch
 
     from .pipelines.conditioning import resolve_conditioning
@@ -52,13 +69,13 @@ def _sample(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else None
     classifier = load_classifier(args.classifier, device) if args.classifier else None
-    pipe = load_pipeline(args.model, device, dtype)
+    pipe = load_pipeline(args.model, device, dtype, trust_remote_code=args.trust_remote_code)
     if classifier is not None:
         pipe = with_classifier(pipe, classifier)
     labels = resolve_conditioning(pipe, args.class_labels, args.guidance_scale, classifier, args.classifier_scale)
     images = generate(pipe, args.num_images, args.steps, args.seed, args.scheduler, args.batch_size,
                       class_labels=labels, guidance_scale=args.guidance_scale, classifier=classifier,
-                      classifier_scale=args.classifier_scale)
+                      classifier_scale=args.classifier_scale, progress=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(args.output)
     if args.output_dir:
@@ -69,7 +86,18 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} images to {args.output}" + (f" and {args.output_dir}/" if args.output_dir else ""))
 
 
+def _ema_reconstruct(args: argparse.Namespace) -> None:
+    from .training.phema import export_reconstructions
+
+    if not args.sigma_rel or not all(0 < v < 0.28 for v in args.sigma_rel):
+        raise UserError(f"--sigma_rel values must lie in (0, 0.28); got {args.sigma_rel}")
+    for path in export_reconstructions(args.run_dir, args.sigma_rel, args.output_dir):
+        print(f"pipeline written to {path}")
+
+
 def _attach_classifier(args: argparse.Namespace) -> None:
+    _check_scales(args, "classifier_scale", "guidance_scale")
+
     from .pipelines.export import attach_classifier
 
     path = attach_classifier(args.model, args.classifier, args.output, args.classifier_scale, args.guidance_scale)
@@ -87,6 +115,8 @@ def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    _check_scales(args, "guidance_scale")
+
     from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
 
     if args.steps < 1 or args.batch_size < 1:
@@ -149,12 +179,15 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    _check_scales(args, "guidance_scale")
+
     from .evaluation.command import EvaluateOptions
     from .experiments.sweep import run_sweep
 
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
-    table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation)
+    overrides = {name: value for name, value in vars(args).items() if name in FIELDS and name not in args.sweep_flags}
+    table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation, overrides)
     if table is not None:
         print(table.read_text(), end="")
         print(f"wrote {table}, {table.with_suffix('.csv')} and {table.with_suffix('.png')}")
@@ -170,6 +203,11 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     evaluation = parser.add_argument_group("evaluation of each trial (as in `flowers-ddpm evaluate`)")
     _add_metric_arguments(evaluation, num_images=1000, dinov2_model="none")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    # training settings as flags, over the YAML and under the grid; the sweep's own flags keep their meaning
+    # (--seed is the evaluation seed: vary the training seed with --grid seed=0,1 or set it in the YAML)
+    own = tuple(action.dest for action in parser._actions)
+    add_train_arguments(parser, exclude=own, config_flag=False)
+    parser.set_defaults(sweep_flags=own)
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -181,8 +219,8 @@ def _push(args: argparse.Namespace) -> None:
         if args.revision not in (None, "main"):
             raise UserError("--space_id: the Space serves the model's main branch; push it without --revision")
     if args.dry_run:
-        if not args.staging_dir:
-            raise UserError("--dry_run needs --staging_dir (the folder to stage the upload in)")
+        if not args.staging_dir:  # kept after the command ends, for the user to look at
+            args.staging_dir = tempfile.mkdtemp(prefix="flowers-ddpm-push-")
         files = stage_upload(args.model, args.staging_dir, args.repo_id, args.license, args.space_id)
         print(f"dry run: would upload {len(files)} files from {args.staging_dir} to {args.repo_id}:")
         print("\n".join(f"  {name}" for name in files))
@@ -241,6 +279,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> None:
+    _check_scales(args, "peak_tflops")
     if args.suite == "gpu":
         from .experiments.gpu_check import format_gpu_table, run_gpu_check
 
@@ -332,8 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier guidance scale s (default: the pipeline's saved one, else 1; the paper uses "
                              "1-10; 0 turns off a saved classifier)")
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    sample.add_argument("--trust_remote_code", action="store_true",
+                        help="run the Python code a pipeline ships (a custom pipeline or component class); read it "
+                             "first. Without it such a pipeline is refused")
     sample.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sample.set_defaults(func=_sample)
+
+    reconstruct = sub.add_parser("ema-reconstruct", help="post-hoc EMA (EDM2): export a pipeline for each EMA "
+                                 "length, synthesised from the snapshots of a run trained with --phema_sigma_rel")
+    reconstruct.add_argument("--run_dir", required=True, help="the training --output_dir")
+    reconstruct.add_argument("--sigma_rel", type=float, nargs="+", required=True,
+                             help="relative EMA widths to synthesise, e.g. 0.05 0.1 0.15")
+    reconstruct.add_argument("--output_dir", help="where the pipelines go (default <run_dir>/ema-reconstruct); one "
+                             "folder sigma_rel-<value> each")
+    reconstruct.set_defaults(func=_ema_reconstruct)
 
     attach = sub.add_parser("attach-classifier", help="save a pipeline with a noise-aware classifier and default "
                                                       "guidance scales, loadable with only diffusers installed")
@@ -357,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="branch to push to (created if missing; default: main)")
     push.add_argument("--commit_message", default=None)
     push.add_argument("--license", default="apache-2.0", help="license in the card's metadata")
-    push.add_argument("--dry_run", action="store_true", help="only stage the upload in --staging_dir and list it")
+    push.add_argument("--dry_run", action="store_true",
+                      help="only stage the upload in --staging_dir (default: a new temporary folder) and list it")
     push.add_argument("--staging_dir", default=None, help="empty folder to stage the upload in")
     push.add_argument("--space_id", default=None, metavar="USER/NAME",
                       help="also push a Gradio Space serving the model (the `demo` page) and link it from the card")
@@ -417,9 +469,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except TrainingStopped as e:  # preempted (75) or too many non-finite losses (3): see flowers_ddpm.training.stopping
+    except (TrainingStopped, SignalStop) as e:  # preempted (75) or non-finite (3): see flowers_ddpm.training.stopping
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # any other write the disk refused (a sample grid, a report): one line, not a traceback
+        fault = storage_fault(e, e.filename or ".")
+        if fault is None or debug:
+            raise
+        print(f"error: {fault}: {e.filename or e}", file=sys.stderr)
+        return EXIT_STORAGE
     return 0
 
 

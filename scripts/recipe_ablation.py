@@ -1,7 +1,9 @@
-"""Train recipe variants for the same wall-clock budget on scikit-learn's digits and compare their samples.
+"""Train recipe variants for the same wall-clock budget on a real test bed and compare their samples.
 
     python scripts/recipe_ablation.py --budget_minutes 10 --variants diffusers-defaults small-data
     python scripts/recipe_ablation.py --budget_minutes 3 --variants all --output_dir runs/screen
+    python scripts/recipe_ablation.py --bed cifar10-5k --bed_path ../shared/data/cifar10-5k.npz \
+        --variants small-data edm --conditioning class none --output_dir runs/cifar
 
 Writes <output_dir>/results.md, results.csv and <output_dir>/<variant>/grid.png; rerunning with the same
 output_dir skips the variants that already finished. See docs/recipes.md for the measured results.
@@ -25,8 +27,15 @@ def parse_args(argv=None) -> AblationSettings:
                              "screening base's UNet (independent of machine load)")
     parser.add_argument("--variants", nargs="+", default=["diffusers-defaults", "small-data"],
                         help=f"'all', or names among diffusers-defaults, small-data, {', '.join(VARIANTS)}")
-    parser.add_argument("--num_samples", type=int, default=200, help="class-conditional samples scored per variant")
-    parser.add_argument("--sampler", default="dpmsolver++", choices=("ddpm", "ddim", "dpmsolver++"))
+    parser.add_argument("--bed", default="digits", choices=("digits", "cifar10-5k"),
+                        help="test bed: scikit-learn's digits, or real colour photographs from --bed_path")
+    parser.add_argument("--bed_path", type=Path, help="the bed's .npz file (images, labels, class_names); read in place")
+    parser.add_argument("--conditioning", nargs="+", default=["class"], choices=("class", "none"),
+                        help="train each variant class-conditionally ('class'), unconditionally ('none'), or both")
+    parser.add_argument("--num_samples", type=int, default=200,
+                        help="samples scored per variant (a multiple of the bed's class count)")
+    parser.add_argument("--sampler", default="dpmsolver++", choices=("ddpm", "ddim", "dpmsolver++"),
+                        help="EDM-trained variants use the EDM counterpart (edm-dpmsolver++, edm-euler)")
     parser.add_argument("--sampler_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=1.5,
                         help="classifier-free guidance of the scored samples (docs/recipes.md: 1.5 balances "
@@ -34,14 +43,14 @@ def parse_args(argv=None) -> AblationSettings:
     parser.add_argument("--model_preset", default="small")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--probe_steps", type=int, default=12, help="steps of the probe run that sizes the budget")
-    parser.add_argument("--classifier_epochs", type=int, default=15, help="epochs of the digits classifier")
+    parser.add_argument("--classifier_epochs", type=int, default=15, help="epochs of the bed's judge classifier")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache_dir", type=Path, help="where the digits classifier is cached (default: output_dir)")
+    parser.add_argument("--cache_dir", type=Path, help="where the judge classifier is cached (default: output_dir)")
     args = parser.parse_args(argv)
     variants = args.variants
     if variants == ["all"]:
         variants = ["diffusers-defaults", *VARIANTS]
-    return AblationSettings(**{**vars(args), "variants": tuple(variants)})
+    return AblationSettings(**{**vars(args), "variants": tuple(variants), "conditioning": tuple(args.conditioning)})
 
 
 def main(argv=None) -> int:
@@ -52,6 +61,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print((settings.output_dir / "judge.json").read_text())
     print((settings.output_dir / "results.md").read_text())
     return 0 if rows else 1
 

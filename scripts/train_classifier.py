@@ -2,7 +2,7 @@
 `flowers-ddpm train-classifier` on every process."""
 import sys
 
-from flowers_ddpm.cli import main
+from flowers_ddpm.__main__ import main  # installs the start-up signal handling before the heavy imports
 
 if __name__ == "__main__":
     sys.exit(main(["train-classifier", *sys.argv[1:]]))

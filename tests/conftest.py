@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (set before any Hub library loads)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,6 +35,16 @@ def _own_cache_root(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FLOWERS_DDPM_CACHE", str(tmp_path_factory.mktemp("cache-root")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """A test that runs a command in this process may leave its SIGINT/SIGTERM handling behind (an ignored SIGINT is
+    even inherited by the child processes later tests start); give every test the handlers it started with."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(autouse=True)

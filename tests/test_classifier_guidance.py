@@ -63,6 +63,16 @@ def test_classifier_beats_chance_at_small_t_and_exports_a_loadable_folder(classi
     assert classifier(torch.zeros(2, 3, 8, 8), torch.tensor([0, 999])).shape == (2, 2)
 
 
+def test_accuracy_is_reported_on_as_many_images_of_each_class(data, tmp_path):
+    # the folder lists its 6 blue images first: the first 4 files would all be blue, and any classifier that
+    # answers "blue" would score 100% even on pure noise
+    assert main(classifier_args(data, tmp_path / "clf", max_train_steps=2, classifier_eval_images=4)) == 0
+    report = json.loads((tmp_path / "clf" / "accuracy.json").read_text())
+    assert report["num_images"] == 4 and report["images_per_class"] == [2, 2] and report["chance"] == 0.5
+    assert report["held_out"] is False and report["split"] == "all"  # a folder has one split: training images
+    assert all(value in (0.0, 0.25, 0.5, 0.75, 1.0) for value in report["accuracy"].values())
+
+
 def test_classifier_training_resumes_exactly(data, tmp_path):
     assert main(classifier_args(data, tmp_path / "full", max_train_steps=4, checkpointing_steps=2)) == 0
     assert main(classifier_args(data, tmp_path / "cut", max_train_steps=2, checkpointing_steps=2)) == 0

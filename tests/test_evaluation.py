@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from flowers_ddpm.cli import main
@@ -157,10 +158,14 @@ def test_evaluate_compares_schedulers_and_writes_json_markdown_and_pipeline_metr
         assert row["num_images"] == 4 and row["images_per_sec"] > 0
         assert all(math.isfinite(row[k]) for k in ("fid", "kid_mean", "is_mean", "fd_dinov2"))
         assert row["fid"] > 0 and row["fd_dinov2"] > 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
-    assert report["reference"] == {"description": str(image_folder), "resolution": 16, "center_crop": True,
-                                   "num_images": 24}
+    assert report["reference"] == {"description": f"local folder {image_folder.name}", "dataset_name": None,
+                                   "split": "all", "resolution": 16, "center_crop": True, "num_images": 24}
+    assert report["model"] == f"{pipeline_dir.parent.name}/pipeline" and report["feature_networks"]["inception"] == "tiny-conv-net"
     table = out.with_suffix(".md").read_text()
     assert "| sampler | steps | FID | KID | IS | precision | recall | FD-DINOv2 | images/s |" in table
+    assert "in features of `tiny-conv-net` (a custom feature network): not comparable with papers" in table
+    for text in (out.read_text(), table, (pipeline_dir / "metrics.md").read_text()):
+        assert str(image_folder.parent) not in text and str(pipeline_dir.parent) not in text  # no local paths
     assert table.count("| dpmsolver++ |") == 2 and table.count("\n| d") == 5
     assert json.loads((pipeline_dir / "metrics.json").read_text()) == report  # travels with the model
     assert "| ddim | 25 |" in printed
@@ -199,6 +204,52 @@ def test_missing_inception_weights_offline_is_one_clear_error(pipeline_dir, tmp_
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and "--inception_weights PATH" in err and INCEPTION_FILE in err
+
+
+def test_the_card_of_an_evaluated_pipeline_has_its_metrics_labelled_and_no_local_paths(compared, pipeline_dir,
+                                                                                        image_folder, tmp_path):
+    report = compared[0]  # the comparison's report; later tests of this module evaluate pipeline_dir again
+    for suffix in (".json", ".md"):
+        shutil.copyfile(report.with_suffix(suffix), pipeline_dir / f"metrics{suffix}")
+    staging = tmp_path / "staging"
+    assert main(["push", "--model", str(pipeline_dir), "--repo_id", "someone/tiny", "--dry_run",
+                 "--staging_dir", str(staging)]) == 0
+    card = (staging / "README.md").read_text()
+    metrics = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"]
+    fids = [m for result in metrics for m in result["metrics"] if m["type"] == "fid"]
+    assert len(fids) == 5 and all(m["config"] == "tiny-conv-net" for m in fids)  # one per compared sampler
+    assert fids[1]["name"] == "FID in features of tiny-conv-net, not comparable with papers (ddim, 50 steps)"
+    assert "**FID in features of tiny-conv-net: not comparable with papers**" in card
+    assert "| sampler | steps | FID | KID | IS | precision | recall | FD-DINOv2 | images/s |" in card
+    assert "```json" not in card
+    for path in staging.rglob("*"):
+        if path.suffix in (".md", ".json", ".yaml"):
+            text = path.read_text()
+            assert str(image_folder.parent) not in text and str(pipeline_dir.parent) not in text, path
+
+
+def test_offline_evaluate_names_every_missing_download_at_once(pipeline_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache; HF_HUB_OFFLINE=1 (conftest)
+    code = main(["evaluate", "--model", str(pipeline_dir), "--num_images", "4",
+                 "--dinov2_model", "someone/dinov2-not-downloaded"])
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()  # one line, before the pipeline is even loaded
+    assert code == 2 and line.startswith("error: evaluate needs 2 things it cannot load: (1)")
+    assert INCEPTION_FILE in err and "someone/dinov2-not-downloaded" in err and "--dinov2_model none" in err
+
+
+def test_metrics_and_evaluate_raise_no_user_warnings(pipeline_dir, image_folder, tmp_path):
+    import warnings
+
+    real, fake = disc_images(12), disc_images(12, seed=1)
+    net = tiny_conv_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        compute_metrics(net(real), net(fake), kid_subset_size=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert main(["evaluate", *evaluate_args(pipeline_dir, image_folder, tmp_path / "m.json", tmp_path / "cache",
+                                                "--steps", "2", "--dinov2_model", "none")]) == 0
 
 
 def test_training_evaluates_every_n_steps_and_keeps_the_best_pipeline(image_folder, tmp_path):

@@ -9,13 +9,16 @@ above HTTP (staging, card, huggingface_hub's commit logic) is the real code.
 from __future__ import annotations
 
 import base64
+import io
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from flowers_ddpm.cli import main
 
@@ -184,6 +187,26 @@ def test_push_command_to_a_branch_of_a_private_repo(tmp_path, fake_hub, monkeypa
                                                    "unet/diffusion_pytorch_model.safetensors"]
     assert ("POST", f"/api/models/{REPO_ID}/branch/v1") in {(m, p) for m, p, _ in FakeHub.calls}
     assert all(auth == f"Bearer {FAKE_TOKEN}" for _, path, auth in FakeHub.calls if path.startswith(WRITES))
+    # the card's hero image, sampled now for a pipeline without a run: 16 px images shown at 64 px
+    hero = Image.open(io.BytesIO(FakeHub.commits[0]["files"]["images/samples.png"]))
+    assert hero.size == (2 * 64, 2 * 64)
+
+
+def test_dry_run_without_staging_dir_stages_in_a_new_temporary_folder(tmp_path, capsys):
+    import torch
+
+    from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
+    from flowers_ddpm.pipelines.export import export_pipeline
+
+    torch.manual_seed(0)
+    pipeline = export_pipeline(build_unet("tiny", 16), build_noise_scheduler(50, "linear", "epsilon"),
+                               tmp_path / "elsewhere")
+    assert main(["push", "--model", str(pipeline), "--repo_id", REPO_ID, "--dry_run"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    staging = Path(first.split(" files from ")[1].split(" to ")[0])
+    assert first.startswith("dry run: would upload") and staging.name.startswith("flowers-ddpm-push-")
+    assert (staging / "README.md").is_file() and (staging / "images" / "samples.png").is_file()
+    shutil.rmtree(staging)
 
 
 @pytest.mark.slow
@@ -202,11 +225,42 @@ def test_card_of_a_flowers_fine_tune_has_base_model_dataset_and_metrics(tmp_path
     (pipeline / "model_index.json").write_text("{}")
     (pipeline / "unet" / "config.json").write_text(json.dumps({"sample_size": 64}))
     (pipeline / "training_config.yaml").write_text(yaml.safe_dump(
-        {"dataset_name": "nelorth/oxford-flowers", "train_data_dir": None, "init_from": "google/ddpm-cifar10-32",
-         "lora_rank": 8}))
-    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"fid": 23.456789, "num_images": 10000}))
+        {"dataset_name": "nelorth/oxford-flowers", "dataset_split": "all", "train_data_dir": None,
+         "init_from": "google/ddpm-cifar10-32", "lora_rank": 8}))
+    # best/metrics.json of the evaluation during training: one flat row
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(
+        {"step": 500, "scheduler": "ddim", "steps": 50, "num_images": 10000, "fid": 23.456789, "kid_mean": 0.0123,
+         "feature_network": "inception-v3-compat"}))
     card = build_model_card(pipeline, REPO_ID, ["samples.png"], license="mit")
     assert card.data.base_model == "google/ddpm-cifar10-32" and card.data.license == "mit"
     assert card.data.datasets == ["nelorth/oxford-flowers"] and "flowers102" in card.data.tags
-    assert "| fid | 23.46 |" in card.text and "| num_images | 10000 |" in card.text
     assert "rank-8 LoRA" in card.text and "64x64" in card.text
+    # the metrics as a table and as Hub model-index metadata
+    assert "| sampler | steps | FID | KID |" in card.text and "| ddim | 50 | 23.46 | 0.01230 |" in card.text
+    assert "```json" not in card.text and "not comparable" not in card.text
+    index = yaml.safe_load(str(card).split("---")[1])["model-index"][0]
+    assert index["name"] == "flowers-test"
+    (result,) = index["results"]
+    assert result["task"]["type"] == "unconditional-image-generation"
+    assert result["dataset"]["type"] == "nelorth/oxford-flowers" and result["dataset"]["split"] == "all"
+    assert [(m["type"], m["value"], m["name"]) for m in result["metrics"]] == [
+        ("fid", 23.45679, "FID (ddim, 50 steps)"), ("kid", 0.0123, "KID (ddim, 50 steps)")]
+
+
+def test_report_shows_the_last_grid_and_enlarges_small_images(tmp_path):
+    from flowers_ddpm.publish.report import evenly_spaced, write_report
+
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    (out / "pipeline" / "unet").mkdir(parents=True)
+    (out / "pipeline" / "unet" / "config.json").write_text(json.dumps({"sample_size": 16}))
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200)]
+    for step, colour in zip((100, 200, 300), colours):  # grids of 2 x 2 images of 16 px
+        Image.new("RGB", (32, 32), colour).save(out / "samples" / f"step-{step:07d}.png")
+    write_report(out)
+    row = Image.open(out / "report" / "samples_over_training.png").convert("RGB")
+    assert row.size == (3 * 128 + 2 * 4, 128 + 14)  # 3 grids (the last one too), 64 px per image, 4 px apart
+    assert [row.getpixel((i * 132 + 64, 80)) for i in range(3)] == colours
+    final = Image.open(out / "report" / "final_samples.png").convert("RGB")
+    assert final.size == (128, 128) and final.getpixel((100, 100)) == colours[-1]
+    assert evenly_spaced(3, 6) == [0, 1, 2] and evenly_spaced(10, 6) == [0, 2, 4, 5, 7, 9]

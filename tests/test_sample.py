@@ -66,3 +66,14 @@ def test_step_counts_the_sampler_cannot_take_are_one_line_errors(tmp_path, capsy
     assert "takes 1 to 10 steps" in capsys.readouterr().err
     assert main([*common, "--scheduler", "dpmsolver++", "--steps", "9"]) == 0
     assert main([*common, "--scheduler", "ddpm", "--steps", "10"]) == 0
+
+
+def test_one_progress_bar_counts_every_image(pipeline_dir, tmp_path, capsys):
+    sample(pipeline_dir, tmp_path / "grid.png", "--batch_size", "2")  # 3 batches of 3 steps
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "sample: 100%" in err and "5/5" in err  # one bar over the 5 images ...
+    assert "3/3" not in err and "0/3" not in err  # ... not the pipeline's bar of 3 steps for each batch
+    pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
+    pipe.set_progress_bar_config(leave=False, desc="mine")
+    generate(pipe, 1, 2, seed=0)
+    assert pipe._progress_bar_config == {"leave": False, "desc": "mine"}  # the caller's settings are kept

@@ -172,3 +172,13 @@ def test_grid_and_evaluation_mistakes_are_one_sentence_before_any_training(base_
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_training_flags_override_the_base_config_of_every_trial(base_config, tmp_path, capsys):
+    """Training settings given as flags reach every trial (over the YAML, under the grid): an odd --resolution is
+    (9 with the tiny UNet) is refused for the first trial before any training, naming the trial."""
+    out = tmp_path / "flags-sweep"
+    assert main(["sweep", *sweep_args(base_config, out), "--resolution", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "trial learning_rate=1e-4, prediction_type=epsilon: resolution must be divisible by 2" in err
+    assert not out.exists()

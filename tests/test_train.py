@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from flowers_ddpm.cli import main
@@ -71,6 +72,30 @@ def test_resume_from_latest_continues_the_same_run(image_folder, tmp_path):
     assert (a / "trainer_state.json").read_text() == (b / "trainer_state.json").read_text()  # lr, step, EMA decay
 
 
+def test_a_local_folder_run_records_its_source_resumes_from_it_and_says_where_everything_is(image_folder, tmp_path,
+                                                                                            capsys):
+    from flowers_ddpm.evaluation.command import reference_data_config
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_train_args(image_folder, out, max_train_steps=2, logger="tensorboard")]) == 0
+    printed = capsys.readouterr().out
+    assert "Training finished at step 2: 2 steps in " in printed and " images/s" in printed
+    assert f"pipeline    {out / 'pipeline'}" in printed and f"tensorboard --logdir {out / 'logs'}" in printed
+    for written in (out / "training_config.yaml", out / "pipeline" / "training_config.yaml"):
+        config = yaml.safe_load(written.read_text())  # the source that was used, not the Hub default
+        assert config["dataset_name"] is None and config["train_data_dir"] == str(image_folder)
+
+    # the written config trains again (here: resumes, passing the resume checks) ...
+    assert main(["train", "--config", str(out / "training_config.yaml"), "--max_train_steps", "4",
+                 "--resume_from_checkpoint", "latest"]) == 0
+    printed = capsys.readouterr().out
+    assert "Training finished at step 4: 2 steps in " in printed and "over every resumed part" in printed
+    assert json.loads((out / "pipeline" / "training_info.json").read_text())["global_step"] == 4
+    # ... and evaluate compares with the folder the model was trained on
+    data = reference_data_config(str(out / "pipeline"), {}, 16)
+    assert data.train_data_dir == str(image_folder) and data.resolution == 16
+
+
 @pytest.mark.slow
 def test_two_processes_train_on_different_shards(image_folder, tmp_path):
     out = tmp_path / "ddp"
@@ -90,5 +115,5 @@ def test_two_processes_train_on_different_shards(image_folder, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert {p.name for p in (out / "checkpoints" / "checkpoint-4").iterdir()} >= {
         "data_state_rank0.json", "data_state_rank1.json", "model.safetensors", "COMPLETE"}
-    assert result.stdout.count("pipeline written") == 1
+    assert result.stdout.count("Training finished at step 4") == 1  # the summary, from the main process only
     assert (out / "pipeline" / "model_index.json").is_file()

@@ -68,13 +68,15 @@ class RecordingPublisher:
         self.grids: list[int] = []
         self.exports: list[int] = []
         self.exported_weights: dict[int, dict] = {}
+        self.exported_seconds: dict[int, float] = {}
 
     def sample_grid(self, model, step: int):
         self.grids.append(step)
         return None
 
-    def export(self, model, step: int) -> None:
+    def export(self, model, step: int, training_seconds: float) -> None:
         self.exports.append(step)
+        self.exported_seconds[step] = training_seconds
         self.exported_weights[step] = copy.deepcopy(model.state_dict())
 
 
@@ -156,6 +158,34 @@ def test_resume_continues_at_the_saved_step_and_stream_position_and_ends_identic
     assert (a / "trainer_state.json").read_text() == (b / "trainer_state.json").read_text()  # step, LR, EMA decay
     opt_a, opt_b = straight.optimizer.state_dict()["state"][0], resumed.optimizer.state_dict()["state"][0]
     assert all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+
+
+def test_training_time_adds_up_over_resumes_and_each_part_is_summarised(tmp_path):
+    first = make_trainer(tmp_path / "run", max_train_steps=4)
+    first.train()
+    assert (first.summary.steps, first.summary.global_step, first.summary.images) == (4, 4, 4 * 2 * BATCH)
+    assert first.summary.images_per_sec > 0 and first.summary.training_seconds >= first.summary.seconds
+    saved = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    before = json.loads((saved / "training_time.json").read_text())["training_seconds"]
+    assert 0 < before <= first.summary.training_seconds
+
+    resumed = make_trainer(tmp_path / "run")
+    resumed.train(resume_from=saved)
+    part = resumed.summary
+    assert (part.steps, part.global_step, part.images) == (2, 6, 2 * 2 * BATCH)  # this part only
+    # the model card's training time: the first part's plus this one's, not this part's alone
+    assert before < resumed.publisher.exported_seconds[6] <= before + part.seconds
+    assert part.training_seconds == pytest.approx(before + part.seconds, abs=0.05)
+    assert json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-6" / "training_time.json").read_text())[
+        "training_seconds"] > before
+
+
+def test_progress_bar_shows_loss_and_images_per_second(tmp_path):
+    trainer = make_trainer(tmp_path / "run", max_train_steps=2)
+    trainer.train()
+    trainer.run_step(trainer.batches.batch(n) for n in (100, 101))
+    shown = trainer.log(3)  # what the bar's postfix shows (TensorBoard gets the same values)
+    assert set(shown) == {"loss", "img/s", "lr"} and float(shown["img/s"]) > 0 and float(shown["loss"]) > 0
 
 
 def test_resuming_from_the_final_checkpoint_trains_nothing_and_exports_again(tmp_path):

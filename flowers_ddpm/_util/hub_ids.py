@@ -21,3 +21,17 @@ def is_hub_id(text: Optional[str], namespaced: bool = False) -> bool:
     except HFValidationError:
         return False
     return not Path(text).exists()
+
+
+RUN_FOLDERS = ("pipeline", "best")  # the pipeline folders of a training run's output_dir
+
+
+def shown_name(text: str) -> str:
+    """What published files (metrics, model cards) show of a Hub id or local path: a Hub id as it is, a local path
+    as its last component (with its run folder's for a run's pipeline/ or best/), never the folders above it."""
+    if is_hub_id(text):
+        return text
+    path = Path(text).resolve()
+    if path.name in RUN_FOLDERS and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name or str(text)

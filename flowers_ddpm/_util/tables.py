@@ -15,3 +15,25 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]],
              "| " + " | ".join("---:" if key in right_aligned else "---" for key, _ in columns) + " |"]
     lines += ["| " + " | ".join(cell(key, row.get(key)) for key, _ in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+# The columns of a metrics table (evaluate's metrics.md and the console, the model card): key in a result row, title.
+METRIC_COLUMNS = (("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"), ("precision", "precision"),
+                  ("recall", "recall"), ("fd_dinov2", "FD-DINOv2"), ("images_per_sec", "images/s"))
+
+
+def metrics_table(rows: Sequence[dict]) -> str:
+    """Metric results as a markdown table: sampler, steps, then each metric present in the rows."""
+    metrics = [(key, title) for key, title in METRIC_COLUMNS if any(key in row for row in rows)]
+    return markdown_table(rows, [("scheduler", "sampler"), ("steps", "steps"), *metrics], _metric_cell,
+                          right_aligned=["steps", *(key for key, _ in metrics)])
+
+
+def _metric_cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key in ("scheduler", "steps"):
+        return str(value)
+    if key.startswith("kid"):
+        return f"{value:.5f}"
+    return f"{value:.3f}" if key in ("precision", "recall") else f"{value:.2f}"

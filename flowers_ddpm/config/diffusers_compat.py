@@ -87,7 +87,8 @@ def run_differences(cfg: TrainConfig) -> list[str]:
         if name == "dataset_split" and cfg.data.train_data_dir:
             continue  # a local folder has one split
         if name in ("save_images_epochs", "save_model_epochs"):
-            ours = f"every {cfg.get(name.replace('_epochs', '_steps'))} steps"
+            steps = cfg.get(name.replace("_epochs", "_steps"))
+            ours = f"every {steps} steps" if steps else "at the end only"
         else:
             ours = cfg.get(name)
         notes.append(f"{name}={ours} (diffusers: {flag.diffusers_default})")

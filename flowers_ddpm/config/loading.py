@@ -14,7 +14,7 @@ import yaml
 
 from ..errors import UserError
 from .recipes import RECIPES, recipe_settings
-from .sections import FIELDS, SECTIONS, TrainConfig
+from .sections import EDM_SAMPLERS, FIELDS, SECTIONS, TrainConfig
 from .validation import validate
 
 FINETUNE_LEARNING_RATE = 2e-5  # default LR when fine-tuning all (or --train_only) weights of a pretrained UNet
@@ -35,14 +35,16 @@ TRAIN_SECTIONS = tuple(name for name in SECTIONS if name != "classifier")  # tra
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, sections: Iterable[str] = TRAIN_SECTIONS,
-                        hidden: Iterable[str] = ()) -> None:
+                        hidden: Iterable[str] = (), exclude: Iterable[str] = (), config_flag: bool = True) -> None:
     """One flag per setting of the given sections, in one argument group per section; the `hidden` sections'
-    flags are accepted but left out of --help. Unset flags stay absent so YAML values are not overridden."""
-    parser.add_argument("--config", help="YAML file with any of the settings below (flat names, as the flags)")
+    flags are accepted but left out of --help; `exclude` names settings the command defines itself. Unset flags
+    stay absent so YAML values are not overridden."""
+    if config_flag:
+        parser.add_argument("--config", help="YAML file with any of the settings below (flat names, as the flags)")
     for section in sections:
         group = parser.add_argument_group(f"{section} settings", SECTIONS[section].__doc__)
         for f in dataclasses.fields(SECTIONS[section]):
-            if f.metadata["cli"]:
+            if f.metadata["cli"] and f.name not in exclude:
                 _add_flag(group, f)
     for section in hidden:
         for f in dataclasses.fields(SECTIONS[section]):
@@ -119,6 +121,7 @@ def build_config(file_values: dict, cli_values: dict) -> TrainConfig:
     explicit = frozenset(merged)
     _recipe_defaults(merged)
     _finetune_defaults(merged)
+    _objective_defaults(merged, explicit)
     cfg = TrainConfig.from_flat(merged)
     cfg.explicit = explicit
     validate(cfg)
@@ -135,6 +138,12 @@ def _recipe_defaults(merged: dict) -> None:
     model_preset = merged.get("model_preset", FIELDS["model_preset"].default)
     for key, value in recipe_settings(merged["recipe"], model_preset).items():
         merged.setdefault(key, value)
+
+
+def _objective_defaults(merged: dict, explicit: frozenset) -> None:
+    """EDM models sample with EDM schedulers: the sample grids' default sampler becomes edm-dpmsolver++."""
+    if merged.get("objective") == "edm" and "sample_scheduler" not in explicit:
+        merged["sample_scheduler"] = EDM_SAMPLERS[0]
 
 
 def _finetune_defaults(merged: dict) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 FLOWERS_DATASET = "nelorth/oxford-flowers"
+HUB_DATASET_SETTINGS = ("dataset_name", "dataset_config_name")  # not used when train_data_dir is set
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # every schedule of diffusers.DDPMScheduler and every name of diffusers.optimization.get_scheduler (tests check both)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -23,7 +24,10 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "piecewise_constant")
 MIXED_PRECISION = ("auto", "config", "no", "fp16", "bf16")
 LOGGERS = ("tensorboard", "wandb", "none")
-SAMPLE_SCHEDULERS = ("ddpm", "ddim", "dpmsolver++")
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # for models trained with --objective ddpm
+EDM_SAMPLERS = ("edm-dpmsolver++", "edm-euler")  # for models trained with --objective edm
+SAMPLE_SCHEDULERS = DDPM_SAMPLERS + EDM_SAMPLERS
+OBJECTIVES = ("ddpm", "edm")
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2"  # attention projections and ResNet convolutions
 
 
@@ -70,8 +74,16 @@ class DataSettings:
 
 @dataclass
 class ObjectiveSettings:
-    """The loss: weighting, the hybrid VLB term, label dropout for classifier-free guidance."""
+    """The loss: DDPM or EDM training, weighting, the hybrid VLB term, label dropout for classifier-free guidance."""
 
+    objective: str = _opt("ddpm", "ddpm: discrete-time DDPM noising with --prediction_type targets; edm: Karras et "
+                          "al. (2022) preconditioning, log-normal noise levels and loss weight (exported with "
+                          "diffusers' EDM schedulers; --prediction_type epsilon or v_prediction)", OBJECTIVES)
+    sigma_data: float = _opt(0.5, "edm: standard deviation of the data (images in [-1, 1])", minimum=0.0)
+    edm_p_mean: float = _opt(-1.2, "edm: mean of log(sigma) of the training noise levels")
+    edm_p_std: float = _opt(1.2, "edm: standard deviation of log(sigma) of the training noise levels", minimum=0.0)
+    edm_sigma_min: float = _opt(0.002, "edm: smallest noise level of the exported sampler", minimum=0.0)
+    edm_sigma_max: float = _opt(80.0, "edm: largest noise level of the exported sampler", minimum=0.0)
     snr_gamma: Optional[float] = _opt(None, "Min-SNR-gamma loss weighting (5.0 recommended); unset = plain MSE", minimum=0.0)
     vlb_weight: float = _opt(0.001, "weight of L_vlb in the hybrid loss (with --learn_sigma)", minimum=0.0)
     class_dropout_prob: float = _opt(0.1, "probability of training a label as 'no class' (classifier-free guidance)", minimum=0.0)
@@ -105,6 +117,11 @@ class EMASettings:
     ema_inv_gamma: float = _opt(1.0, "EMA warm-up inverse gamma", minimum=0.0)
     ema_power: float = _opt(0.75, "EMA warm-up power", minimum=0.0)
     ema_max_decay: float = _opt(0.9999, "EMA maximum decay", minimum=0.0)
+    phema_sigma_rel: Optional[str] = _opt(None, "post-hoc EMA (EDM2): comma-separated relative widths of the "
+                                          "power-function EMA profiles kept during training, e.g. 0.05,0.1 "
+                                          "(unset = off); `flowers-ddpm ema-reconstruct` synthesises others")
+    phema_snapshot_steps: int = _opt(500, "post-hoc EMA: write both profiles to <output_dir>/phema/ every N "
+                                     "optimizer steps (and at the end)", minimum=1)
 
 
 @dataclass
@@ -130,7 +147,8 @@ class RunSettings:
                                             "needs a dataset of known size)", minimum=1)
     eval_batch_size: int = _opt(16, "images in each sample grid", minimum=1)
     ddpm_num_inference_steps: int = _opt(50, "sampler steps for the sample grids", minimum=1)
-    sample_scheduler: str = _opt("ddim", "sampler for the sample grids", SAMPLE_SCHEDULERS)
+    sample_scheduler: str = _opt("ddim", "sampler for the sample grids (with --objective edm: edm-dpmsolver++ unless "
+                                 "given)", SAMPLE_SCHEDULERS)
     sample_guidance_scale: float = _opt(3.0, "classifier-free guidance scale of the sample grids of class-conditional runs", minimum=0.0)
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
     max_consecutive_nonfinite: int = _opt(10, "stop after this many consecutive steps with a non-finite loss or "
@@ -202,8 +220,8 @@ class SpeedSettings:
 class ClassifierSettings:
     """Train-classifier's accuracy report."""
 
-    classifier_eval_images: int = _opt(256, "train-classifier: images on which accuracy is reported per noise level",
-                                       minimum=1)
+    classifier_eval_images: int = _opt(256, "train-classifier: images on which accuracy is reported per noise level "
+                                            "(as many of each class as the data allow)", minimum=1)
     classifier_eval_split: Optional[str] = _opt(None, "train-classifier: dataset split of the accuracy report "
                                                 "(unset = the training split)")
     classifier_eval_timesteps: Optional[str] = _opt(None, "train-classifier: comma-separated noise levels t of the "
@@ -242,12 +260,15 @@ class TrainConfig:
             grouped[SECTION_OF[key]][key] = value
         return cls(**{name: SECTIONS[name](**kwargs) for name, kwargs in grouped.items()})
 
-    def to_dict(self, secrets: bool = False) -> dict:
+    def to_dict(self, secrets: bool = False, as_used: bool = True) -> dict:
         """All settings, flat; without secrets (any field named *token*) unless asked: safe to write to files, logs
-        and cards."""
+        and cards. `as_used`: the Hub dataset's settings are None when a local folder (train_data_dir) is the
+        data, so a written config names the source that was used."""
         flat: dict[str, Any] = {}
         for name in SECTIONS:
             flat.update(dataclasses.asdict(getattr(self, name)))
+        if as_used and flat["train_data_dir"]:
+            flat.update({key: None for key in HUB_DATASET_SETTINGS})
         return {k: v for k, v in flat.items() if secrets or "token" not in k}
 
     def get(self, key: str) -> Any:
@@ -256,7 +277,7 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some settings (flat names) changed."""
-        return TrainConfig.from_flat({**self.to_dict(secrets=True), **changes})
+        return TrainConfig.from_flat({**self.to_dict(secrets=True, as_used=False), **changes})
 
     def save_yaml(self, path: str | Path) -> None:
         """Write the effective configuration as YAML (flat, as the user writes it)."""

@@ -3,10 +3,11 @@ need a stage's knowledge live with it (the UNet presets: models/unet.py `check_p
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..errors import UserError
-from .sections import FIELDS, TrainConfig
+from .sections import DDPM_SAMPLERS, EDM_SAMPLERS, FIELDS, TrainConfig
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -14,14 +15,19 @@ def validate(cfg: TrainConfig) -> None:
     for name, f in FIELDS.items():
         value = cfg.get(name)
         choices, minimum = f.metadata["choices"], f.metadata["min"]
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+            raise UserError(f"{name} must be a finite number; got {value!r}")
         if choices and value is not None and value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
         if minimum is not None and value is not None and value < minimum:
             raise UserError(f"{name} must be >= {minimum}; got {value!r}")
     if cfg.data.train_data_dir is not None and not Path(cfg.data.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {cfg.data.train_data_dir} does not exist or is not a directory")
+    validate_optimizer(cfg)
     _validate_evaluation(cfg)
     validate_paper_model(cfg)
+    validate_edm(cfg)
+    validate_phema(cfg)
     validate_finetune(cfg)
     validate_lr_schedule(cfg)
     validate_classifier(cfg)
@@ -47,6 +53,15 @@ def validate_classifier(cfg: TrainConfig) -> None:
                         f"got {cfg.classifier.classifier_eval_timesteps!r}")
 
 
+def validate_optimizer(cfg: TrainConfig) -> None:
+    """Decay rates outside their range make the weights diverge (Adam's bias correction divides by 1 - beta**t)."""
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= cfg.get(name) < 1:
+            raise UserError(f"{name} must be >= 0 and < 1; got {cfg.get(name)!r}")
+    if not 0 <= cfg.ema.ema_max_decay <= 1:
+        raise UserError(f"ema_max_decay must be between 0 and 1; got {cfg.ema.ema_max_decay!r}")
+
+
 def _validate_evaluation(cfg: TrainConfig) -> None:
     if cfg.eval.inception_weights is not None and not Path(cfg.eval.inception_weights).is_file():
         raise UserError(f"inception_weights {cfg.eval.inception_weights} does not exist; pass the path of "
@@ -63,6 +78,43 @@ def validate_paper_model(cfg: TrainConfig) -> None:
         raise UserError(f"snr_gamma must be > 0 (or unset); got {cfg.objective.snr_gamma}")
     if cfg.model.dropout is not None and cfg.model.dropout >= 1:
         raise UserError(f"dropout must be in [0, 1); got {cfg.model.dropout}")
+
+
+def validate_edm(cfg: TrainConfig) -> None:
+    """EDM training (issue 16): what it can be combined with, and which samplers draw from it."""
+    edm = cfg.objective.objective == "edm"
+    if not edm:
+        if cfg.run.sample_scheduler in EDM_SAMPLERS:
+            raise UserError(f"sample_scheduler {cfg.run.sample_scheduler} samples models trained with --objective edm; "
+                            f"use one of {', '.join(DDPM_SAMPLERS)}")
+        return
+    if cfg.model.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"objective edm takes prediction_type epsilon or v_prediction (diffusers' EDM schedulers); "
+                        f"got {cfg.model.prediction_type}")
+    for name, given in (("learn_sigma", cfg.model.learn_sigma), ("snr_gamma", cfg.objective.snr_gamma is not None),
+                        ("init_from", cfg.finetune.init_from is not None)):
+        if given:
+            raise UserError(f"{name} cannot be combined with objective edm")
+    if cfg.run.sample_scheduler not in EDM_SAMPLERS:
+        raise UserError(f"sample_scheduler {cfg.run.sample_scheduler} is a DDPM sampler; a model trained with "
+                        f"objective edm samples with {', '.join(EDM_SAMPLERS)}")
+    if not 0 < cfg.objective.edm_sigma_min < cfg.objective.edm_sigma_max or cfg.objective.sigma_data <= 0:
+        raise UserError("objective edm needs 0 < edm_sigma_min < edm_sigma_max and sigma_data > 0")
+
+
+def validate_phema(cfg: TrainConfig) -> None:
+    """Post-hoc EMA profiles: numbers in (0, 0.28); not with LoRA (the exported UNet is the merged one)."""
+    text = cfg.ema.phema_sigma_rel
+    if not text:
+        return
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"phema_sigma_rel must be comma-separated numbers, e.g. 0.05,0.1; got {text!r}") from None
+    if not values or not all(0 < v < 0.28 for v in values):  # the exponent gamma is positive below ~0.2887
+        raise UserError(f"phema_sigma_rel values must lie in (0, 0.28); got {text!r}")
+    if cfg.finetune.lora_rank is not None:
+        raise UserError("phema_sigma_rel cannot be combined with lora_rank")
 
 
 def validate_lr_schedule(cfg: TrainConfig) -> None:

@@ -55,12 +55,15 @@ def check_pixel_count(image: Image.Image) -> None:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode (L, LA, RGBA, P, CMYK, I;16, I, F) to 8-bit RGB; transparency is composited on white."""
+    """Any mode (L, LA, RGBA, P, CMYK, I;16, I, F) to 8-bit RGB; transparency is composited on white.
+
+    Images of more than 8 bits per value are converted by their real range: values above 255 mean a 16-bit range
+    (divided by 257), values that all fit in 0-255 (8-bit data stored in a 16-bit file) are kept as they are."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        peak = 65535.0 if array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")

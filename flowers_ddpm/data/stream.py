@@ -153,6 +153,7 @@ class ResumableStream:
         self.buffer: list = []
         self.rng = np.random.default_rng([seed, rank])
         self.produced = 0  # examples yielded so far; also the augmentation key of the next example
+        self.epoch_size: Optional[int] = None  # examples in one epoch of this process's shard, once one was read
         self._resumed = False  # a resumed epoch may have nothing left in it; a fresh one may not
 
     def state_dict(self) -> dict:
@@ -162,12 +163,14 @@ class ResumableStream:
             "buffer": list(self.buffer),
             "rng": copy.deepcopy(self.rng.bit_generator.state),
             "produced": self.produced,
+            "epoch_size": self.epoch_size,
             "rank": self.rank,
             "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.produced = state["epoch"], state["produced"]
+        self.epoch_size = state.get("epoch_size")
         self.buffer = list(state["buffer"])
         self.rng.bit_generator.state = state["rng"]
         self.dataset.load_state_dict(state["dataset"])
@@ -183,6 +186,8 @@ class ResumableStream:
                 yield example
             if seen == 0 and fresh:
                 raise UserError(f"the dataset yielded no examples for process {self.rank} of {self.world_size}")
+            if fresh:
+                self.epoch_size = seen
             self.epoch += 1
 
     def __iter__(self) -> Iterator[dict]:
@@ -200,8 +205,11 @@ class TrainBatches:
     """Decoded, batched examples for one process, in the stream's order.
 
     Records are decoded by `num_workers` threads (inline when 0) a bounded window ahead of the trainer.
-    Unreadable files are skipped (each warned once, counted) without shortening a batch. `state_dict()` is the
-    stream state as of the last example of the last batch handed out, so a checkpoint never loses or repeats data.
+    Unreadable files are skipped (each warned once, counted once) without shortening a batch. `state_dict()` is
+    the stream state as of the last example of the last batch handed out, so a checkpoint never loses or repeats
+    data; it also carries the number of images decoded and the unreadable files found so far, so that "none of
+    the images could be read" (raised only once every example of this process's shard was tried and none decoded)
+    and the count of skipped files survive a resume.
     """
 
     def __init__(self, stream: ResumableStream, source: DataSource, settings: TransformSettings, batch_size: int,
@@ -209,19 +217,32 @@ class TrainBatches:
         self.stream, self.source, self.settings = stream, source, settings
         self.batch_size, self.num_workers, self.record_ids = batch_size, num_workers, record_ids
         self.consumed_state = stream.state_dict()
-        self.skipped = 0
+        self._unreadable: list[str] = []  # ids of the files that could not be decoded, each once, in order found
+        self._unreadable_set: set[str] = set()
         self._warned: set[str] = set()
         self._decoded_ok = 0
+        self._consumed_counts = (0, 0)  # (images decoded, unreadable files) as of consumed_state
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable files found so far (each counted once, however often it was drawn)."""
+        return len(self._unreadable)
 
     def state_dict(self) -> dict:
-        return self.consumed_state
+        decoded, unreadable = self._consumed_counts
+        return {**self.consumed_state, "images_decoded": decoded, "unreadable": self._unreadable[:unreadable]}
 
     def load_state_dict(self, state: dict) -> None:
         if "dataset" not in state:  # written by the decode-cache path (flowers_ddpm.data.cache)
             logger.warning("the checkpoint's data position belongs to the decode cache; the data stream restarts")
             return
         self.stream.load_state_dict(state)
-        self.consumed_state = state
+        # a checkpoint is only written after a batch was decoded (older checkpoints lack the count)
+        self._decoded_ok = max(1, int(state.get("images_decoded", 1)))
+        self._unreadable = list(state.get("unreadable", []))
+        self._unreadable_set = set(self._unreadable)
+        self._consumed_counts = (self._decoded_ok, len(self._unreadable))
+        self.consumed_state = {k: v for k, v in state.items() if k not in ("images_decoded", "unreadable")}
 
     def _jobs(self):
         """(record, label, stream state after it) and the arguments of its `try_decode`, in stream order."""
@@ -237,12 +258,15 @@ class TrainBatches:
             yield record, label, state, decoded
 
     def _check_bad(self, record, reason: str) -> None:
-        self.skipped += 1
         name = example_id(record)
         if name not in self._warned:
             self._warned.add(name)
+            if name not in self._unreadable_set:  # (found before a resume: already counted)
+                self._unreadable_set.add(name)
+                self._unreadable.append(name)
             logger.warning("skipping unreadable image %s (%s)", name, reason)
-        if self._decoded_ok == 0 and self.stream.epoch >= 2:
+        size = self.stream.epoch_size
+        if self._decoded_ok == 0 and size is not None and len(self._unreadable) >= size:
             raise UserError(f"none of the images in {self.source.description} could be read")
 
     def __iter__(self):
@@ -264,6 +288,7 @@ class TrainBatches:
                     "ids": ids,
                 }
                 self.consumed_state = state
+                self._consumed_counts = (self._decoded_ok, len(self._unreadable))
                 images, labels, ids = [], [], []
                 yield batch
 

@@ -13,14 +13,19 @@ import yaml
 from accelerate import Accelerator
 
 from .._util import tables
+from .._util.hub_ids import shown_name
 from ..config.sections import DataSettings
 from ..errors import UserError
 from ..pipelines.conditioning import resolve_conditioning
 from ..pipelines.export import TRAINING_CONFIG_NAME
 from ..pipelines.sampling import load_pipeline
 from .evaluate import SamplingSettings, conditioning_record, evaluate_pipeline
-from .features import build_dinov2_network, build_inception_network
+from .features import InceptionFeatures, build_dinov2_network, build_inception_network
 from .reference import load_or_compute_reference
+
+
+markdown_table = tables.metrics_table  # the table of metrics.md, also printed by the command
+STANDARD_NETWORK = InceptionFeatures.name  # FIDs in other networks' features are not comparable with papers
 
 
 def write_report(report: dict, json_path: Path) -> Path:
@@ -33,9 +38,13 @@ def write_report(report: dict, json_path: Path) -> Path:
         classes = [str(c) for c in conditioning["class_names"] or conditioning["class_labels"]]
         listed = ", ".join(classes[:8]) + (f", ... ({len(classes)} labels)" if len(classes) > 8 else "")
         drawn = f"; images drawn for classes {listed} in turn, guidance scale {conditioning['guidance_scale']}"
+    network = report["feature_networks"]["inception"]
+    features = "" if network == STANDARD_NETWORK else (
+        f"\n\nFID, KID, IS and precision/recall in features of `{network}` (a custom feature network): not "
+        "comparable with papers.")
     md_path.write_text(f"Metrics of `{report['model']}` against {report['reference']['description']} "
                        f"({report['reference']['num_images']} images at {report['reference']['resolution']}px)"
-                       f"{drawn}\n\n" + markdown_table(report["results"]))
+                       f"{drawn}{features}\n\n" + markdown_table(report["results"]))
     return md_path
 
 
@@ -55,6 +64,16 @@ def reference_data_config(model: str, flags: dict, sample_size: int) -> DataSett
         values.pop("train_data_dir", None)  # an explicit Hub dataset replaces the folder the model was trained on
     values.update({k: v for k, v in flags.items() if v is not None})
     return DataSettings(**values)
+
+
+def reference_record(data: DataSettings, num_images: int) -> dict:
+    """What metrics.json says about the reference images, without local paths."""
+    if data.train_data_dir:
+        description, dataset = f"local folder {shown_name(data.train_data_dir)}", None
+    else:
+        description, dataset = f"{data.dataset_name} ({data.dataset_split})", data.dataset_name
+    return {"description": description, "dataset_name": dataset, "split": data.dataset_split,
+            "resolution": data.resolution, "center_crop": data.center_crop, "num_images": num_images}
 
 
 @dataclass
@@ -79,6 +98,25 @@ class EvaluateOptions:
     guidance_scale: Optional[float] = None
 
 
+def feature_networks(options: EvaluateOptions) -> dict:
+    """The Inception (or replacement) and DINOv2 networks; when some cannot be loaded (offline without the
+    download, not installed), one error names every one of them."""
+    builders = {"inception": lambda: build_inception_network(options.inception_weights, options.feature_network),
+                "dinov2": lambda: build_dinov2_network(options.dinov2_model)}
+    networks, problems = {}, []
+    for name, build in builders.items():
+        try:
+            networks[name] = build()
+        except UserError as e:
+            problems.append(str(e))
+    if len(problems) > 1:
+        raise UserError(f"evaluate needs {len(problems)} things it cannot load: "
+                        + " ".join(f"({i}) {problem}" for i, problem in enumerate(problems, 1)))
+    if problems:
+        raise UserError(problems[0])
+    return {name: network for name, network in networks.items() if network is not None}
+
+
 def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]:
     """The `evaluate` command: returns the report on the main process (None elsewhere) after writing it."""
     accelerator = Accelerator()
@@ -86,16 +124,13 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
     if options.num_images < least:
         raise UserError(f"num_images must be >= {least} (4 for precision/recall with k=3, and one per process); "
                         f"got {options.num_images}")
+    # the networks first: every download they miss is named before anything else is loaded
+    networks = {name: network.to(accelerator.device) for name, network in feature_networks(options).items()}
     dtype = torch.float16 if accelerator.device.type == "cuda" else None
     pipe = load_pipeline(options.model, accelerator.device, dtype)
     pipe.set_progress_bar_config(disable=True)
     # class-conditional: the requested classes, else every class in turn
     labels = resolve_conditioning(pipe, options.class_labels, options.guidance_scale, every_class=True)
-    networks = {"inception": build_inception_network(options.inception_weights, options.feature_network)}
-    dino = build_dinov2_network(options.dinov2_model)
-    if dino is not None:
-        networks["dinov2"] = dino
-    networks = {name: network.to(accelerator.device) for name, network in networks.items()}
     data = reference_data_config(options.model, data_flags, int(pipe.unet.config.sample_size))
     reference = load_or_compute_reference(accelerator, data, networks, options.reference_cache_dir,
                                           options.batch_size, options.reference_num_images)
@@ -107,11 +142,10 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
         rows.append(evaluate_pipeline(accelerator, pipe, networks, reference, sampling, options.precision_recall))
     if not accelerator.is_main_process:
         return None
-    report = {"model": options.model, "seed": options.seed,
+    # published with the model (push uploads metrics.json and .md): local paths appear as their last component
+    report = {"model": shown_name(options.model), "seed": options.seed,
               "feature_networks": {name: getattr(n, "name", type(n).__name__) for name, n in networks.items()},
-              "reference": {"description": data.train_data_dir or f"{data.dataset_name} ({data.dataset_split})",
-                            "resolution": data.resolution, "center_crop": data.center_crop,
-                            "num_images": len(reference["inception"]["features"])},
+              "reference": reference_record(data, len(reference["inception"]["features"])),
               "results": rows}
     conditioning = conditioning_record(pipe, labels, options.guidance_scale)
     if conditioning is not None:
@@ -125,23 +159,3 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
 # --compare_schedulers: the quality/speed trade-off users ask about, on the same model and seeds
 SCHEDULER_COMPARISON = (("ddpm", 1000), ("ddim", 50), ("ddim", 25), ("dpmsolver++", 20), ("dpmsolver++", 10))
 
-
-METRIC_COLUMNS = (("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"), ("precision", "precision"),
-                  ("recall", "recall"), ("fd_dinov2", "FD-DINOv2"), ("images_per_sec", "images/s"))
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """A markdown table: sampler, steps, then each metric present in the rows."""
-    metrics = [(key, title) for key, title in METRIC_COLUMNS if any(key in row for row in rows)]
-    return tables.markdown_table(rows, [("scheduler", "sampler"), ("steps", "steps"), *metrics], _format,
-                                 right_aligned=["steps", *(key for key, _ in metrics)])
-
-
-def _format(key: str, value) -> str:
-    if key in ("scheduler", "steps"):
-        return str(value)
-    if value is None:
-        return "-"
-    if key.startswith("kid"):
-        return f"{value:.5f}"
-    return f"{value:.3f}" if key in ("precision", "recall") else f"{value:.2f}"

@@ -30,7 +30,7 @@ def fingerprint(network: nn.Module) -> str:
     digest = hashlib.sha1()
     for key, tensor in sorted(network.state_dict().items()):
         digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too (BatchNorm counters)
     return f"{getattr(network, 'name', type(network).__name__)}:{digest.hexdigest()[:16]}"
 
 

@@ -46,11 +46,35 @@ def reference_key(data: DataSettings, network_fingerprints: list[str], max_image
             "networks": network_fingerprints}
 
 
-def real_image_batches(data: DataSettings, rank: int, world_size: int, batch_size: int, max_images: Optional[int]):
+def class_balanced_ids(source, max_images: int) -> set[str]:
+    """The ids of `max_images` examples, as many of each class as the data allow (the first ones of each class in
+    stream order), so a score on them is not dominated by the classes listed first. Reads only the labels and
+    records (no decoding), until every class has its share."""
+    num_classes = len(source.class_names)
+    quota = [max_images // num_classes + (c < max_images % num_classes) for c in range(num_classes)]
+    chosen: set[str] = set()
+    for example in source.dataset:
+        label = example[source.label_column]
+        if quota[label] > 0:
+            quota[label] -= 1
+            chosen.add(example_id(example[source.image_column]))
+            if not any(quota):
+                break
+    return chosen
+
+
+def real_image_batches(data: DataSettings, rank: int, world_size: int, batch_size: int, max_images: Optional[int],
+                       class_balanced: bool = False):
     """Yield (ids, uint8 NCHW tensor, class labels (-1 without a label column)) of this process's share of the
-    real images; unreadable files are skipped."""
+    real images; unreadable files are skipped. `max_images`: the first ones, or with `class_balanced` (data with
+    classes) an equal number of each class."""
     source = open_source(data)
-    dataset = source.dataset.take(max_images) if max_images else source.dataset
+    dataset = source.dataset
+    if max_images and class_balanced and source.label_column and source.class_names:
+        chosen = class_balanced_ids(source, max_images)
+        dataset = dataset.filter(lambda example: example_id(example[source.image_column]) in chosen)
+    elif max_images:
+        dataset = dataset.take(max_images)
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     settings = TransformSettings(data.resolution, data.center_crop, random_flip=False)

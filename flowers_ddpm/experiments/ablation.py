@@ -1,12 +1,13 @@
 """Recipe ablation: train recipe variants for the same wall-clock budget on real data and score their samples.
 
 Each variant is a real `flowers-ddpm train` run (a subprocess, so every variant starts from a clean process and
-the runs cannot leak state into each other) on scikit-learn's digits written as class folders (flowers_ddpm.experiments.digits).
-The budget becomes a step count from a short probe run of the same variant, so the LR schedule and EMA warm-up
-end where they would in a planned run of that length. Samples are class-conditional, the same count, sampler and
-seeds for every variant, and are scored with the digits classifier: Frechet distance in its feature space
-(against the training images, beside a real-vs-real baseline of held-out images) and its accuracy on the
-requested digits.
+the runs cannot leak state into each other) on a test bed written as class folders (flowers_ddpm.experiments.beds:
+scikit-learn's digits, or real colour photographs such as the CIFAR-10 subset). The budget becomes a step count
+from a short probe run of the same variant, so the LR schedule and EMA warm-up end where they would in a planned
+run of that length. Each variant is trained class-conditionally, unconditionally, or both (`conditioning`);
+samples are the same count, sampler family and seeds for every variant, and are scored with the bed's
+classifier: Frechet distance in its feature space (against the training images, beside a real-vs-real baseline of
+held-out images) and, for class-conditional samples, its accuracy on the requested classes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ..evaluation.metrics import frechet_distance
 from ..models.unet import build_unet
 from ..pipelines.sampling import generate, image_grid, load_pipeline
 from ..publish.run_log import read_records
-from . import digits
+from . import beds
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,13 @@ VARIANTS: dict[str, dict] = {
     "wide": {"unet_config": {"block_out_channels": [48, 96, 96]}},
     "deep": {"unet_config": {"layers_per_block": 2}},
     "two-level-unet": {"model_preset": "tiny"},
+    # EDM-style training (Karras et al. 2022): preconditioning, log-normal noise levels, EDM loss weight
+    "edm": {"objective": "edm", "prediction_type": "epsilon"},
 }
+
+# The EDM counterpart of each DDPM-family sampler (an EDM model refuses DDPM-family samplers and vice versa), so
+# every row of a table uses the same kind of solver: DPM-Solver++ (2nd order, multistep) or a first-order one.
+EDM_SAMPLERS = {"dpmsolver++": "edm-dpmsolver++", "ddim": "edm-euler", "ddpm": "edm-euler"}
 
 
 def variant_settings(name: str) -> dict:
@@ -110,18 +117,30 @@ class AblationSettings:
     classifier_epochs: int = 15
     seed: int = 0
     cache_dir: Optional[Path] = None
+    bed: str = "digits"
+    bed_path: Optional[Path] = None  # the bed's .npz file (cifar10-5k)
+    conditioning: tuple = ("class",)  # "class" (class-conditional rows) and/or "none" (unconditional rows)
 
     def validate(self) -> None:
         """One-sentence errors before any work."""
         for name in self.variants:
             variant_settings(name)
+        if self.bed not in beds.BEDS:
+            raise UserError(f"unknown bed {self.bed!r}; beds: {', '.join(beds.BEDS)}")
+        if beds.BEDS[self.bed].needs_path and (self.bed_path is None or not Path(self.bed_path).is_file()):
+            raise UserError(f"the {self.bed} bed needs --bed_path, its .npz file; got {self.bed_path}")
+        if not self.conditioning or set(self.conditioning) - {"class", "none"}:
+            raise UserError(f"conditioning must be 'class' and/or 'none'; got {' '.join(self.conditioning)}")
         if self.budget_minutes <= 0:
             raise UserError(f"budget_minutes must be > 0; got {self.budget_minutes}")
         if self.budget_images is not None and self.budget_images < 1:
             raise UserError(f"budget_images must be >= 1; got {self.budget_images}")
-        if self.num_samples < 20 or self.num_samples % digits.NUM_CLASSES:
-            raise UserError(f"num_samples must be a multiple of 10 and >= 20 (the same count of every digit); "
-                            f"got {self.num_samples}")
+        if self.num_samples < 20:
+            raise UserError(f"num_samples must be >= 20; got {self.num_samples}")
+
+    def sampler_for(self, recipe: dict) -> str:
+        """The scoring sampler of a variant: `sampler`, or its EDM counterpart for an EDM-trained variant."""
+        return EDM_SAMPLERS.get(self.sampler, self.sampler) if recipe.get("objective") == "edm" else self.sampler
 
 
 def _run_train(config: Path, extra: list[str], log: Path) -> float:
@@ -144,14 +163,16 @@ def _logged_images_per_sec(run_dir: Path) -> float:
     return sum(rates) / len(rates)
 
 
-def _write_config(folder: Path, recipe: dict, data: digits.DigitsData, settings: AblationSettings) -> Path:
+def _write_config(folder: Path, recipe: dict, data: beds.BedData, settings: AblationSettings,
+                  conditional: bool = True) -> Path:
     values = {
         "model_preset": settings.model_preset,
         **{k: v for k, v in recipe.items() if v is not None},
-        "train_data_dir": str(data.train_dir), "resolution": settings.resolution, "class_conditional": True, "center_crop": True, "random_flip": False,
+        "train_data_dir": str(data.train_dir), "resolution": settings.resolution, "class_conditional": conditional,
+        "center_crop": True, "random_flip": data.random_flip,
         "decode_cache": True, "decode_cache_dir": str(settings.output_dir / "decode_cache"),
         "shuffle_buffer_size": 2048, "seed": settings.seed, "logger": "none", "logging_steps": 4,
-        "output_dir": str(folder / "run"), "sample_scheduler": settings.sampler,
+        "output_dir": str(folder / "run"), "sample_scheduler": settings.sampler_for(recipe),
         "ddpm_num_inference_steps": settings.sampler_steps, "eval_batch_size": 10,
     }
     if recipe.get("snr_gamma") is None:
@@ -165,11 +186,10 @@ def _write_config(folder: Path, recipe: dict, data: digits.DigitsData, settings:
 def training_flops_per_image(recipe: dict, settings: AblationSettings) -> float:
     """Forward + backward FLOPs per training image of a variant's UNet (torch.utils.flop_counter)."""
     overrides = dict(recipe.get("unet_config") or {})
-    model = build_unet(recipe.get("model_preset", settings.model_preset), settings.resolution, overrides,
-                       digits.NUM_CLASSES + 1)
+    model = build_unet(recipe.get("model_preset", settings.model_preset), settings.resolution, overrides)
     x = torch.randn(2, 3, settings.resolution, settings.resolution)
-    with FlopCounterMode(display=False) as counter:
-        model(x, torch.tensor([10, 500]), class_labels=torch.tensor([0, 1])).sample.square().mean().backward()
+    with FlopCounterMode(display=False) as counter:  # a class embedding costs next to nothing: left out
+        model(x, torch.tensor([10, 500])).sample.square().mean().backward()
     return counter.get_total_flops() / 2
 
 
@@ -191,80 +211,97 @@ def plan_steps(config: Path, folder: Path, recipe: dict, settings: AblationSetti
     return max(steps, 1), rate
 
 
-def balanced_subset(labels: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the first count/10 examples of each digit: the same class mix as the samples (image i is digit
-    i % 10), so the real-vs-real baseline is not inflated by a different mix of classes."""
-    per_class = count // digits.NUM_CLASSES
-    picks = [torch.nonzero(labels == c)[:per_class, 0] for c in range(digits.NUM_CLASSES)]
+def balanced_subset(labels: torch.Tensor, count: int, num_classes: int = 10) -> torch.Tensor:
+    """Indices of the first count/num_classes examples of each class: the same class mix as the samples (image i
+    is of class i % num_classes), so the real-vs-real baseline is not inflated by a different mix of classes."""
+    if count % num_classes:
+        raise UserError(f"num_samples must be a multiple of the bed's {num_classes} classes (the same count of "
+                        f"every class); got {count}")
+    per_class = count // num_classes
+    picks = [torch.nonzero(labels == c)[:per_class, 0] for c in range(num_classes)]
     if min(len(p) for p in picks) < per_class:
-        raise UserError(f"num_samples {count} needs {per_class} held-out images of every digit; use at most "
-                        f"{digits.NUM_CLASSES * min(len(p) for p in picks)}")
+        raise UserError(f"num_samples {count} needs {per_class} held-out images of every class; use at most "
+                        f"{num_classes * min(len(p) for p in picks)}")
     return torch.cat(picks)
 
 
 class Scorer:
-    """Scores a pipeline's class-conditional samples with the digits classifier."""
+    """Scores a pipeline's samples with the bed's classifier (the judge)."""
 
-    def __init__(self, data: digits.DigitsData, settings: AblationSettings):
+    def __init__(self, data: beds.BedData, settings: AblationSettings):
         cache = settings.cache_dir or settings.output_dir / "classifier"
-        self.classifier, self.classifier_accuracy = digits.train_classifier(data, cache, settings.classifier_epochs,
-                                                                                 settings.seed)
-        train, _ = digits.load_folder(data.train_dir)
-        test, test_labels = digits.load_folder(data.test_dir)
-        self.reference = digits.predict(self.classifier, train)[0]
-        held_out = digits.predict(self.classifier, test[balanced_subset(test_labels, settings.num_samples)])[0]
+        self.classifier, self.classifier_accuracy = beds.train_classifier(data, cache, settings.classifier_epochs,
+                                                                          settings.seed)
+        self.num_classes = data.num_classes
+        train, _ = beds.load_folder(data.train_dir)
+        test, test_labels = beds.load_folder(data.test_dir)
+        self.reference = beds.predict(self.classifier, train)[0]
+        subset = balanced_subset(test_labels, settings.num_samples, data.num_classes)
+        held_out = beds.predict(self.classifier, test[subset])[0]
 
         self.real_vs_real = frechet_distance(self.reference, held_out)
         self.settings = settings
 
-    def score(self, pipeline_dir: Path, grid_path: Path) -> dict:
-        """Frechet distance and class accuracy of `num_samples` samples (image i asks for digit i % 10)."""
+    def score(self, pipeline_dir: Path, grid_path: Path, sampler: str, conditional: bool = True) -> dict:
+        """Frechet distance of `num_samples` samples, and for class-conditional ones the class accuracy (image i
+        asks for class i % num_classes); unconditional samples get no class accuracy (None)."""
         s = self.settings
         pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
         start = time.perf_counter()
-        images = generate(pipe, s.num_samples, s.sampler_steps, s.seed, s.sampler, batch_size=100,
-                          class_labels=list(range(digits.NUM_CLASSES)), guidance_scale=s.guidance_scale)
+        labels = {"class_labels": list(range(self.num_classes)), "guidance_scale": s.guidance_scale} if conditional else {}
+        images = generate(pipe, s.num_samples, s.sampler_steps, s.seed, sampler, batch_size=100, progress=True,
+                          **labels)
         sample_sec = time.perf_counter() - start
         image_grid(images[:100]).save(grid_path)
 
-        features, predicted = digits.predict(self.classifier, images_to_tensor(images))
-        requested = torch.arange(len(images)) % digits.NUM_CLASSES
-        return {"frechet": frechet_distance(self.reference, features),
-                "class_accuracy": float((predicted == requested).float().mean()),
+        features, predicted = beds.predict(self.classifier, images_to_tensor(images))
+        requested = torch.arange(len(images)) % self.num_classes
+        accuracy = float((predicted == requested).float().mean()) if conditional else None
+        return {"frechet": frechet_distance(self.reference, features), "class_accuracy": accuracy,
                 "sample_images_per_sec": len(images) / sample_sec}
 
 
-def run_variant(name: str, data: digits.DigitsData, scorer: Scorer, settings: AblationSettings) -> dict:
-    """Probe, train for the budget, score; the result is kept in <output_dir>/<name>/result.json."""
-    folder = settings.output_dir / name
+def variant_folder(name: str, conditional: bool) -> str:
+    """A variant's folder under output_dir: its name, with `-uncond` for the unconditional run."""
+    return name if conditional else f"{name}-uncond"
+
+
+def run_variant(name: str, data: beds.BedData, scorer: Scorer, settings: AblationSettings,
+                conditional: bool = True) -> dict:
+    """Probe, train for the budget, score; the result is kept in <output_dir>/<folder>/result.json."""
+    folder = settings.output_dir / variant_folder(name, conditional)
     result_path = folder / "result.json"
     if result_path.is_file():  # finished in an earlier, interrupted run of the ablation
         return json.loads(result_path.read_text())
     for leftover in ("run", "probe"):  # an unfinished variant starts over: its budget must be spent in one go
         shutil.rmtree(folder / leftover, ignore_errors=True)
     recipe = variant_settings(name)
-    config = _write_config(folder, recipe, data, settings)
+    config = _write_config(folder, recipe, data, settings, conditional)
     steps, probe_rate = plan_steps(config, folder, recipe, settings)
     logger.info("%s: %d steps planned (probe: %s images/s)", name, steps, probe_rate)
     seconds = _run_train(config, ["--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
                                   "--save_images_steps", str(steps)], folder / "train.log")
     run_dir = folder / "run"
     losses = read_records(run_dir)
-    row = {"variant": name, "changes": describe(name), "steps": steps,
+    sampler = settings.sampler_for(recipe)
+    row = {"variant": name, "changes": describe(name), "conditioning": "class" if conditional else "none",
+           "sampler": sampler, "steps": steps,
            "train_images": steps * recipe["train_batch_size"],
            "images_per_sec": _logged_images_per_sec(run_dir), "train_sec": seconds,
            "final_loss": losses[-1]["loss"], "real_vs_real": scorer.real_vs_real,
-           **scorer.score(run_dir / "pipeline", folder / "grid.png")}
+           **scorer.score(run_dir / "pipeline", folder / "grid.png", sampler, conditional)}
     row["frechet_ratio"] = row["frechet"] / scorer.real_vs_real
     atomic_write_text(result_path, json.dumps(row, indent=2))  # a half-written result would count as finished
     return row
 
 
-COLUMNS = ("variant", "changes", "steps", "train_images", "images_per_sec", "train_sec", "final_loss", "frechet", "real_vs_real",
+COLUMNS = ("variant", "changes", "conditioning", "sampler", "steps", "train_images", "images_per_sec", "train_sec", "final_loss", "frechet", "real_vs_real",
            "frechet_ratio", "class_accuracy")
 
 
 def _cell(value) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
@@ -301,12 +338,17 @@ def run_ablation(settings: AblationSettings) -> list[dict]:
     _check_same_settings(settings)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     (settings.output_dir / "settings.json").write_text(json.dumps(_comparable(settings), indent=2))
-    data = digits.write_digits(settings.output_dir / "digits", settings.resolution, seed=settings.seed)
+    data = beds.write_bed(settings.bed, settings.output_dir / settings.bed, settings.resolution, settings.seed,
+                          settings.bed_path)
     scorer = Scorer(data, settings)
-    logger.info("digits classifier test accuracy %.3f; real-vs-real Frechet %.3f", scorer.classifier_accuracy,
-                scorer.real_vs_real)
+    judge = {"bed": settings.bed, "classifier_held_out_accuracy": scorer.classifier_accuracy,
+             "real_vs_real": scorer.real_vs_real, "held_out_images": settings.num_samples}
+    atomic_write_text(settings.output_dir / "judge.json", json.dumps(judge, indent=2))
+    logger.info("%s classifier held-out accuracy %.3f; real-vs-real Frechet %.3f", settings.bed,
+                scorer.classifier_accuracy, scorer.real_vs_real)
+    runs = [(name, mode == "class") for mode in settings.conditioning for name in settings.variants]
     rows = []
-    for name in tqdm(settings.variants, desc="variants", dynamic_ncols=True):
-        rows.append(run_variant(name, data, scorer, settings))
+    for name, conditional in tqdm(runs, desc="variants", dynamic_ncols=True):
+        rows.append(run_variant(name, data, scorer, settings, conditional))
         write_table(rows, settings.output_dir)
     return rows

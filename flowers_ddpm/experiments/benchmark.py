@@ -123,7 +123,7 @@ class _NoPublisher:
     def sample_grid(self, model, step):
         return None
 
-    def export(self, model, step):
+    def export(self, model, step, training_seconds):
         return None
 
 

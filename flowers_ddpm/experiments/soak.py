@@ -205,6 +205,23 @@ def assert_same_final_state(a: Path, b: Path) -> None:
 
 
 # -- the soak command (scripts/soak_resume.py) ------------------------------------------------------------------------
+def add_bad_files(folder: Path, fraction: float) -> Path:
+    """Mix unreadable files into a class folder so that they make up `fraction` of its files: truncated JPEGs, empty
+    PNGs and text files named .png, spread over the classes."""
+    good = sorted(p for p in folder.rglob("*") if p.is_file())
+    for i in range(round(len(good) * fraction / (1 - fraction))):
+        source = good[i % len(good)]
+        kind = i % 3
+        target = source.parent / f"bad{i:02d}{'.jpg' if kind == 0 else '.png'}"
+        if kind == 0:
+            target.write_bytes(good[1].read_bytes()[:40])
+        elif kind == 1:
+            target.write_bytes(b"")
+        else:
+            target.write_text("not an image")
+    return folder
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Interrupt one run many times, resume it each time, compare with an uninterrupted run; 0 when every resume
     succeeded and the final state matches.
@@ -220,7 +237,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--signals", type=int, default=4, help="SIGTERM/SIGINT stops to deliver as well")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--bad_fraction", type=float, default=0.0,
+                        help="share of unreadable files (truncated, empty, text named .png) mixed into the images")
+    parser.add_argument("--shuffle_buffer_size", type=int, default=10,
+                        help="the runs' shuffle buffer (1000 is the training default)")
     args = parser.parse_args(argv)
+    if not 0 <= args.bad_fraction < 1:
+        parser.error("--bad_fraction must be in [0, 1)")
 
     rng = random.Random(args.seed)
     kill_modes = [m for m in MODES if m not in ("sigterm", "sigint")]
@@ -230,9 +253,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     # only random/sigterm/sigint interruptions let steps complete, at most ~2 each: every one lands before the end
     steps = 2 * sum(m in ("random", "sigterm", "sigint") for m in modes) + 4
     work = Path(args.workdir or tempfile.mkdtemp(prefix="soak_resume_"))
-    data = make_class_folder(work / "images")
+    data = add_bad_files(make_class_folder(work / "images"), args.bad_fraction)
     flags = dict(max_train_steps=steps, checkpointing_steps=1, checkpoints_total_limit=2, log_data_order=True,
-                 random_flip=True, shuffle_buffer_size=10, train_batch_size=3, logger="none")
+                 random_flip=True, shuffle_buffer_size=args.shuffle_buffer_size, train_batch_size=3, logger="none")
     straight, interrupted = work / "straight", work / "interrupted"
 
     started = time.monotonic()

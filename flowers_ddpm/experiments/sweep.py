@@ -201,14 +201,14 @@ def evaluation_settings(evaluation) -> dict:
 
 
 def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_dir: Optional[str],
-              evaluation) -> Optional[Path]:
+              evaluation, overrides: Optional[dict] = None) -> Optional[Path]:
     """The `sweep` command: run the unfinished trials, then write the comparison; returns the table path (main
-    process) or None."""
+    process) or None. `overrides`: training settings given as flags, over the YAML file and under the grid."""
     if max_train_steps < 1:
         raise UserError(f"max_train_steps must be >= 1; got {max_train_steps}")
-    base = load_yaml(config)
+    base = {**load_yaml(config), **(overrides or {})}
     grid = parse_grid(grid_items)
-    sweep_dir = Path(output_dir or f"{base.get('output_dir', TrainConfig.output_dir)}-sweep")
+    sweep_dir = Path(output_dir or f"{base.get('output_dir', FIELDS['output_dir'].default)}-sweep")
     trials = plan_trials(base, grid, max_train_steps, sweep_dir)
     check_evaluation(evaluation)
     check_conditioning(evaluation, trials)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, EDMDPMSolverMultistepScheduler, UNet2DModel
 
 from ..config.sections import ModelSettings
 from ..errors import UserError
@@ -137,3 +137,13 @@ def build_noise_scheduler(num_steps: int, beta_schedule: str, prediction_type: s
     return DDPMScheduler(num_train_timesteps=num_steps, beta_schedule=beta_schedule, prediction_type=prediction_type,
                          variance_type="learned_range" if learn_sigma else "fixed_small")
 
+
+
+def build_edm_scheduler(sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                        prediction_type: str = "epsilon"):
+    """The scheduler of an EDM-trained UNet (exported with the pipeline): diffusers' EDM DPM-Solver++ (2nd order,
+    Karras sigmas), whose `precondition_inputs` / `precondition_noise` / `precondition_outputs` the EDM objective
+    also trains through, so training and sampling share one definition of c_in, c_noise, c_skip and c_out."""
+    return EDMDPMSolverMultistepScheduler(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data,
+                                          prediction_type=prediction_type, algorithm_type="dpmsolver++",
+                                          solver_order=2, final_sigmas_type="zero")

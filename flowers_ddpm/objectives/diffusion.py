@@ -14,6 +14,16 @@ from diffusers.training_utils import compute_snr
 from .vlb import VariationalBound
 
 
+def class_conditioning(batch: dict, num_classes: Optional[int], dropout_prob: float) -> Optional[torch.Tensor]:
+    """The batch's class labels for the UNet (None for an unconditional one), each replaced by the "no class" token
+    `num_classes` with probability `dropout_prob` (classifier-free guidance training)."""
+    if num_classes is None:
+        return None
+    labels = batch["class_labels"].to(batch["pixel_values"].device)
+    dropped = torch.rand(labels.shape, device=labels.device) < dropout_prob
+    return torch.where(dropped, torch.full_like(labels, num_classes), labels)
+
+
 class DiffusionObjective:
     """MSE between the UNet output and the target chosen by the scheduler's `prediction_type`, optionally
     Min-SNR-gamma weighted, plus `vlb_weight * L_vlb` when the UNet learns its variances (Improved DDPM's hybrid
@@ -55,11 +65,7 @@ class DiffusionObjective:
 
     def conditioning(self, batch: dict) -> Optional[torch.Tensor]:
         """The class labels fed to the UNet, with labels dropped to "no class" at `class_dropout_prob`."""
-        if self.num_classes is None:
-            return None
-        labels = batch["class_labels"].to(batch["pixel_values"].device)
-        dropped = torch.rand(labels.shape, device=labels.device) < self.class_dropout_prob
-        return torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+        return class_conditioning(batch, self.num_classes, self.class_dropout_prob)
 
     def loss(self, output, clean, noise, timesteps, noisy) -> torch.Tensor:
         """The loss of one UNet output (3 channels, or 6 when it learns its variances)."""

@@ -1,6 +1,7 @@
 """Exporting trained UNets (and a noise-aware classifier) as `DiffusionPipeline.from_pretrained`-loadable folders.
 
-An unconditional UNet becomes a plain diffusers `DDPMPipeline`; a class-conditional or learned-variance UNet a
+An unconditional DDPM-trained UNet becomes a plain diffusers `DDPMPipeline`; a class-conditional, learned-variance
+or EDM-trained UNet (DDPMPipeline neither scales the initial noise nor calls `scale_model_input`) a
 `GuidedDDPMPipeline` whose source file (pipelines/guided.py) ships inside the folder, so plain diffusers loads it.
 """
 
@@ -17,7 +18,7 @@ from diffusers import DDPMPipeline
 from .._util.atomic import atomic_folder
 from ..models import classifier
 from . import guided
-from .guided import GuidedDDPMPipeline
+from .guided import GuidedDDPMPipeline, is_edm_scheduler
 from .sampling import load_classifier, load_pipeline, with_classifier
 
 TRAINING_CONFIG_NAME = "training_config.yaml"
@@ -26,14 +27,16 @@ TRAINING_CONFIG_NAME = "training_config.yaml"
 GUIDED_PIPELINE_MODULE = "guided_ddpm_pipeline"  # the file name of guided_pipeline.py inside exported folders
 
 
-def needs_guided_pipeline(unet) -> bool:
-    """Class-conditional or learned-variance UNets need GuidedDDPMPipeline; the rest are plain DDPMPipelines."""
-    return unet.config.num_class_embeds is not None or unet.config.out_channels != unet.config.in_channels
+def needs_guided_pipeline(unet, noise_scheduler=None) -> bool:
+    """Class-conditional or learned-variance UNets, and UNets sampled by an EDM scheduler, need GuidedDDPMPipeline;
+    the rest are plain DDPMPipelines."""
+    return (unet.config.num_class_embeds is not None or unet.config.out_channels != unet.config.in_channels
+            or (noise_scheduler is not None and is_edm_scheduler(noise_scheduler)))
 
 
 def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None):
-    """A plain diffusers DDPMPipeline for an unconditional UNet, a GuidedDDPMPipeline otherwise."""
-    if needs_guided_pipeline(unet):
+    """A plain diffusers DDPMPipeline for an unconditional DDPM UNet, a GuidedDDPMPipeline otherwise."""
+    if needs_guided_pipeline(unet, noise_scheduler):
         return GuidedDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
     return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
 

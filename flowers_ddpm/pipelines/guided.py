@@ -1,5 +1,5 @@
-"""GuidedDDPMPipeline: DDPM-family sampling with class labels, classifier-free guidance, classifier guidance and
-learned variances.
+"""GuidedDDPMPipeline: DDPM-family and EDM sampling with class labels, classifier-free guidance, classifier guidance
+and learned variances.
 
 This file is copied verbatim into every exported class-conditional (or learned-variance) pipeline folder, so a
 user with only diffusers installed can load it:
@@ -25,9 +25,17 @@ from diffusers.utils.torch_utils import randn_tensor
 Label = Union[int, str]
 
 
+def is_edm_scheduler(scheduler) -> bool:
+    """diffusers' EDM schedulers (EDMEulerScheduler, EDMDPMSolverMultistepScheduler): they precondition the UNet
+    (c_in in `scale_model_input`, c_skip / c_out in `step`, c_noise as the timesteps) and start from noise of
+    standard deviation `init_noise_sigma`."""
+    return hasattr(scheduler, "precondition_outputs")
+
+
 class GuidedDDPMPipeline(DiffusionPipeline):
     """A UNet2DModel (optionally class-conditional with a final "no class" embedding, optionally with 6 output
-    channels for learned variances) and any DDPM-family scheduler.
+    channels for learned variances) and any DDPM-family scheduler, or an EDM-trained UNet and one of diffusers' EDM
+    schedulers (the loop calls `scale_model_input` and starts from `init_noise_sigma`, as diffusers' pipelines do).
 
     Classifier-free guidance follows diffusers' convention: eps = eps(no class) + s * (eps(y) - eps(no class)), so
     `guidance_scale` 1 is the plain conditional model, 0 the unconditional one, and > 1 guides harder.
@@ -36,7 +44,8 @@ class GuidedDDPMPipeline(DiffusionPipeline):
     conditional and unconditional UNets, combinable with classifier-free guidance: the ancestral DDPM sampler
     shifts the mean of p(x_{t-1} | x_t) by s * Sigma_t * grad log p(y | x_t) (the paper's Algorithm 1); every other
     scheduler gets the score-based form eps' = eps - sqrt(1 - alpha_bar_t) * s * grad log p(y | x_t) (Algorithm 2),
-    rewritten for v- and x0-predicting models.
+    rewritten for v- and x0-predicting models. Classifier guidance needs a DDPM-family scheduler (the noise-aware
+    classifier is trained on its noise schedule).
     """
 
     model_cpu_offload_seq = "unet"
@@ -162,6 +171,9 @@ class GuidedDDPMPipeline(DiffusionPipeline):
         classifier_scale = self.config.classifier_scale if classifier_scale is None else classifier_scale
         if classifier is None and class_labels is not None:  # a saved classifier guides only towards given labels
             classifier = getattr(self, "classifier", None)
+        if classifier is not None and classifier_scale != 0 and is_edm_scheduler(self.scheduler):
+            raise ValueError("classifier guidance needs a DDPM-family scheduler; this pipeline samples with an EDM "
+                             "scheduler")
         if class_labels is not None and self.num_classes is None and classifier is None:
             raise ValueError("this pipeline's UNet is not class-conditional; call it without class_labels")
         if class_labels is not None:
@@ -176,17 +188,24 @@ class GuidedDDPMPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
-        image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
+        image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        image = image * self.scheduler.init_noise_sigma  # 1 for DDPM-family schedulers
         ancestral = isinstance(self.scheduler, DDPMScheduler)
         step_options = {}
-        if classifier is not None and "use_clipped_model_output" in inspect.signature(self.scheduler.step).parameters:
-            # DDIM: as in guided-diffusion, re-derive eps from the clipped x0. The guided eps moves x0 by
-            # (1 - a) / sqrt(a) * s * grad, which clip_sample cuts off at large t; eps itself would then carry the
-            # guidance into the direction term with the opposite sign.
+        if "use_clipped_model_output" in inspect.signature(self.scheduler.step).parameters:
+            # DDIM: x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps, with x0 clipped to [-1, 1] (clip_sample,
+            # inherited from the training scheduler's config) but eps, by default, the unclipped model's. Guidance
+            # moves x0 by d and eps by -sqrt(a / (1 - a)) * d; where the guided x0 leaves [-1, 1] (the pixels
+            # guidance pushes hardest, and nearly all at large t), the clip drops the x0 term and the eps term
+            # carries the guidance into x_prev with the opposite sign: guidance then pushes away from the class.
+            # As in guided-diffusion (and DDPM's posterior mean), re-derive eps from the clipped x0 so the step
+            # stays consistent.
             step_options["use_clipped_model_output"] = True
         for t in self.progress_bar(self.scheduler.timesteps):
-            output = self.scheduler_input(image, t, labels, guidance_scale)
+            # EDM: c_in * x (the timesteps t are already c_noise); DDPM-family schedulers return the image as is
+            model_input = self.scheduler.scale_model_input(image, t)
+            output = self.scheduler_input(model_input, t, labels, guidance_scale)
             shift = None
             if classifier is not None:
                 gradient = self.classifier_gradient(classifier, image, t, targets, classifier_scale)

@@ -15,14 +15,16 @@ from typing import Optional
 
 import torch
 import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from PIL import Image
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from .._util.hub_ids import is_hub_id
-from .._util.tables import markdown_table
+from .._util.tables import metrics_table
 from ..config.sections import FLOWERS_DATASET
 from ..errors import UserError
 from ..pipelines.sampling import generate, image_grid, load_pipeline
+from .report import enlarge, image_size
 
 logger = logging.getLogger(__name__)
 
@@ -60,24 +62,28 @@ def _read_run(pipeline_dir: Path) -> dict:
 
 
 def _card_images(pipeline_dir: Path) -> dict[str, Path]:
-    """Card images (name in the repo -> file): the run's report when it is there, else a grid sampled now."""
-    report, samples = pipeline_dir.parent / "report", pipeline_dir.parent / "samples"
+    """Card images of the run's report (name in the repo -> file), when it is there."""
+    report = pipeline_dir.parent / "report"
     images = {}
-    grids = sorted(samples.glob("step-*.png")) if samples.is_dir() else []
-    if (report / "final_samples.png").is_file():
-        images["samples.png"] = report / "final_samples.png"
-    elif grids:
-        images["samples.png"] = grids[-1]
-    for name in ("loss_curve.png", "denoising.png", "samples_over_training.png"):
-        if (report / name).is_file():
-            images[name] = report / name
+    for name, file in (("samples.png", "final_samples.png"), ("loss_curve.png", "loss_curve.png"),
+                       ("denoising.png", "denoising.png"), ("samples_over_training.png", "samples_over_training.png")):
+        if (report / file).is_file():
+            images[name] = report / file
     return images
 
 
-def _sample_grid_now(pipeline_dir: Path, out: Path) -> Path:
-    """For pipelines made elsewhere: 4 images with 25 DDIM steps."""
-    pipe = load_pipeline(str(pipeline_dir), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    image_grid(generate(pipe, 4, 25, seed=0, scheduler="ddim", batch_size=4)).save(out)
+def _hero_image(pipeline_dir: Path, out: Path) -> Path:
+    """Without a report: the run's last sample grid, else (a pipeline made elsewhere) 4 images sampled now with 25
+    DDIM steps; small images enlarged, as in the report."""
+    samples = pipeline_dir.parent / "samples"
+    grids = sorted(samples.glob("step-*.png")) if samples.is_dir() else []
+    if grids:
+        grid = Image.open(grids[-1]).convert("RGB")
+    else:
+        pipe = load_pipeline(str(pipeline_dir), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        grid = image_grid(generate(pipe, 4, 25, seed=0, scheduler="ddim", batch_size=4, progress=True))
+    size = image_size(pipeline_dir)
+    enlarge(grid, size or grid.width).save(out)
     return out
 
 
@@ -117,17 +123,61 @@ def _duration(seconds: Optional[float]) -> str:
     return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
 
 
-def _metrics_section(metrics: Optional[dict]) -> str:
-    if not metrics:
+# The feature network of the standard FID (evaluation/features.py InceptionFeatures.name): FIDs measured in any
+# other network's features are labelled as not comparable with papers.
+STANDARD_FID_NETWORK = "inception-v3-compat"
+# metrics of a result row -> (model-index type, title)
+CARD_METRICS = {"fid": ("fid", "FID"), "kid_mean": ("kid", "KID"), "is_mean": ("inception_score", "IS"),
+                "precision": ("precision", "precision"), "recall": ("recall", "recall"),
+                "fd_dinov2": ("fd_dinov2", "FD-DINOv2")}
+
+
+def _evaluation(metrics: dict, config: dict) -> dict:
+    """metrics.json as one shape, whether `flowers-ddpm evaluate` wrote it (results per sampler, the reference)
+    or the evaluation during training (best/metrics.json: one flat row): rows, feature network, reference."""
+    if "results" in metrics:
+        reference = metrics.get("reference") or {}
+        return {"rows": metrics["results"], "network": (metrics.get("feature_networks") or {}).get("inception"),
+                "dataset": reference.get("dataset_name"), "split": reference.get("split"),
+                "about": (f"against {reference.get('description', 'reference images')} "
+                          f"({reference.get('num_images', '?')} images at {reference.get('resolution', '?')} px)")}
+    network = metrics.get("feature_network") or config.get("eval_feature_network") or STANDARD_FID_NETWORK
+    dataset = None if config.get("train_data_dir") else config.get("dataset_name")
+    step = f" at step {metrics['step']}" if "step" in metrics else ""
+    return {"rows": [metrics], "network": network, "dataset": dataset, "split": config.get("dataset_split"),
+            "about": f"measured during training{step} against the training data"}
+
+
+def _eval_results(evaluation: dict, data_text: str) -> list[EvalResult]:
+    """The metrics as Hub `model-index` entries, one per metric and sampler."""
+    results = []
+    custom = evaluation["network"] != STANDARD_FID_NETWORK
+    for row in evaluation["rows"]:
+        sampler = f"{row.get('scheduler', 'sampler')}, {row.get('steps', '?')} steps"
+        for key, (metric_type, title) in CARD_METRICS.items():
+            if not isinstance(row.get(key), (int, float)):
+                continue
+            in_features = custom and key != "fd_dinov2"
+            name = (f"{title} in features of {evaluation['network']}, not comparable with papers" if in_features
+                    else title) + f" ({sampler})"
+            results.append(EvalResult(
+                task_type="unconditional-image-generation", dataset_type=evaluation["dataset"] or "imagefolder",
+                dataset_name=data_text if evaluation["dataset"] else "a local image folder", metric_type=metric_type,
+                metric_value=round(float(row[key]), 5), metric_name=name, dataset_split=evaluation["split"],
+                metric_config=evaluation["network"] if key != "fd_dinov2" else None))
+    return results
+
+
+def _metrics_section(evaluation: Optional[dict]) -> str:
+    if not evaluation:
         return ""
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
-    rest = {k: v for k, v in metrics.items() if k not in scalars}
-    table = markdown_table([{"metric": k, "value": v} for k, v in scalars.items()],
-                           [("metric", "metric"), ("value", "value")],
-                           lambda key, value: f"{value:.4g}" if isinstance(value, float) else str(value))
-    lines = ["## Metrics", "", table.rstrip("\n")]
-    if rest:
-        lines += ["", "```json", json.dumps(rest, indent=2), "```"]
+    generated = evaluation["rows"][0].get("num_images")
+    lines = ["## Metrics", "", (f"{generated} generated images per sampler, measured " if generated else "Measured ")
+             + f"{evaluation['about']}."]
+    if evaluation["network"] != STANDARD_FID_NETWORK:
+        lines += ["", f"**FID in features of {evaluation['network']}: not comparable with papers** (a custom "
+                      "feature network replaced the standard Inception; KID, IS and precision/recall too)."]
+    lines += ["", metrics_table(evaluation["rows"]).rstrip("\n")]
     return "\n".join(lines) + "\n\n"
 
 
@@ -156,10 +206,13 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
     data_text, datasets, data_tags = _dataset(config)
     init_from = config.get("init_from")
     from_hub = is_hub_id(init_from, namespaced=True)
+    evaluation = _evaluation(run["metrics"], config) if run["metrics"] else None
+    eval_results = _eval_results(evaluation, data_text) if evaluation else None
     metadata = ModelCardData(
         library_name="diffusers", pipeline_tag="unconditional-image-generation", license=license,
         tags=["diffusers", "ddpm", "unconditional-image-generation", "pytorch", *data_tags],
         datasets=datasets or None, base_model=init_from if from_hub else None,
+        model_name=repo_id.split("/")[-1] if eval_results else None, eval_results=eval_results or None,
     )
     size = unet.get("sample_size", "?")
     origin = ""
@@ -203,7 +256,7 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
                         ("denoising.png", "Denoising progression")):
         if name in image_names:
             body += [f"![{title}](images/{name})", ""]
-    text = "\n".join(body) + "\n" + _metrics_section(run["metrics"])
+    text = "\n".join(body) + "\n" + _metrics_section(evaluation)
     if config:
         text += ("<details><summary>Training configuration</summary>\n\n```yaml\n"
                  f"{public_config_yaml(config).strip()}\n```\n\n</details>\n")
@@ -228,7 +281,7 @@ def stage_upload(model: str | Path, staging_dir: str | Path, repo_id: str, licen
     for name, path in images.items():
         shutil.copyfile(path, staging / "images" / name)
     if "samples.png" not in images:
-        _sample_grid_now(pipeline_dir, staging / "images" / "samples.png")
+        _hero_image(pipeline_dir, staging / "images" / "samples.png")
     names = sorted(p.name for p in (staging / "images").iterdir())
     build_model_card(pipeline_dir, repo_id, names, license, space_id).save(staging / "README.md")
     return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,6 +32,13 @@ def write_training_info(pipeline_dir: Path, step: int, seconds: float, hardware:
     (Path(pipeline_dir) / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def image_size(pipeline_dir: Path) -> Optional[int]:
+    """The px of the images a pipeline folder generates (its UNet's sample_size), None when unknown."""
+    config = Path(pipeline_dir) / "unet" / "config.json"
+    size = json.loads(config.read_text()).get("sample_size") if config.is_file() else None
+    return size if isinstance(size, int) else size[0] if isinstance(size, (list, tuple)) else None
+
+
 def plot_loss_curve(output_dir: str | Path, out: Path) -> Optional[Path]:
     """The run's loss against optimizer step as a PNG; None when nothing was logged."""
     steps, losses = loss_curve(output_dir)
@@ -56,13 +62,24 @@ def plot_loss_curve(output_dir: str | Path, out: Path) -> Optional[Path]:
     return out
 
 
-def labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
-    """Tiles side by side, each with a caption strip above it; tiny tiles are enlarged so captions fit."""
+MIN_SHOWN_PX = 64  # images smaller than this are enlarged (nearest neighbour) in everything people look at
+
+
+def enlarge(image: Image.Image, image_size: int, minimum: int = MIN_SHOWN_PX) -> Image.Image:
+    """`image` (one image or a grid of images of `image_size` px) enlarged by a whole factor with nearest
+    neighbour, so each image is at least `minimum` px on screen; unchanged when it already is."""
+    scale = max(1, -(-minimum // max(image_size, 1)))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
+def labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str], image_size: Optional[int] = None,
+                 gap: int = 0) -> Image.Image:
+    """Tiles side by side, `gap` px apart, each with a caption strip above it. Tiles are single images, or grids of
+    images of `image_size` px; small images are enlarged so each is at least 64 px and captions fit."""
     caption = 14
-    scale = max(1, -(-64 // min(t.width for t in tiles)))
-    tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles] if scale > 1 else tiles
-    width, height = max(t.width for t in tiles), max(t.height for t in tiles)
-    row = Image.new("RGB", (width * len(tiles), height + caption), "white")
+    tiles = [enlarge(t, image_size or min(t.width for t in tiles)) for t in tiles]
+    width, height = max(t.width for t in tiles) + gap, max(t.height for t in tiles)
+    row = Image.new("RGB", (width * len(tiles) - gap, height + caption), "white")
     draw = ImageDraw.Draw(row)
     for i, (tile, label) in enumerate(zip(tiles, labels)):
         row.paste(tile, (i * width, caption))
@@ -70,15 +87,23 @@ def labelled_row(tiles: Sequence[Image.Image], labels: Sequence[str]) -> Image.I
     return row
 
 
-def samples_over_training(samples_dir: Path, out: Path, max_columns: int = 6) -> Optional[Path]:
-    """The sample grids at (up to) `max_columns` evenly spaced steps, labelled with their step."""
+def evenly_spaced(count: int, picks: int) -> list[int]:
+    """`picks` (or all `count`) indices from 0 to count - 1, evenly spaced, always with the first and the last."""
+    if count <= picks:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / max(picks - 1, 1)) for i in range(picks)})
+
+
+def samples_over_training(samples_dir: Path, out: Path, max_columns: int = 6,
+                          image_size: Optional[int] = None) -> Optional[Path]:
+    """The sample grids at (up to) `max_columns` evenly spaced steps, the last one included, labelled with their
+    step; `image_size`: the px of one image in the grids (small ones are enlarged)."""
     grids = sorted(samples_dir.glob("step-*.png"))
     if not grids:
         return None
-    picks = sorted({round(i * (len(grids) - 1) / max(max_columns - 1, 1)) for i in range(min(max_columns, len(grids)))})
-    chosen = [grids[i] for i in picks]
+    chosen = [grids[i] for i in evenly_spaced(len(grids), max_columns)]
     labelled_row([Image.open(p).convert("RGB") for p in chosen],
-                  [f"step {int(p.stem.split('-')[1])}" for p in chosen]).save(out)
+                 [f"step {int(p.stem.split('-')[1])}" for p in chosen], image_size, gap=4).save(out)
     return out
 
 
@@ -136,8 +161,10 @@ def write_report(output_dir: str | Path, steps: int = 50, scheduler: Optional[st
     folder = output_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
     plot_loss_curve(output_dir, folder / LOSS_CURVE)
-    if samples_over_training(output_dir / "samples", folder / SAMPLES_OVER_TRAINING):
-        shutil.copyfile(sorted((output_dir / "samples").glob("step-*.png"))[-1], folder / FINAL_SAMPLES)
+    size = image_size(output_dir / "pipeline")
+    if samples_over_training(output_dir / "samples", folder / SAMPLES_OVER_TRAINING, image_size=size):
+        final = Image.open(sorted((output_dir / "samples").glob("step-*.png"))[-1])
+        enlarge(final, size or final.width).save(folder / FINAL_SAMPLES)
     if (output_dir / "pipeline" / "model_index.json").is_file():
         pipe = load_pipeline(str(output_dir / "pipeline"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         denoising_strip(pipe, folder / DENOISING, seeds=(seed, seed + 1, seed + 2), steps=steps, scheduler=scheduler)

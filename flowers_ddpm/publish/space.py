@@ -49,7 +49,7 @@ def space_modules(entry: str = SPACE_ENTRY) -> list[str]:
     return sorted(found)
 # distribution -> the module the copied code imports; pinned to the installed versions
 REQUIREMENTS = {"gradio": "gradio", "torch": "torch", "diffusers": "diffusers", "huggingface_hub": "huggingface_hub",
-                "safetensors": "safetensors", "numpy": "numpy", "pillow": "PIL"}
+                "safetensors": "safetensors", "numpy": "numpy", "pillow": "PIL", "tqdm": "tqdm"}
 
 APP = '''"""A demo page for the diffusion model {model_id},
 staged by `flowers-ddpm push --space_id {space_id}`.

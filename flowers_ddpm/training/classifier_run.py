@@ -36,29 +36,34 @@ SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end
 
 
 class AccuracyEvaluator:
-    """Top-1 accuracy at fixed noise levels on `classifier_eval_images` center-cropped images (each process scores
-    its share, counts are summed), with the same noise at every evaluation; the main process writes
-    <output_dir>/accuracy.json."""
+    """Top-1 accuracy at fixed noise levels on `classifier_eval_images` center-cropped images, as many of each
+    class as the data allow (each process scores its share, counts are summed), with the same noise at every
+    evaluation; the main process writes <output_dir>/accuracy.json. The images are held out when
+    --classifier_eval_split names a split other than the training one."""
 
     def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
         self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.run.seed
         self.levels = classifier_eval_timesteps(cfg)
         self.split = cfg.classifier.classifier_eval_split or cfg.data.dataset_split
+        self.held_out = self.split != cfg.data.dataset_split
         eval_data = dataclasses.replace(cfg.data, dataset_split=self.split, center_crop=True)
         self.batches = [(images, labels) for _, images, labels in real_image_batches(
             eval_data, accelerator.process_index, accelerator.num_processes, cfg.run.eval_batch_size,
-            cfg.classifier.classifier_eval_images)]
+            cfg.classifier.classifier_eval_images, class_balanced=True)]
         self.output = Path(cfg.run.output_dir) / ACCURACY_FILE
 
     @torch.no_grad()
-    def accuracies(self, model) -> tuple[list[float], int]:
-        """(accuracy at each noise level, number of images) over all processes."""
+    def accuracies(self, model) -> tuple[list[float], int, list[int]]:
+        """(accuracy at each noise level, number of images, images per class) over all processes."""
         device = self.accelerator.device
         generator = torch.Generator().manual_seed(self.seed + self.accelerator.process_index)
-        correct = torch.zeros(len(self.levels) + 1, device=device)  # last entry: number of images
+        num_classes = model.config.num_classes
+        # accuracy at each level, then the number of images, then the images of each class
+        correct = torch.zeros(len(self.levels) + 1 + num_classes, device=device)
         for images, labels in self.batches:
             clean, labels = images.to(device).float() / 127.5 - 1, labels.to(device)
-            correct[-1] += len(labels)
+            correct[len(self.levels)] += len(labels)
+            correct[len(self.levels) + 1:] += torch.bincount(labels, minlength=num_classes).float()
             for i, t in enumerate(self.levels):
                 timesteps = torch.full((len(labels),), t, device=device, dtype=torch.long)
                 noise = torch.randn(clean.shape, generator=generator).to(device)
@@ -66,20 +71,24 @@ class AccuracyEvaluator:
                 correct[i] += (logits.argmax(-1) == labels).sum()
         if self.accelerator.num_processes > 1:
             correct = self.accelerator.reduce(correct, reduction="sum")
-        total = int(correct[-1].item())
-        return [c / max(total, 1) for c in correct[:-1].tolist()], total
+        values = correct.tolist()
+        total = int(values[len(self.levels)])
+        per_class = [int(v) for v in values[len(self.levels) + 1:]]
+        return [c / max(total, 1) for c in values[:len(self.levels)]], total, per_class
 
     def __call__(self, model, step: int) -> dict:
         was_training = model.training
         model.eval()
-        accuracy, total = self.accuracies(model)
+        accuracy, total, per_class = self.accuracies(model)
         model.train(was_training)
         by_level = {str(t): round(a, 4) for t, a in zip(self.levels, accuracy)}
         if self.accelerator.is_main_process:
-            report = {"step": step, "num_images": total, "split": self.split, "accuracy": by_level}
+            report = {"step": step, "num_images": total, "split": self.split, "held_out": self.held_out,
+                      "images_per_class": per_class, "chance": round(1 / len(per_class), 4), "accuracy": by_level}
             self.output.write_text(json.dumps(report, indent=2) + "\n")
-            logger.info("step %d: accuracy on %d images at t=%s", step, total,
-                        ", ".join(f"{t}: {a:.3f}" for t, a in by_level.items()))
+            seen = "held-out" if self.held_out else "training (set --classifier_eval_split to hold images out)"
+            logger.info("step %d: accuracy on %d %s images (at least %d per class; chance %.3f) at t=%s", step, total, seen,
+                        min(per_class), 1 / len(per_class), ", ".join(f"{t}: {a:.3f}" for t, a in by_level.items()))
         return {f"accuracy/t={t}": a for t, a in by_level.items()}
 
 
@@ -93,7 +102,7 @@ class ClassifierPublisher:
     def sample_grid(self, model, step: int):
         return None
 
-    def export(self, model, step: int) -> None:
+    def export(self, model, step: int, training_seconds: float) -> None:
         # file by file, each atomically: the output folder also holds checkpoints, logs and the report
         with atomic_files_into(self.output_dir, "classifier.tmp") as staging:
             model.save_pretrained(str(staging), safe_serialization=True)

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -29,15 +28,25 @@ from ..models.finetune import (
     select_trainable,
     trainable_parameters,
 )
-from ..models.unet import build_noise_scheduler, build_unet, unet_overrides
+from ..models.unet import build_edm_scheduler, build_noise_scheduler, build_unet, unet_overrides
 from ..objectives.diffusion import DiffusionObjective
+from ..objectives.edm import EDMObjective
 from ..pipelines.export import build_pipeline, export_pipeline
 from ..pipelines.sampling import generate, image_grid
 from ..publish.hub import push_pipeline
 from ..publish.report import write_report, write_training_info
 from .device import configure_backends
 from .optimization import build_optimization
-from .run_setup import describe_hardware, device_batches, init_trackers, loop_settings, run_trainer, start_run
+from .phema import PowerFunctionEMA, parse_sigma_rels
+from .run_setup import (
+    describe_hardware,
+    device_batches,
+    effective_precision,
+    init_trackers,
+    loop_settings,
+    run_trainer,
+    start_run,
+)
 from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -59,7 +68,7 @@ class PipelinePublisher:
                  precision: Optional[dict] = None):
         self.cfg, self.noise_scheduler, self.class_names = cfg, noise_scheduler, class_names
         self.output_dir = Path(cfg.run.output_dir)
-        self.hardware, self.started, self.precision = hardware, time.time(), precision
+        self.hardware, self.precision = hardware, precision
 
     def _guidance(self, model) -> dict:
         return class_guidance(model, self.cfg)
@@ -79,10 +88,10 @@ class PipelinePublisher:
         grid.save(path)
         return grid
 
-    def export(self, model, step: int) -> None:
+    def export(self, model, step: int, training_seconds: float) -> None:
         def write_extra(folder: Path) -> None:
             save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.finetune.init_from)  # only for LoRA
-            write_training_info(folder, step=step, seconds=time.time() - self.started, hardware=self.hardware,
+            write_training_info(folder, step=step, seconds=training_seconds, hardware=self.hardware,
                                 mixed_precision=self.precision)
 
         path = export_pipeline(merged_unet(model), self.noise_scheduler, self.output_dir / "pipeline",
@@ -122,7 +131,10 @@ class TrainingEvaluator:
         if row["fid"] < self.best_fid:
             self.best_fid = row["fid"]
             if self.accelerator.is_main_process:
-                metrics = json.dumps({"step": step, **row, **guidance}, indent=2) + "\n"
+                network = self.networks["inception"]  # the card labels FIDs of other networks as not comparable
+                metrics = json.dumps({"step": step, **row, **guidance,
+                                      "feature_network": getattr(network, "name", type(network).__name__)},
+                                     indent=2) + "\n"
                 # inside the new folder before it replaces the old one: best/ and its metrics always match
                 export_pipeline(merged_unet(model), self.noise_scheduler, self.best_dir,
                                 yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names,
@@ -142,6 +154,24 @@ def model_classes(cfg: TrainConfig, source):
     return list(source.class_names)
 
 
+def build_scheduler(cfg: TrainConfig):
+    """The scheduler trained through and exported with the pipeline: DDPM's, or diffusers' EDM DPM-Solver++."""
+    if cfg.objective.objective == "edm":
+        o = cfg.objective
+        return build_edm_scheduler(o.sigma_data, o.edm_sigma_min, o.edm_sigma_max, cfg.model.prediction_type)
+    return build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type,
+                                 cfg.model.learn_sigma)
+
+
+def build_objective(cfg: TrainConfig, noise_scheduler, num_classes):
+    """`--objective ddpm` (DiffusionObjective) or `edm` (EDMObjective), from the objective section."""
+    o = cfg.objective
+    if o.objective == "edm":
+        return EDMObjective(noise_scheduler, o.edm_p_mean, o.edm_p_std, num_classes, o.class_dropout_prob)
+    return DiffusionObjective(noise_scheduler, o.snr_gamma, cfg.model.learn_sigma, o.vlb_weight, num_classes,
+                              o.class_dropout_prob)
+
+
 def build_model(cfg: TrainConfig, num_classes):
     """The UNet to train (preset or fine-tuned, with what trains selected), its noise scheduler and objective."""
     if cfg.finetune.init_from:
@@ -151,11 +181,9 @@ def build_model(cfg: TrainConfig, num_classes):
     else:
         overrides = unet_overrides(cfg.model)
         model = build_unet(cfg.model.model_preset, cfg.data.resolution, overrides, num_classes, cfg.model.learn_sigma)
-        noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type,
-                                                cfg.model.learn_sigma)
+        noise_scheduler = build_scheduler(cfg)
     model = select_trainable(model, cfg.finetune)  # everything, --train_only parts, or LoRA adapters
-    objective = DiffusionObjective(noise_scheduler, cfg.objective.snr_gamma, cfg.model.learn_sigma, cfg.objective.vlb_weight, num_classes,
-                                   cfg.objective.class_dropout_prob)
+    objective = build_objective(cfg, noise_scheduler, num_classes)
     return model, noise_scheduler, objective
 
 
@@ -186,14 +214,48 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
                                                              max_steps)
     batches = device_batches(cfg, source, accelerator)
     init_trackers(cfg, accelerator)
+    phema = None
+    if cfg.ema.phema_sigma_rel:  # post-hoc EMA profiles of the (unwrapped) model's parameters
+        phema = PowerFunctionEMA(accelerator.unwrap_model(model).named_parameters(),
+                                 parse_sigma_rels(cfg.ema.phema_sigma_rel))
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
                       PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator),
-                                        precision.record(accelerator.mixed_precision)),
-                      loop_settings(cfg, max_steps, per_epoch), evaluator)
+                                        precision.record(effective_precision(accelerator))),
+                      loop_settings(cfg, max_steps, per_epoch), evaluator, phema)
     run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:
         finish_run(cfg)
+        print(training_summary(cfg, trainer.summary), flush=True)
     return Path(cfg.run.output_dir) / "pipeline"
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def _rows(rows) -> list[str]:
+    return [f"  {name:<12}{where}" + (f"   ({note})" if note else "") for name, where, note in rows]
+
+
+def training_summary(cfg: TrainConfig, summary) -> str:
+    """The lines printed when `train` ends: what was done, how fast, and where everything is."""
+    out = Path(cfg.run.output_dir)
+    resumed = summary.steps < summary.global_step
+    lines = [f"Training finished at step {summary.global_step}: {summary.steps} steps in {_duration(summary.seconds)}"
+             + (" (this resumed part)" if resumed else "") + f", {summary.images_per_sec:.1f} images/s"
+             + (f"; {_duration(summary.training_seconds)} over every resumed part" if resumed else ""),
+             *_rows([("pipeline", out / "pipeline", f"flowers-ddpm sample --model {out / 'pipeline'}"),
+                     ("samples", out / "samples", "the grids sampled during training"),
+                     ("report", out / "report", "loss curve, samples over training, denoising")])]
+    logs = out / cfg.run.logging_dir
+    if cfg.run.logger == "tensorboard":
+        lines += _rows([("logs", logs, f"tensorboard --logdir {logs}")])
+    elif cfg.run.logger == "wandb":
+        lines += _rows([("logs", f"wandb project {cfg.run.tracker_project_name}", "")])
+    lines += _rows([("checkpoints", out / "checkpoints", "to continue: --resume_from_checkpoint latest")])
+    return "\n".join(lines)
 
 
 def finish_run(cfg: TrainConfig) -> None:

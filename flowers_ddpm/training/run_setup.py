@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -106,6 +108,22 @@ def make_accelerator(cfg: TrainConfig, mixed_precision: Optional[str] = None):
     )
 
 
+def effective_precision(accelerator) -> str:
+    """The precision that runs: the accelerator's, except fp16 where accelerate has no fp16 autocast (the CPU)."""
+    return "no" if accelerator.mixed_precision == "fp16" and not accelerator.native_amp else accelerator.mixed_precision
+
+
+def record_effective_precision(cfg: TrainConfig, accelerator) -> None:
+    """accelerate runs fp16 autocast only on accelerators: on the CPU --mixed_precision fp16 trains in fp32. Say so,
+    and record what runs (mixed_precision: no) in training_config.yaml, the checkpoints and the exported config."""
+    if effective_precision(accelerator) != accelerator.mixed_precision:
+        if accelerator.is_main_process:
+            logger.warning("mixed_precision fp16 is not available on the %s: training in fp32 (recorded as "
+                           "mixed_precision: no); use bf16 for mixed precision on the CPU",
+                           accelerator.device.type.upper())
+        cfg.speed.mixed_precision = "no"
+
+
 def _tracker_config(cfg: TrainConfig) -> dict:
     # TensorBoard hparams accept only scalars and strings
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
@@ -124,15 +142,35 @@ def _train_batches(cfg: TrainConfig, source, accelerator):
                                 cfg.optim.train_batch_size, cfg.run.seed, cfg.run.log_data_order)
 
 
+def check_writable(output_dir: str) -> None:
+    """Create the output dir and write (and remove) a file in it, so that a read-only mount, a file in its place or
+    a path the system refuses is one line before any work, not a traceback at the first save."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output_dir {output_dir} is a file, not a directory; choose another --output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"output_dir {output_dir} cannot be written ({e.strerror or e}); choose another "
+                        "--output_dir") from None
+
+
 def start_run(cfg: TrainConfig, classes_of, probe_of):
     """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the data
     source, its classes (`classes_of(cfg, source)`, which may raise a UserError), the mixed precision (`auto` times
     `probe_of(cfg, class_names)()`: the model, trainable parameters and objective the run will train), the
-    Accelerator and the number of optimizer steps."""
+    Accelerator and the number of optimizer steps. `cfg` then records the mixed precision that actually runs (see
+    `record_effective_precision`)."""
     # cheap checks first: nothing expensive happens before these pass
     check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
     check_environment(cfg)
-    resume_from = checkpointing.resolve_resume_path(cfg.run.output_dir, cfg.run.resume_from_checkpoint)
+    check_writable(cfg.run.output_dir)
+    resume_from = checkpointing.resolve_resume_path(cfg.run.output_dir, cfg.run.resume_from_checkpoint,
+                                                    cfg.run.overwrite_output_dir)
+    checkpointing.check_output_dir(cfg.run.output_dir, resume_from is not None, cfg.run.overwrite_output_dir)
     if resume_from is not None:
         checkpointing.check_compatible(resume_from, cfg.to_dict())
     if cfg.hub.push_to_hub:
@@ -141,6 +179,11 @@ def start_run(cfg: TrainConfig, classes_of, probe_of):
     class_names = classes_of(cfg, source)
     precision = resolve_precision(cfg, probe_of(cfg, class_names))
     accelerator = make_accelerator(cfg, precision.precision)
+    record_effective_precision(cfg, accelerator)
+    if resume_from is None and cfg.run.overwrite_output_dir:
+        if accelerator.is_main_process:
+            checkpointing.remove_checkpoints(cfg.run.output_dir)
+        accelerator.wait_for_everyone()
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)
     per_epoch = steps_per_epoch(cfg, source.num_examples, accelerator.num_processes)
     _every(None, cfg.run.save_images_epochs, per_epoch, "save_images")  # fail now, not at the end of set-up
@@ -162,6 +205,7 @@ def loop_settings(cfg: TrainConfig, max_steps: int, per_epoch: Optional[int] = N
         save_images_steps=_every(cfg.run.save_images_steps, cfg.run.save_images_epochs, per_epoch, "save_images"),
         save_model_steps=_every(cfg.run.save_model_steps, cfg.run.save_model_epochs, per_epoch, "save_model"), log_data_order=cfg.run.log_data_order, eval_steps=cfg.eval.eval_steps,
         max_consecutive_nonfinite=cfg.run.max_consecutive_nonfinite, run_settings=cfg.to_dict(),
+        phema_snapshot_steps=cfg.ema.phema_snapshot_steps,
     )
 
 

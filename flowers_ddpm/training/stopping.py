@@ -2,7 +2,8 @@
 
 Exit codes (documented in the README, returned by the CLI): 75 = preempted by a signal, a checkpoint of the stop
 step was written, rerun with `--resume_from_checkpoint latest` (75 is EX_TEMPFAIL: "try again later");
-3 = stopped after too many consecutive non-finite losses or gradients (the checkpoints on disk are intact).
+3 = stopped after too many consecutive non-finite losses or gradients, or because the weights themselves became
+non-finite (never checkpointed or exported; the checkpoints on disk are intact).
 """
 
 from __future__ import annotations
@@ -29,6 +30,44 @@ class Preempted(TrainingStopped):
 
 class NonFiniteLoss(TrainingStopped):
     exit_code = EXIT_NONFINITE
+
+
+class NonFiniteWeights(TrainingStopped):
+    """The weights (or their EMA) hold NaN/Inf: they are not checkpointed or exported."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class SignalStop(KeyboardInterrupt):
+    """SIGTERM/SIGINT outside the training steps (start-up, the end-of-run report): the CLI prints one line and
+    exits with 75. A KeyboardInterrupt, so that no library's `except Exception` swallows it."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class StopOutsideSteps:
+    """While active (main thread only), SIGTERM and SIGINT raise `SignalStop` at once, saying `where` the signal
+    arrived and what to do (`advice`). Where there is no step to finish and nothing to checkpoint (start-up: the
+    imports, the data source, the model; the end-of-run report) stopping at once loses nothing. A StopRequest
+    entered inside takes over both signals for the training steps and then hands them back."""
+
+    def __init__(self, where: str, advice: str):
+        self.where, self.advice = where, advice
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOutsideSteps":
+        if threading.current_thread() is threading.main_thread():
+            for sig in StopRequest.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        raise SignalStop(f"stopped by {signal.Signals(signum).name} {self.where}; {self.advice}")
 
 
 class StopRequest:

@@ -15,13 +15,18 @@ from typing import Iterable, Iterator, Optional, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import StorageError, UserError, storage_fault
 from ..publish import run_log
 from . import checkpointing
-from .stopping import NonFiniteLoss, Preempted, StopRequest
+from .stopping import NonFiniteLoss, NonFiniteWeights, Preempted, StopRequest
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE_FILE = "trainer_state.json"
+# wall-clock seconds of the run up to a checkpoint, over every resumed part; apart from trainer_state.json, which
+# is the same for a resumed run as for an uninterrupted one
+TRAINING_TIME_FILE = "training_time.json"
 EMA_FILE = "ema.safetensors"
+PHEMA_FILE = "phema.safetensors"  # post-hoc EMA profiles (training/phema.py)
 
 
 class Publisher(Protocol):
@@ -29,7 +34,7 @@ class Publisher(Protocol):
 
     def sample_grid(self, model, step: int) -> Optional["PIL.Image.Image"]: ...  # noqa: F821
 
-    def export(self, model, step: int) -> None: ...
+    def export(self, model, step: int, training_seconds: float) -> None: ...  # seconds: over every resume
 
 
 class Evaluator(Protocol):
@@ -61,6 +66,21 @@ class TrainingProgress:
 
 
 @dataclass
+class SessionSummary:
+    """What one call of `Trainer.train` did (the console summary at the end of a run)."""
+
+    steps: int  # optimizer steps taken in this call (fewer than global_step after a resume)
+    images: int
+    seconds: float
+    global_step: int
+    training_seconds: float  # over every resumed part
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass
 class LoopSettings:
     max_train_steps: int
     output_dir: str
@@ -73,6 +93,7 @@ class LoopSettings:
     log_data_order: bool = False
     eval_steps: Optional[int] = None
     max_consecutive_nonfinite: int = 10
+    phema_snapshot_steps: int = 500
     run_settings: Optional[dict] = None  # the effective config, stored with each checkpoint for resume checks
 
 
@@ -80,11 +101,13 @@ class Trainer:
     """run_step = forward_backward per micro-batch + optimizer_step + update_ema; then log / save as due."""
 
     def __init__(self, accelerator, model, objective, optimizer, lr_scheduler, ema, batches: DataStream,
-                 publisher: Publisher, settings: LoopSettings, evaluator: Optional[Evaluator] = None):
+                 publisher: Publisher, settings: LoopSettings, evaluator: Optional[Evaluator] = None,
+                 phema=None):
         self.accelerator, self.model, self.objective = accelerator, model, objective
         self.optimizer, self.lr_scheduler, self.ema = optimizer, lr_scheduler, ema
         self.batches, self.publisher, self.settings = batches, publisher, settings
         self.evaluator = evaluator
+        self.phema = phema  # post-hoc EMA profiles (training/phema.py), or None
         self.progress = TrainingProgress()
         # lr schedule, counters and EMA are saved by us (JSON + safetensors), not register_for_checkpointing,
         # whose files are pickles that accelerate loads with weights_only=False
@@ -95,6 +118,9 @@ class Trainer:
         self.nonfinite_steps = 0  # skipped updates, total and in a row
         self.consecutive_nonfinite = 0
         self.stop_request = StopRequest()
+        self._session_start = (time.perf_counter(), 0, 0)  # (clock, global step, images seen) when train() began
+        self._seconds_before = 0.0  # training time of the parts before a resume (from the checkpoint)
+        self.summary: Optional[SessionSummary] = None  # set when train() returns
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def forward_backward(self, batch: dict) -> torch.Tensor:
@@ -134,6 +160,8 @@ class Trainer:
     def update_ema(self) -> None:
         if self.ema is not None:
             self.ema.step(self._unwrapped().parameters())
+        if self.phema is not None:
+            self.phema.update(self._unwrapped().parameters(), self.progress.global_step)
 
     def run_step(self, micro_batches: Iterable[dict]) -> bool:
         """One optimizer step; returns whether every process agreed to stop (a signal arrived) after it."""
@@ -175,7 +203,9 @@ class Trainer:
         """Train until max_train_steps, resuming from a checkpoint when given.
 
         SIGTERM/SIGINT stop the run at the next step boundary (all processes at the same step) after saving a
-        checkpoint, by raising `Preempted`.
+        checkpoint, by raising `Preempted`; one that arrives while a step's checkpoint, sample grid or evaluation is
+        being written stops the run before the next of those (a final checkpoint saved, the export left to the
+        resume). One that arrives during the final export lets it finish: the run is then complete.
         """
         if resume_from is not None:
             self.load(resume_from)
@@ -183,6 +213,7 @@ class Trainer:
         accumulation = acc.gradient_accumulation_steps
         batches = iter(self.batches)
         self._last_log = (time.perf_counter(), self.progress.images_seen)
+        self._session_start = (time.perf_counter(), self.progress.global_step, self.progress.images_seen)
         if self.progress.global_step >= s.max_train_steps:
             # resumed from the final checkpoint: a run killed after saving it may have died before its export
             self.export(self.progress.global_step)
@@ -194,21 +225,53 @@ class Trainer:
                 bar.update(1)
                 if stop:
                     self.save(step)
-                    raise Preempted(f"preempted by {self.stop_request.received or 'a signal on another process'} "
-                                    f"at step {step}; checkpoint-{step} saved, rerun with "
-                                    "--resume_from_checkpoint latest to continue")
-                if step % s.logging_steps == 0 or step == s.max_train_steps:
+                    raise Preempted(self._preempted_message(step))
+                final = step == s.max_train_steps
+                if step % s.logging_steps == 0 or final:
                     bar.set_postfix(self.log(step))
-                if step % s.checkpointing_steps == 0 or step == s.max_train_steps:
+                if self.phema is not None and self.accelerator.is_main_process and (
+                        step % s.phema_snapshot_steps == 0 or final):
+                    self.phema.save_snapshot(s.output_dir, step)
+                saved = step % s.checkpointing_steps == 0 or final
+                if saved:
                     self.save(step)
-                if step % s.save_images_steps == 0 or step == s.max_train_steps:
-                    self.sample(step)
-                if self.evaluator is not None and (step % s.eval_steps == 0 or step == s.max_train_steps):
-                    self.evaluate(step)
-                if (s.save_model_steps and step % s.save_model_steps == 0) or step == s.max_train_steps:
-                    self.export(step)
+                due = [(step % s.save_images_steps == 0 or final, self.sample),
+                       (self.evaluator is not None and (step % s.eval_steps == 0 or final), self.evaluate),
+                       ((s.save_model_steps and step % s.save_model_steps == 0) or final, self.export)]
+                for _, action in filter(lambda pair: pair[0], due):
+                    if self._stop_agreed():  # a signal during this step's save, sample grid or evaluation
+                        if not saved:
+                            self.save(step)
+                        raise Preempted(self._preempted_message(step))
+                    action(step)
+        if self.stop_request.received is not None:
+            logger.warning("received %s while the final pipeline was written; it was completed, and so is the run",
+                           self.stop_request.received)
         if self._data_log:
             self._data_log.close()
+        started, step0, images0 = self._session_start
+        self.summary = SessionSummary(self.progress.global_step - step0, self.progress.images_seen - images0,
+                                      time.perf_counter() - started, self.progress.global_step,
+                                      self.training_seconds())
+
+    def training_seconds(self) -> float:
+        """Wall-clock seconds of the whole run so far: the resumed checkpoint's count plus this session's time."""
+        return self._seconds_before + time.perf_counter() - self._session_start[0]
+
+    def _stop_agreed(self) -> bool:
+        """Whether a signal reached any process (one small all-reduce, so that all of them stop together)."""
+        flag = torch.tensor(float(self.stop_request.received is not None), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return flag.item() > 0
+
+    def _preempted_message(self, step: int) -> str:
+        signal_name = self.stop_request.received or "a signal on another process"
+        if step >= self.settings.max_train_steps:
+            return (f"preempted by {signal_name} at step {step}; checkpoint-{step} saved (the last step), the "
+                    "pipeline not exported yet: rerun with --resume_from_checkpoint latest to export it")
+        return (f"preempted by {signal_name} at step {step}; checkpoint-{step} saved, rerun with "
+                "--resume_from_checkpoint latest to continue")
 
     # -- logging, checkpoints, artefacts -----------------------------------------------------------------------
     def log(self, step: int) -> dict:
@@ -227,9 +290,28 @@ class Trainer:
         acc.log(values, step=step)
         if acc.is_main_process:  # also kept in the run log, for the report's loss curve, sweeps and ablations
             run_log.append_record(self.settings.output_dir, {"step": step, **values})
-        return {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.2e}"}
+        # the progress bar's postfix: what TensorBoard shows, also on the console
+        return {"loss": f"{loss:.4f}", "img/s": f"{values['images_per_sec']:.1f}", "lr": f"{values['lr']:.2e}"}
+
+    def check_weights_finite(self, step: int) -> None:
+        """Raise NonFiniteWeights when a weight or EMA weight is NaN/Inf (on every process alike: the weights are
+        the same on all of them). A finite loss and gradient can still give non-finite weights (an absurd learning
+        rate); those are never checkpointed or exported."""
+        params = list(self._unwrapped().parameters()) + (list(self.ema.shadow_params) if self.ema is not None else [])
+        if torch.stack([torch.isfinite(p).all() for p in params]).all().item():
+            return
+        found = checkpointing.complete_checkpoints(self.settings.output_dir)
+        if found:
+            last = found[-1][1]
+            advice = (f"the last good checkpoint is {last} (lower the learning rate and rerun with "
+                      f"--resume_from_checkpoint {last})")
+        else:
+            advice = "no checkpoint was written before that (lower the learning rate and start again)"
+        raise NonFiniteWeights(f"stopped at step {step}: the weights are not finite any more (NaN or Inf), so they "
+                               f"were neither checkpointed nor exported; {advice}")
 
     def save(self, step: int) -> None:
+        self.check_weights_finite(step)
         path = checkpointing.save_checkpoint(self.accelerator, self.settings.output_dir, step,
                                              self.batches.state_dict(), self._write_trainer_state,
                                              self.settings.run_settings, self.settings.checkpoints_total_limit)
@@ -248,13 +330,20 @@ class Trainer:
             names = [name for name, _ in self._unwrapped().named_parameters()]
             save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, shadow)}, str(folder / EMA_FILE))
             state["ema"] = ema_state
+        if self.phema is not None:
+            from safetensors.torch import save_file
+
+            save_file(self.phema.tensors(), str(folder / PHEMA_FILE))
         checkpointing.dump_json(state, folder / TRAINER_STATE_FILE)
+        checkpointing.dump_json({"training_seconds": round(self.training_seconds(), 3)}, folder / TRAINING_TIME_FILE)
 
     def _read_trainer_state(self, folder: Path) -> None:
         state = checkpointing.load_json(folder / TRAINER_STATE_FILE)
         self.progress.load_state_dict(state["progress"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        if (folder / TRAINING_TIME_FILE).is_file():  # checkpoints of older versions lack it
+            self._seconds_before = checkpointing.load_json(folder / TRAINING_TIME_FILE)["training_seconds"]
         if self.ema is not None:
             from safetensors.torch import load_file
 
@@ -263,6 +352,12 @@ class Trainer:
             devices = [p.device for p in self.ema.shadow_params]
             self.ema.load_state_dict({**state["ema"], "shadow_params": [
                 weights[n].to(d) for n, d in zip(names, devices)]})
+        if self.phema is not None:
+            from safetensors.torch import load_file
+
+            if not (folder / PHEMA_FILE).is_file():
+                raise UserError(f"checkpoint {folder} has no post-hoc EMA profiles; resume without --phema_sigma_rel")
+            self.phema.load_tensors(load_file(str(folder / PHEMA_FILE)))
 
     def load(self, path: Path) -> None:
         data_state = checkpointing.load_checkpoint(self.accelerator, path)
@@ -306,9 +401,20 @@ class Trainer:
         self.accelerator.log(values, step=step)
 
     def export(self, step: int) -> None:
+        self.check_weights_finite(step)
         if self.accelerator.is_main_process:
             with self.ema_weights():
-                self.publisher.export(self._unwrapped(), step)
+                try:
+                    self.publisher.export(self._unwrapped(), step, self.training_seconds())
+                except Exception as e:
+                    folder = getattr(e, "filename", None) or self.settings.output_dir
+                    fault = storage_fault(e, folder)
+                    if fault is None:
+                        raise
+                    raise StorageError(
+                        f"{fault} while exporting the pipeline at step {step} to {folder} (the partial export was "
+                        f"removed); {checkpointing.kept_checkpoint(self.settings.output_dir)}; free space or fix the "
+                        "permissions, then rerun with --resume_from_checkpoint latest to export it") from e
         self.accelerator.wait_for_everyone()
 
     def _unwrapped(self):

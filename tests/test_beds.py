@@ -1,0 +1,109 @@
+"""The recipe ablation's test beds (issue 16): an .npz of real photographs (here a tiny generated one of the same
+format) written as class folders with a fixed class-balanced held-out split, and the judge classifier on it."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from flowers_ddpm.errors import UserError
+from flowers_ddpm.experiments import beds
+from flowers_ddpm.experiments.ablation import AblationSettings, Scorer
+
+from .conftest import run_command
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220)]
+
+
+def make_npz(path, per_class=(20, 30, 10), size=8):
+    """Class c is a noisy image of colour c; class sizes differ so a non-balanced split would show."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for label, count in enumerate(per_class):
+        for _ in range(count):
+            noise = rng.integers(-30, 30, (size, size, 3))
+            images.append(np.clip(np.array(COLOURS[label]) + noise, 0, 255).astype(np.uint8))
+            labels.append(label)
+    order = rng.permutation(len(images))
+    np.savez(path, images=np.stack(images)[order], labels=np.array(labels, dtype=np.uint8)[order],
+             class_names=np.array(["red", "green", "blue"]))
+    return path
+
+
+def test_npz_bed_holds_out_a_fixed_class_balanced_tenth(tmp_path):
+    npz = make_npz(tmp_path / "tiny.npz")
+    data = beds.write_bed("cifar10-5k", tmp_path / "bed", resolution=8, seed=0, path=npz)
+    assert data.num_classes == 3 and data.random_flip
+    assert sorted(p.name for p in data.train_dir.iterdir()) == ["0_red", "1_green", "2_blue"]
+    train, train_labels = beds.load_folder(data.train_dir)
+    test, test_labels = beds.load_folder(data.test_dir)
+    assert train.shape[1:] == (3, 8, 8) and train.dtype == torch.uint8
+    assert torch.bincount(test_labels).tolist() == [2, 3, 1]  # 10% of every class
+    assert torch.bincount(train_labels).tolist() == [18, 27, 9]
+    train_files = {p.name for p in data.train_dir.rglob("*.png")}
+    test_files = {p.name for p in data.test_dir.rglob("*.png")}
+    assert not train_files & test_files and len(train_files | test_files) == 60
+    # the same split again (another folder, same seed), and pixels are kept exactly at the native size
+    again = beds.write_bed("cifar10-5k", tmp_path / "again", resolution=8, seed=0, path=npz)
+    assert {p.name for p in again.test_dir.rglob("*.png")} == test_files
+    with np.load(npz) as raw:
+        index = int(sorted(test_files)[0][:-4])
+        first = next(data.test_dir.rglob(sorted(test_files)[0]))
+        assert np.array_equal(np.asarray(beds.Image.open(first)), raw["images"][index])
+
+
+def test_judge_learns_the_bed_and_scores_real_images_near_the_baseline(tmp_path):
+    npz = make_npz(tmp_path / "tiny.npz", per_class=(100, 100, 100))
+    settings = AblationSettings(output_dir=tmp_path / "out", bed="cifar10-5k", bed_path=npz, num_samples=30,
+                                classifier_epochs=3, resolution=8)
+    settings.validate()
+    data = beds.write_bed("cifar10-5k", tmp_path / "bed", resolution=8, path=npz)
+    scorer = Scorer(data, settings)
+    assert scorer.classifier_accuracy == 1.0  # colours are trivially separable
+    assert scorer.real_vs_real > 0 and scorer.reference.shape == (270, 64)
+
+
+def test_bed_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="needs --bed_path"):
+        AblationSettings(output_dir=tmp_path, bed="cifar10-5k").validate()
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(UserError, match="lacks class_names, labels"):
+        beds.write_bed("cifar10-5k", tmp_path / "bed", path=bad)
+    with pytest.raises(UserError, match="conditioning must be"):
+        AblationSettings(output_dir=tmp_path, conditioning=("maybe",)).validate()
+
+
+@pytest.mark.slow
+def test_script_refuses_a_bed_without_its_file(tmp_path):
+    result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(tmp_path / "x"),
+                          "--bed", "cifar10-5k"])
+    assert result.returncode == 2 and "needs --bed_path" in result.stderr
+
+
+@pytest.mark.slow
+def test_ablation_on_an_npz_bed_reports_conditional_and_unconditional_rows(tmp_path):
+    import csv
+    import json
+
+    npz = make_npz(tmp_path / "tiny.npz", per_class=(100, 100, 100))
+    out = tmp_path / "ablation"
+    result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(out), "--bed", "cifar10-5k",
+                          "--bed_path", str(npz), "--budget_images", "48", "--variants", "small-data", "edm",
+                          "--conditioning", "class", "none", "--num_samples", "30", "--sampler_steps", "2",
+                          "--resolution", "8", "--classifier_epochs", "2"], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["variant"], r["conditioning"], r["sampler"]) for r in rows] == [
+        ("small-data", "class", "dpmsolver++"), ("edm", "class", "edm-dpmsolver++"),
+        ("small-data", "none", "dpmsolver++"), ("edm", "none", "edm-dpmsolver++")]
+    for row in rows:
+        assert float(row["frechet"]) > 0 and float(row["real_vs_real"]) > 0
+        assert (row["class_accuracy"] == "") == (row["conditioning"] == "none")
+    assert json.loads((out / "judge.json").read_text())["classifier_held_out_accuracy"] > 0.5
+    assert (out / "edm-uncond" / "grid.png").is_file() and not (out / "bed").exists()
+    assert (out / "cifar10-5k" / "test" / "0_red").is_dir()  # the bed is written under output_dir, by its name
