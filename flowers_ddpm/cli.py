@@ -282,7 +282,15 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _benchmark(args: argparse.Namespace) -> None:
     _check_scales(args, "peak_tflops")
+    if args.suite == "gpu":
+        from .experiments.gpu_check import format_gpu_table, run_gpu_check
 
+        print(format_gpu_table(run_gpu_check(args)))
+        if args.json:
+            print(f"results written to {args.json}")
+        return
+    if args.dry_run:
+        raise UserError("--dry_run belongs to --suite gpu")
     from .experiments.benchmark import format_table, run_benchmark
 
     results = run_benchmark(args)
@@ -295,6 +303,12 @@ DEFAULT_SAMPLERS = "ddpm=1000,ddim=50,dpmsolver++=20"
 
 
 def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=("parts", "gpu"), default="parts",
+                        help="parts: the --parts below; gpu: the fixed GPU check of docs/benchmarks.md (ddpm step "
+                             "variants with MFU, adm largest batch, samplers in fp16/bf16, a 2-minute train run; its "
+                             "sizes are its own, it takes --device, --peak_tflops, --work_dir, --json, --dry_run)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="--suite gpu at tiny sizes: seconds on a CPU (keeps the suite tested)")
     parser.add_argument("--train_data_dir", default=None,
                         help="folder of images (default: a generated folder of --image_size JPEGs)")
     parser.add_argument("--num_images", type=int, default=256, help="images to generate without --train_data_dir")
@@ -309,10 +323,13 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="decode threads of the stream path")
     parser.add_argument("--compile", action="store_true", help="torch.compile the optimized model")
     parser.add_argument("--mixed_precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
-                        help="optimized mode's precision (auto: bf16 where the device supports it)")
+                        help="optimized mode's precision (auto: timed at start as `train --mixed_precision auto` does)")
+    parser.add_argument("--variants", default="auto",
+                        help="variants part: comma-separated fp32|bf16|fp16[-nchw][+compile] (auto: the device's "
+                             "precision candidates, channels-last and NCHW, and compiled with --compile)")
     parser.add_argument("--sample_batch_size", type=int, default=16)
     parser.add_argument("--samplers", default=DEFAULT_SAMPLERS, help="name=steps,... of the samplers to time")
-    parser.add_argument("--parts", default="data,train,sample", help="which of data,train,sample to run")
+    parser.add_argument("--parts", default="data,train,sample", help="which of data,train,variants,sample to run")
     parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the GPU for MFU")
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     parser.add_argument("--work_dir", default=None, help="where generated images and caches go (default: temp)")

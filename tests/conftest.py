@@ -28,6 +28,15 @@ def image_folder(tmp_path_factory) -> Path:
     return make_class_folder(tmp_path_factory.mktemp("data") / "images")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_root(tmp_path_factory):
+    """Caches the tests do not place themselves (e.g. the timed choice of `--mixed_precision auto`) go to a folder
+    of this session, not the user's ~/.cache; child processes inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLOWERS_DDPM_CACHE", str(tmp_path_factory.mktemp("cache-root")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _restore_signal_handlers():
     """A test that runs a command in this process may leave its SIGINT/SIGTERM handling behind (an ignored SIGINT is

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -18,7 +20,7 @@ from flowers_ddpm.data.imaging import TransformSettings, crop_and_flip, decode_a
 from flowers_ddpm.data.stream import open_source
 from flowers_ddpm.training.device import DeviceBatches
 
-from .conftest import make_class_folder, tiny_train_args
+from .conftest import REPO, make_class_folder, run_command, tiny_train_args
 
 
 def cache_config(folder, cache_dir, **overrides):
@@ -187,16 +189,43 @@ def test_benchmark_runs_a_tiny_config_and_writes_every_key(tmp_path, capsys):
     assert main(["benchmark", "--num_images", "8", "--image_size", "48", "--data_resolution", "16", "--resolution",
                  "16", "--train_batch_size", "2", "--warmup_steps", "1", "--steps", "1", "--rounds", "1",
                  "--sample_batch_size", "2", "--samplers", "ddpm=2,ddim=1,dpmsolver++=1", "--work_dir",
-                 str(tmp_path), "--json", str(out)]) == 0
+                 str(tmp_path), "--parts", "data,train,variants,sample", "--variants", "fp32,bf16-nchw",
+                 "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    data, train, sample = results["data"], results["train"], results["sample"]
+    data, train, sample, variants = results["data"], results["train"], results["sample"], results["variants"]
     assert data["images"] == 8 and data["stream_images_per_sec"] > 0 and data["cache_images_per_sec"] > 0
     assert data["speedup"] == data["cache_images_per_sec"] / data["stream_images_per_sec"]
     for mode in ("baseline", "optimized"):
         assert train[mode]["images_per_sec"] > 0 and {"peak_memory_mb", "mfu", "precision"} <= set(train[mode])
     assert train["speedup"] > 0 and train["model_gflops_per_image"] > 0
+    choice = train["optimized"]["precision_choice"]  # auto: timed as `train` times it, and what ran
+    assert choice["setting"] == "auto" and choice["used"] == train["optimized"]["precision"]
+    assert variants["timed_steps_per_variant"] == 1
+    assert all(variants[name]["images_per_sec"] > 0 for name in ("fp32", "bf16-nchw"))
     assert all(sample[name]["images_per_sec"] > 0 for name in ("ddpm", "ddim", "dpmsolver++"))
     assert {"load_average_start", "load_average_end", "device"} <= set(results["machine"])
     table = capsys.readouterr().out
-    assert "speedup" in table and "dpmsolver++" in table
+    assert "speedup" in table and "dpmsolver++" in table and "bf16-nchw" in table
     assert not [p for p in os.listdir(tmp_path) if p.startswith("flowers-ddpm-bench-")]  # temp files removed
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_its_dry_run_on_a_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    result = run_command(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry_run", "--device", "cpu", "--json",
+                          str(out), "--work_dir", str(tmp_path / "work")], env={"PYTHON": sys.executable}, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "installing" not in result.stderr  # the checkout's dependencies were there: nothing installed
+    results = json.loads(out.read_text())
+    assert results["suite"] == "gpu" and results["dry_run"] and results["plan"]["preset"] == "tiny"
+    step = results["step"]
+    assert all(step[name]["images_per_sec"] > 0 for name in ("fp32", "tf32", "bf16-nchw", "bf16"))
+    assert step["model_gflops_per_image"] > 0
+    adm = results["adm"]
+    assert adm["class_conditional"] and adm["learn_sigma"] and adm["largest_batch"] == 4  # no OOM on a CPU
+    assert all(results["sample"]["fp32"][name]["images_per_sec"] > 0 for name in ("ddpm", "ddim", "dpmsolver++"))
+    train = results["train"]
+    assert train["returncode"] == 0 and train["steps"] == 4 and train["images_per_sec"] > 0
+    assert train["mixed_precision"]["used"] == "no" and train["ratio_to_bare_step"] > 0
+    table = result.stdout
+    assert "gpu check (dry run) on cpu" in table and "| adm |" in table and "| train |" in table

@@ -22,7 +22,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "piecewise_constant")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "config", "no", "fp16", "bf16")
 LOGGERS = ("tensorboard", "wandb", "none")
 DDPM_SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # for models trained with --objective ddpm
 EDM_SAMPLERS = ("edm-dpmsolver++", "edm-euler")  # for models trained with --objective edm
@@ -204,7 +204,10 @@ class HubSettings:
 class SpeedSettings:
     """How fast the training step runs (numerics stay the same unless said)."""
 
-    mixed_precision: Optional[str] = _opt(None, "mixed precision; unset = accelerate's config", MIXED_PRECISION)
+    mixed_precision: Optional[str] = _opt("auto", "mixed precision; auto = the fastest of fp32, bf16 (where the "
+                                          "device has it) and fp16 (CUDA) by a timed start-up probe, fp32 unless one is "
+                                          ">= 10% faster (under accelerate launch: the launcher's); config (or unset) "
+                                          "= accelerate's config", MIXED_PRECISION)
     channels_last: bool = _opt(True, "feed the UNet channels-last (NHWC) batches")
     allow_tf32: bool = _opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs")
     compile: bool = _opt(False, "torch.compile the UNet in place (the first steps compile)")

@@ -6,6 +6,9 @@
   and of the `optimized` step (decode cache, channels-last batches, fused AdamW, foreach EMA, bf16 autocast where
   the device has it, optional torch.compile), both through the real `Trainer.run_step`. The two modes run in
   alternating rounds so that load from other programs on a shared machine affects both alike.
+* variants: seconds per bare training step (forward, backward, clipping, AdamW; no data path, no EMA) of the same
+  model in each precision (fp32, bf16 autocast, fp16 autocast), channels-last on/off and torch.compile on/off, in
+  alternating rounds: the timing loop of `--mixed_precision auto` (flowers_ddpm.training.precision), run longer.
 * sample: images/s of DDPM, DDIM and DPM-Solver++ at a given batch.
 
 It measures; it asserts nothing. Compile and warm-up steps are excluded from the timings.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import tempfile
@@ -47,9 +51,12 @@ from ..models.unet import build_noise_scheduler, build_unet, check_preset
 from ..objectives.diffusion import DiffusionObjective
 from ..pipelines.export import build_pipeline
 from ..pipelines.sampling import generate, prepare_for_sampling
-from ..training.device import DeviceBatches, bf16_supported, configure_backends, prepare_model
+from ..training.device import DeviceBatches, configure_backends, prepare_model
 from ..training.optimization import build_optimizer
+from ..training.precision import PrecisionChoice, Variant, candidates, describe, resolve_mixed_precision, time_variants
 from ..training.trainer import LoopSettings, Trainer
+
+logger = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, for model FLOPs utilisation.
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
@@ -180,15 +187,27 @@ def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Option
     return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
 
 
-def _precision(args, device: torch.device) -> str:
-    if args.mixed_precision != "auto":
-        return args.mixed_precision
-    return "bf16" if bf16_supported(device) else "no"
+def model_probe(preset: str, resolution: int):
+    """A fresh UNet of the preset (unconditional, epsilon), its parameters and the plain diffusion objective."""
+    def probe():
+        model = build_unet(preset, resolution)
+        return model, list(model.parameters()), DiffusionObjective(build_noise_scheduler(1000, "linear", "epsilon"))
+
+    return probe
+
+
+def optimized_precision(args, device: torch.device) -> PrecisionChoice:
+    """The optimized mode's precision: as given, or `auto` measured as `train` measures it (and cached alike)."""
+    choice = resolve_mixed_precision(args.mixed_precision, device, model_probe(args.model_preset, args.resolution),
+                                     args.train_batch_size, args.resolution)
+    logger.info("%s", describe(choice, f"{args.model_preset} at {args.resolution}px, batch {args.train_batch_size}"))
+    return choice
 
 
 def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> dict:
     """Baseline vs optimized training step, alternating rounds, steady state."""
-    precision = _precision(args, device)
+    choice = optimized_precision(args, device)
+    precision = choice.precision
     cfg = _config(args, data_dir, work, args.resolution, compile=args.compile)
     open_cache(cfg.data, open_source(cfg.data))  # built before timing; the data section times the build
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
@@ -225,6 +244,38 @@ def benchmark_train(args, data_dir: str, work: Path, device: torch.device) -> di
             "mfu": flops * ips / peak if peak else None,
         }
     result["speedup"] = result["optimized"]["images_per_sec"] / result["baseline"]["images_per_sec"]
+    result["optimized"]["precision_choice"] = choice.record()
+    return result
+
+
+def parse_variants(text: str, device: torch.device, compile: bool) -> list[Variant]:
+    """'fp32,bf16-nchw,...' -> Variants; 'auto': every precision candidate of the device, channels-last and NCHW
+    (and each of those compiled too with `compile`)."""
+    if text == "auto":
+        variants = [Variant(p, layout) for p in candidates(device) for layout in (True, False)]
+        return variants + ([Variant(v.precision, v.channels_last, True) for v in variants] if compile else [])
+    try:
+        variants = [Variant.parse(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError as e:
+        raise UserError(f"--variants: {e}") from None
+    if not variants or len({v.name for v in variants}) < len(variants):
+        raise UserError(f"--variants must name distinct variants; got {text!r}")
+    return variants
+
+
+def benchmark_variants(args, device: torch.device) -> dict:
+    """Bare training steps of one model in each variant, alternating rounds (warm-up and compilation untimed)."""
+    variants = parse_variants(args.variants, device, args.compile)
+    times = time_variants(model_probe(args.model_preset, args.resolution), variants, args.train_batch_size,
+                          args.resolution, device, budget_s=None, rounds=args.rounds, steps_per_round=args.steps,
+                          warmup_steps=args.warmup_steps)
+    medians = times.median()
+    result = {"model_preset": args.model_preset, "resolution": args.resolution, "batch_size": args.train_batch_size,
+              "timed_steps_per_variant": times.rounds * args.steps}
+    for variant in variants:
+        seconds = medians[variant.name]
+        result[variant.name] = {"images_per_sec": args.train_batch_size / seconds, "seconds_per_step": seconds,
+                                "warmup_sec": times.warmup[variant.name]}
     return result
 
 
@@ -240,21 +291,27 @@ def parse_samplers(text: str) -> dict[str, int]:
     return samplers
 
 
-def benchmark_sample(args, device: torch.device) -> dict:
-    """Images/s of each sampler on a freshly initialised UNet (speed does not depend on the weights)."""
+def benchmark_sample(args, device: torch.device, precision: Optional[str] = None) -> dict:
+    """Images/s of each sampler on a freshly initialised UNet (speed does not depend on the weights). `precision`:
+    fp16 (half weights, as `flowers-ddpm sample` on GPUs; the default there), bf16 (autocast over fp32 weights:
+    the pipeline cannot turn bf16 images into PIL images) or fp32 (the default on CPUs)."""
     torch.manual_seed(0)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    precision = precision or ("fp16" if device.type == "cuda" else "fp32")
     unet = build_unet(args.model_preset, args.resolution)
     pipe = build_pipeline(unet, build_noise_scheduler(1000, "linear", "epsilon"))
-    pipe = prepare_for_sampling(pipe.to(device, dtype) if dtype == torch.float16 else pipe.to(device))
+    pipe = prepare_for_sampling(pipe.to(device, torch.float16) if precision == "fp16" else pipe.to(device))
     pipe.set_progress_bar_config(disable=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     batch = args.sample_batch_size
-    generate(pipe, batch, 1, seed=0, scheduler="ddim", batch_size=batch)  # warm-up
-    result = {"batch_size": batch, "precision": str(dtype).replace("torch.", "")}
+    with autocast:
+        generate(pipe, batch, 1, seed=0, scheduler="ddim", batch_size=batch)  # warm-up
+    result = {"batch_size": batch, "precision": {"fp16": "float16", "bf16": "bfloat16 autocast"}.get(precision,
+                                                                                                    "float32")}
     for name, steps in tqdm(parse_samplers(args.samplers).items(), desc="samplers", dynamic_ncols=True):
         _sync(device)
         start = time.perf_counter()
-        generate(pipe, batch, steps, seed=0, scheduler=name, batch_size=batch)
+        with autocast:
+            generate(pipe, batch, steps, seed=0, scheduler=name, batch_size=batch)
         _sync(device)
         seconds = time.perf_counter() - start
         result[name] = {"steps": steps, "images_per_sec": batch / seconds, "seconds": seconds}
@@ -287,6 +344,12 @@ def format_table(results: dict) -> str:
                      f"   ({t['model_preset']} {t['resolution']}px batch {t['batch_size']}, {t['model_gflops_per_image']:.2f} GFLOP/img)")
         if t["optimized"]["mfu"] is not None:
             lines.append(f"       MFU optimized {100 * t['optimized']['mfu']:.1f}%")
+    if "variants" in results:
+        v = results["variants"]
+        first = next(name for name in v if isinstance(v[name], dict))
+        for name, row in ((k, r) for k, r in v.items() if isinstance(r, dict)):
+            lines.append(f"step   {name:20s} {row['images_per_sec']:8.1f} img/s   {row['images_per_sec'] / v[first]['images_per_sec']:5.2f}x"
+                         f" {first}   ({v['model_preset']} {v['resolution']}px batch {v['batch_size']}, bare step)")
     if "sample" in results:
         s = results["sample"]
         for name in SAMPLE_SCHEDULERS:
@@ -299,12 +362,14 @@ def format_table(results: dict) -> str:
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Run the requested parts and return (and optionally write) the results."""
     parts = set(filter(None, args.parts.split(",")))
-    if parts - {"data", "train", "sample"} or not parts:
-        raise UserError(f"parts must be a comma-separated subset of data,train,sample; got {args.parts!r}")
+    if parts - {"data", "train", "variants", "sample"} or not parts:
+        raise UserError(f"parts must be a comma-separated subset of data,train,variants,sample; got {args.parts!r}")
     if args.train_data_dir and not Path(args.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {args.train_data_dir} does not exist or is not a directory")
     parse_samplers(args.samplers)  # fail on a bad --samplers before any work
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "variants" in parts:
+        parse_variants(args.variants, device, args.compile)  # fail on a bad --variants before any work
     if args.work_dir:
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="flowers-ddpm-bench-", dir=args.work_dir) as tmp:
@@ -315,6 +380,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             results["data"] = benchmark_data(args, data_dir, work)
         if "train" in parts:
             results["train"] = benchmark_train(args, data_dir, work, device)
+        if "variants" in parts:
+            results["variants"] = benchmark_variants(args, device)
         if "sample" in parts:
             results["sample"] = benchmark_sample(args, device)
     results["machine"]["load_average_end"] = list(os.getloadavg())

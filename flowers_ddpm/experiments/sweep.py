@@ -5,7 +5,8 @@ Trials run one after another inside this process (`run_training`, then `run_eval
 for every trial, a large share of a short one; and under `accelerate launch` every process simply runs the same
 trials in the same order on the process group it already has, so a multi-GPU sweep needs no launcher of its own
 (`accelerate launch scripts/sweep.py ...`). The price: what accelerate fixes once per process (mixed_precision)
-cannot vary within one sweep, and an error in a trial ends the sweep (a rerun continues where it stopped).
+cannot vary within one sweep (so `auto` means accelerate's config here, as `config` does: a timed choice per trial
+could differ between trials), and an error in a trial ends the sweep (a rerun continues where it stopped).
 
 Layout of a sweep folder, and how it resumes: `sweep.json` holds the arguments (a rerun must match them); each
 trial is an ordinary training output folder under `trials/`, trained with `--resume_from_checkpoint latest`, so an
@@ -113,6 +114,8 @@ def plan_trials(base: dict, grid: dict[str, list[str]], max_train_steps: int, sw
             check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
         except UserError as e:
             raise UserError(f"trial {', '.join(f'{k}={v}' for k, v in values.items())}: {e}") from None
+        if cfg.speed.mixed_precision == "auto":  # one precision for every trial, so that they compare
+            cfg.speed.mixed_precision = "config"
         trials.append(Trial(name, values, cfg))
     return trials
 

@@ -124,6 +124,17 @@ def build_classifier(cfg: TrainConfig, class_names: list[str], noise_scheduler):
                                class_names, schedule)
 
 
+def classifier_probe(cfg: TrainConfig, class_names: list[str]):
+    """What `--mixed_precision auto` times: a fresh classifier, its parameters and objective."""
+    def probe():
+        noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule,
+                                                cfg.model.prediction_type)
+        model = build_classifier(cfg, class_names, noise_scheduler)
+        return model, list(model.parameters()), ClassifierObjective(noise_scheduler)
+
+    return probe
+
+
 def run_classifier_training(cfg: TrainConfig) -> Path:
     """Train the noise-aware classifier as configured; returns the output folder (the exported classifier)."""
     if cfg.finetune.init_from or cfg.finetune.lora_rank or cfg.model.class_conditional:
@@ -132,7 +143,8 @@ def run_classifier_training(cfg: TrainConfig) -> Path:
     if (Path(cfg.run.output_dir) / "pipeline").exists():
         raise UserError(f"output_dir {cfg.run.output_dir} holds a diffusion training run; give train-classifier its own "
                         "--output_dir")
-    accelerator, source, class_names, max_steps, resume_from, per_epoch = start_run(cfg, classifier_classes)
+    accelerator, source, class_names, max_steps, resume_from, per_epoch, _ = start_run(cfg, classifier_classes,
+                                                                                        classifier_probe)
     configure_backends(cfg.speed.allow_tf32)
     set_seed(cfg.run.seed)  # identical initial weights on every process
     noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type)

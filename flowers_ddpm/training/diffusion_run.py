@@ -7,6 +7,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from accelerate.utils import set_seed
@@ -37,7 +38,15 @@ from ..publish.report import write_report, write_training_info
 from .device import configure_backends
 from .optimization import build_optimization
 from .phema import PowerFunctionEMA, parse_sigma_rels
-from .run_setup import describe_hardware, device_batches, init_trackers, loop_settings, run_trainer, start_run
+from .run_setup import (
+    describe_hardware,
+    device_batches,
+    effective_precision,
+    init_trackers,
+    loop_settings,
+    run_trainer,
+    start_run,
+)
 from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -55,10 +64,11 @@ def class_guidance(model, cfg: TrainConfig) -> dict:
 class PipelinePublisher:
     """Sample grids (PNG under <output_dir>/samples/) and pipeline exports (<output_dir>/pipeline/)."""
 
-    def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None, hardware: str = "unknown"):
+    def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None, hardware: str = "unknown",
+                 precision: Optional[dict] = None):
         self.cfg, self.noise_scheduler, self.class_names = cfg, noise_scheduler, class_names
         self.output_dir = Path(cfg.run.output_dir)
-        self.hardware = hardware
+        self.hardware, self.precision = hardware, precision
 
     def _guidance(self, model) -> dict:
         return class_guidance(model, self.cfg)
@@ -81,7 +91,8 @@ class PipelinePublisher:
     def export(self, model, step: int, training_seconds: float) -> None:
         def write_extra(folder: Path) -> None:
             save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.finetune.init_from)  # only for LoRA
-            write_training_info(folder, step=step, seconds=training_seconds, hardware=self.hardware)
+            write_training_info(folder, step=step, seconds=training_seconds, hardware=self.hardware,
+                                mixed_precision=self.precision)
 
         path = export_pipeline(merged_unet(model), self.noise_scheduler, self.output_dir / "pipeline",
                                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra)
@@ -161,18 +172,8 @@ def build_objective(cfg: TrainConfig, noise_scheduler, num_classes):
                               o.class_dropout_prob)
 
 
-def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
-    """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
-    process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
-    accelerator, source, class_names, max_steps, resume_from, per_epoch = start_run(cfg, model_classes)
-    differences = run_differences(cfg)
-    if accelerator.is_main_process and differences:
-        logger.info("defaults that differ from diffusers' train_unconditional.py (docs/diffusers-compatibility.md): "
-                    "%s", "; ".join(differences))
-    num_classes = len(class_names) if class_names else None
-
-    configure_backends(cfg.speed.allow_tf32)
-    set_seed(cfg.run.seed)  # identical initial weights on every process
+def build_model(cfg: TrainConfig, num_classes):
+    """The UNet to train (preset or fine-tuned, with what trains selected), its noise scheduler and objective."""
     if cfg.finetune.init_from:
         model, noise_scheduler = load_for_finetuning(cfg.finetune.init_from, cfg.data.resolution, cfg.model)
         if num_classes:
@@ -183,6 +184,32 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
         noise_scheduler = build_scheduler(cfg)
     model = select_trainable(model, cfg.finetune)  # everything, --train_only parts, or LoRA adapters
     objective = build_objective(cfg, noise_scheduler, num_classes)
+    return model, noise_scheduler, objective
+
+
+def model_probe(cfg: TrainConfig, class_names):
+    """What `--mixed_precision auto` times: a fresh copy of the model, trainable parameters and objective."""
+    def probe():
+        model, _, objective = build_model(cfg, len(class_names) if class_names else None)
+        return model, trainable_parameters(model), objective
+
+    return probe
+
+
+def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
+    """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
+    process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
+    accelerator, source, class_names, max_steps, resume_from, per_epoch, precision = start_run(cfg, model_classes,
+                                                                                               model_probe)
+    differences = run_differences(cfg)
+    if accelerator.is_main_process and differences:
+        logger.info("defaults that differ from diffusers' train_unconditional.py (docs/diffusers-compatibility.md): "
+                    "%s", "; ".join(differences))
+    num_classes = len(class_names) if class_names else None
+
+    configure_backends(cfg.speed.allow_tf32)
+    set_seed(cfg.run.seed)  # identical initial weights on every process
+    model, noise_scheduler, objective = build_model(cfg, num_classes)
     evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler, class_names) if cfg.eval.eval_steps else None
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, trainable_parameters(model), accelerator,
                                                              max_steps)
@@ -193,7 +220,8 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
         phema = PowerFunctionEMA(accelerator.unwrap_model(model).named_parameters(),
                                  parse_sigma_rels(cfg.ema.phema_sigma_rel))
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
-                      PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator)),
+                      PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator),
+                                        precision.record(effective_precision(accelerator))),
                       loop_settings(cfg, max_steps, per_epoch), evaluator, phema)
     run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:

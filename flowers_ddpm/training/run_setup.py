@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
 
 from ..config.sections import TrainConfig
@@ -24,6 +24,7 @@ from ..models.unet import check_preset
 from ..publish.hub import require_token
 from . import checkpointing
 from .device import DeviceBatches
+from .precision import PrecisionChoice, Probe, describe, resolve_mixed_precision
 from .trainer import LoopSettings
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class RunStart(NamedTuple):
     max_steps: int
     resume_from: Optional[Path]
     steps_per_epoch: Optional[int]  # None for a stream of unknown size
+    precision: PrecisionChoice  # what --mixed_precision resolved to, and how
 
 
 def steps_per_epoch(cfg: TrainConfig, num_examples: Optional[int], world_size: int) -> Optional[int]:
@@ -81,20 +83,40 @@ def check_environment(cfg: TrainConfig) -> None:
                        "is safer. It is used for the push only and written to no file.")
 
 
-def make_accelerator(cfg: TrainConfig):
+def resolve_precision(cfg: TrainConfig, probe: Probe) -> PrecisionChoice:
+    """--mixed_precision for this run, decided before the Accelerator exists (`auto` times the probe's model on the
+    device accelerate will use; see training/precision.py)."""
+    # the device accelerate will use (PartialState does not fix mixed precision; the Accelerator does)
+    device = PartialState().device if cfg.speed.mixed_precision == "auto" else None
+    choice = resolve_mixed_precision(cfg.speed.mixed_precision, device, probe, cfg.optim.train_batch_size,
+                                     cfg.data.resolution, cfg.speed.channels_last, cfg.speed.gradient_checkpointing,
+                                     cfg.speed.allow_tf32)
+    if choice.how not in ("explicit", "config"):
+        logger.info("%s", describe(choice, f"{cfg.model.model_preset} at {cfg.data.resolution}px, batch "
+                                           f"{cfg.optim.train_batch_size} on {device}"))
+    return choice
+
+
+def make_accelerator(cfg: TrainConfig, mixed_precision: Optional[str] = None):
+    """The run's Accelerator; `mixed_precision` as resolved by `resolve_precision` (None: accelerate's config)."""
     project = ProjectConfiguration(project_dir=cfg.run.output_dir, logging_dir=str(Path(cfg.run.output_dir) / cfg.run.logging_dir))
     return Accelerator(
         gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-        mixed_precision=cfg.speed.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=None if cfg.run.logger == "none" else cfg.run.logger,
         project_config=project,
     )
 
 
+def effective_precision(accelerator) -> str:
+    """The precision that runs: the accelerator's, except fp16 where accelerate has no fp16 autocast (the CPU)."""
+    return "no" if accelerator.mixed_precision == "fp16" and not accelerator.native_amp else accelerator.mixed_precision
+
+
 def record_effective_precision(cfg: TrainConfig, accelerator) -> None:
     """accelerate runs fp16 autocast only on accelerators: on the CPU --mixed_precision fp16 trains in fp32. Say so,
     and record what runs (mixed_precision: no) in training_config.yaml, the checkpoints and the exported config."""
-    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+    if effective_precision(accelerator) != accelerator.mixed_precision:
         if accelerator.is_main_process:
             logger.warning("mixed_precision fp16 is not available on the %s: training in fp32 (recorded as "
                            "mixed_precision: no); use bf16 for mixed precision on the CPU",
@@ -136,11 +158,12 @@ def check_writable(output_dir: str) -> None:
                         "--output_dir") from None
 
 
-def start_run(cfg: TrainConfig, classes_of):
-    """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the
-    Accelerator, the data source, its classes (`classes_of(cfg, source)`, which may raise a UserError) and the
-    number of optimizer steps. Returns (accelerator, source, class_names, max_steps, resume_from). `cfg` then
-    records the mixed precision that actually runs (see `record_effective_precision`)."""
+def start_run(cfg: TrainConfig, classes_of, probe_of):
+    """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the data
+    source, its classes (`classes_of(cfg, source)`, which may raise a UserError), the mixed precision (`auto` times
+    `probe_of(cfg, class_names)()`: the model, trainable parameters and objective the run will train), the
+    Accelerator and the number of optimizer steps. `cfg` then records the mixed precision that actually runs (see
+    `record_effective_precision`)."""
     # cheap checks first: nothing expensive happens before these pass
     check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
     check_environment(cfg)
@@ -152,14 +175,15 @@ def start_run(cfg: TrainConfig, classes_of):
         checkpointing.check_compatible(resume_from, cfg.to_dict())
     if cfg.hub.push_to_hub:
         require_token(cfg.hub.hub_token)
-    accelerator = make_accelerator(cfg)
+    source = open_source(cfg.data)
+    class_names = classes_of(cfg, source)
+    precision = resolve_precision(cfg, probe_of(cfg, class_names))
+    accelerator = make_accelerator(cfg, precision.precision)
     record_effective_precision(cfg, accelerator)
     if resume_from is None and cfg.run.overwrite_output_dir:
         if accelerator.is_main_process:
             checkpointing.remove_checkpoints(cfg.run.output_dir)
         accelerator.wait_for_everyone()
-    source = open_source(cfg.data)
-    class_names = classes_of(cfg, source)
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)
     per_epoch = steps_per_epoch(cfg, source.num_examples, accelerator.num_processes)
     _every(None, cfg.run.save_images_epochs, per_epoch, "save_images")  # fail now, not at the end of set-up
@@ -169,7 +193,7 @@ def start_run(cfg: TrainConfig, classes_of):
                     source.num_examples or "unknown", max_steps, accelerator.num_processes)
         cfg.save_yaml(Path(cfg.run.output_dir) / "training_config.yaml")
         (Path(cfg.run.output_dir) / "report").mkdir(exist_ok=True)  # the trainer appends report/loss.jsonl
-    return RunStart(accelerator, source, class_names, max_steps, resume_from, per_epoch)
+    return RunStart(accelerator, source, class_names, max_steps, resume_from, per_epoch, precision)
 
 
 def loop_settings(cfg: TrainConfig, max_steps: int, per_epoch: Optional[int] = None):
