@@ -37,6 +37,16 @@ def _own_cache_root(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_reaches_child_processes():
+    """A shell without job control starts background jobs (`.ci/run &`, `nohup`) with SIGINT ignored, and children
+    inherit an ignored SIGINT, so a Ctrl-C test's child would never see its Ctrl-C. Python's own handler here is
+    passed on as the default action, which makes each child Python install its KeyboardInterrupt handler."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _restore_signal_handlers():
     """A test that runs a command in this process may leave its SIGINT/SIGTERM handling behind (an ignored SIGINT is
