@@ -183,13 +183,23 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
 def _sweep(args: argparse.Namespace) -> None:
     _check_scales(args, "guidance_scale")
 
+    if args.search == "grid" and (not args.grid or args.param):
+        raise UserError("the grid search takes --grid SETTING=V1,V2 ... (--param is for --search optuna)")
+    if args.search == "optuna" and (not args.param or args.grid):
+        raise UserError("--search optuna takes --param SETTING=LOW:HIGH ... (--grid is for the grid search)")
+
     from .evaluation.command import EvaluateOptions
+    from .experiments.optuna_search import run_search
     from .experiments.sweep import run_sweep
 
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
     overrides = {name: value for name, value in vars(args).items() if name in FIELDS and name not in args.sweep_flags}
-    table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation, overrides)
+    if args.search == "optuna":
+        table = run_search(args.config, args.param, args.n_trials, args.max_train_steps, args.output_dir, evaluation,
+                           overrides, args.sampler_seed)
+    else:
+        table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation, overrides)
     if table is not None:
         print(table.read_text(), end="")
         print(f"wrote {table}, {table.with_suffix('.csv')} and {table.with_suffix('.png')}")
@@ -197,8 +207,17 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML file with the settings every trial shares")
-    parser.add_argument("--grid", nargs="+", required=True, metavar="SETTING=V1,V2",
+    parser.add_argument("--search", choices=("grid", "optuna"), default="grid",
+                        help="grid: every combination of --grid; optuna: --n_trials trials chosen by Optuna's TPE "
+                             "from the --param ranges (needs the optuna extra)")
+    parser.add_argument("--grid", nargs="+", default=None, metavar="SETTING=V1,V2",
                         help="training settings to vary; every combination is one trial")
+    parser.add_argument("--param", nargs="+", default=None, metavar="SETTING=RANGE",
+                        help="--search optuna: ranges to search, e.g. learning_rate=log:1e-4:3e-3 dropout=0:0.3 "
+                             "train_batch_size=8:32:8 prediction_type=epsilon,v_prediction")
+    parser.add_argument("--n_trials", type=int, default=20,
+                        help="--search optuna: finished (complete or pruned) trials the study ends with")
+    parser.add_argument("--sampler_seed", type=int, default=0, help="--search optuna: seed of the TPE sampler")
     parser.add_argument("--max_train_steps", type=int, required=True, help="optimizer steps of each trial")
     parser.add_argument("--output_dir", default=None,
                         help="the sweep's folder (default: the config's output_dir + '-sweep')")
