@@ -106,7 +106,7 @@ def parse_param(item: str, seen=()) -> Param:
     key, sep, spec = (part.strip() for part in item.partition("="))
     if not sep or not key or not spec:
         raise UserError(f"param {item!r} must look like {SYNTAX}")
-    check_key(key, seen)
+    check_key(key, seen, what="param")
     if ":" not in spec:
         choices = tuple(v.strip() for v in spec.split(","))
         if not all(choices):

@@ -76,14 +76,14 @@ class Trial:
         return (self.folder / RESULT_FILE).is_file()
 
 
-def check_key(key: str, seen) -> None:
+def check_key(key: str, seen, what: str = "grid key") -> None:
     """A setting a sweep may vary: a training flag the sweep does not decide itself, given once."""
     if key not in FIELDS or not FIELDS[key].metadata["cli"]:
-        raise UserError(f"grid key {key!r} is not a training setting; see `flowers-ddpm train --help`")
+        raise UserError(f"{what} {key!r} is not a training setting; see `flowers-ddpm train --help`")
     if key in NOT_IN_GRID:
-        raise UserError(f"grid key {key!r} cannot be swept: {NOT_IN_GRID[key]}")
+        raise UserError(f"{what} {key!r} cannot be swept: {NOT_IN_GRID[key]}")
     if key in seen:
-        raise UserError(f"grid key {key!r} is given twice")
+        raise UserError(f"{what} {key!r} is given twice")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
