@@ -119,14 +119,23 @@ def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     _check_scales(args, "guidance_scale")
 
-    from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
+    from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, rank_models, run_evaluation
 
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("steps and batch_size must be >= 1")
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {args.train_data_dir} does not exist or is not a directory")
-    options = EvaluateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)})
+    models = args.model
+    options = EvaluateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
+                                 if f.name != "model"}, model=models[0])
     data_flags = {name: getattr(args, name) for name in DATA_SETTINGS + ("center_crop",)}
+    if len(models) > 1:
+        comparison = rank_models(options, models, data_flags)
+        if comparison is not None:
+            print(Path(args.output).with_suffix(".md").read_text(), end="")
+            print(f"best by FID: {comparison['best']} (FID {comparison['ranking'][0]['fid']:.4f}); wrote "
+                  f"{args.output} and {Path(args.output).with_suffix('.md')}")
+        return
     report = run_evaluation(options, data_flags)
     if report is not None:
         print(markdown_table(report["results"]), end="")
@@ -134,7 +143,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="pipeline folder or Hub id; several are each evaluated on the same seeds and ranked by "
+                             "FID (e.g. the EMA lengths of `ema-reconstruct`: --model RUN/ema-reconstruct/*)")
     _add_metric_arguments(parser, num_images=10000, dinov2_model="facebook/dinov2-base")
     parser.add_argument("--compare_schedulers", action="store_true",
                         help="evaluate DDPM-1000, DDIM-50, DDIM-25, DPM-Solver++-20 and -10 on the same seeds")
