@@ -89,10 +89,9 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _ema_reconstruct(args: argparse.Namespace) -> None:
-    from .training.phema import export_reconstructions
+    from .training.phema import check_sigma_rels, export_reconstructions
 
-    if not args.sigma_rel or not all(0 < v < 0.28 for v in args.sigma_rel):
-        raise UserError(f"--sigma_rel values must lie in (0, 0.28); got {args.sigma_rel}")
+    check_sigma_rels(args.sigma_rel)
     for path in export_reconstructions(args.run_dir, args.sigma_rel, args.output_dir):
         print(f"pipeline written to {path}")
 
@@ -208,9 +207,10 @@ def _sweep(args: argparse.Namespace) -> None:
     overrides = {name: value for name, value in vars(args).items() if name in FIELDS and name not in args.sweep_flags}
     if args.search == "optuna":
         table = run_search(args.config, args.param, args.n_trials, args.max_train_steps, args.output_dir, evaluation,
-                           overrides, args.sampler_seed)
+                           overrides, args.sampler_seed, args.ema_sigma_rel)
     else:
-        table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation, overrides)
+        table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation, overrides,
+                          args.ema_sigma_rel)
     if table is not None:
         print(table.read_text(), end="")
         print(f"wrote {table}, {table.with_suffix('.csv')} and {table.with_suffix('.png')}")
@@ -229,6 +229,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n_trials", type=int, default=20,
                         help="--search optuna: finished (complete or pruned) trials the study ends with")
     parser.add_argument("--sampler_seed", type=int, default=0, help="--search optuna: seed of the TPE sampler")
+    parser.add_argument("--ema_sigma_rel", type=float, nargs="+", default=None, metavar="S",
+                        help="trials trained with --phema_sigma_rel: evaluate these post-hoc EMA lengths (as "
+                             "`ema-reconstruct` + `evaluate --model ...`) and report the best by FID as the trial's")
     parser.add_argument("--max_train_steps", type=int, required=True, help="optimizer steps of each trial")
     parser.add_argument("--output_dir", default=None,
                         help="the sweep's folder (default: the config's output_dir + '-sweep')")

@@ -1,6 +1,7 @@
 """`flowers-ddpm sweep --search optuna`: range syntax and its errors, pruning on reported FIDs, and a tiny study
 SIGKILLed during its second trial and rerun: the study in study.db continues (the finished trial is not run again,
-the killed one resumes from its checkpoint) and ends in the grid's table with a status column."""
+the killed one resumes from its checkpoint) and ends in the grid's table with a status column. The study also
+covers `--ema_sigma_rel` (shared with the grid): each trial's FID is that of its best post-hoc EMA length."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ PARAMS = ["learning_rate=log:1e-4:1e-3", "prediction_type=epsilon,v_prediction"]
 def study_args(base, out, *params, n_trials=3):
     return ["sweep", "--config", str(base), "--search", "optuna", "--param", *(params or PARAMS), "--n_trials",
             str(n_trials), "--max_train_steps", "4", "--output_dir", str(out), "--num_images", "4", "--batch_size",
-            "4", "--steps", "2", "--feature_network", FEATURE_NET, "--reference_cache_dir", str(out.parent / "cache")]
+            "4", "--steps", "2", "--feature_network", FEATURE_NET, "--reference_cache_dir", str(out.parent / "cache"),
+            # each trial's result: the better of two post-hoc EMA lengths
+            "--phema_sigma_rel", "0.05,0.1", "--phema_snapshot_steps", "2", "--ema_sigma_rel", "0.06", "0.12"]
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +156,7 @@ def test_the_study_writes_the_grid_table_with_a_status_column(killed_then_rerun,
     table = (out / "results.md").read_text()
     assert table.startswith("Optuna study (TPE, seed 0) over learning_rate log:0.0001:0.001, prediction_type "
                             "epsilon,v_prediction (3 trials)")
-    assert "| trial | learning_rate | prediction_type | status | final loss | FID |" in table
+    assert "| trial | learning_rate | prediction_type | status | ema_sigma_rel | final loss | FID |" in table
     with open(out / "results.csv") as f:
         records = list(csv.DictReader(f))
     assert [r["trial"] for r in records][:2] == [first.name, second.name] and len(records) == 3
@@ -161,6 +164,12 @@ def test_the_study_writes_the_grid_table_with_a_status_column(killed_then_rerun,
         assert 1e-4 <= float(record["learning_rate"]) <= 1e-3
         assert record["prediction_type"] in ("epsilon", "v_prediction")
         assert record["status"] == "complete" and float(record["fid"]) > 0 or record["status"].startswith("pruned")
+        if record["status"] == "complete":  # the trial's FID is its best EMA length's
+            trial = out / "trials" / record["trial"]
+            fids = {s: json.loads((trial / "ema-reconstruct" / f"sigma_rel-{s}" / "metrics.json").read_text())
+                    ["results"][0]["fid"] for s in ("0.06", "0.12")}
+            assert f"{float(record['ema_sigma_rel']):g}" == min(fids, key=fids.get)
+            assert float(record["fid"]) == pytest.approx(min(fids.values()))
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # a finished study reruns nothing; a grid into its folder is refused
     results = {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/result.json")}

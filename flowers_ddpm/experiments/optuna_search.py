@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -31,6 +31,7 @@ from .sweep import (
     Trial,
     base_settings,
     check_conditioning,
+    check_ema,
     check_evaluation,
     check_key,
     claim_folder,
@@ -184,7 +185,7 @@ def report_to(trial):
 
 
 def run_one(study, trial, params: dict[str, Param], base: dict, max_train_steps: int, sweep_dir: Path,
-            evaluation) -> None:
+            evaluation, ema_sigma_rels: Sequence[float] = ()) -> None:
     values = {name: trial.params[name] for name in params}
     name = trial.user_attrs.get(FOLDER_ATTR) or folder_name(trial.number + 1, values)
     trial.set_user_attr(FOLDER_ATTR, name)
@@ -199,7 +200,7 @@ def run_one(study, trial, params: dict[str, Param], base: dict, max_train_steps:
     else:
         try:
             with sweep_stops(planned):
-                result = run_trial(planned, evaluation, on_evaluation=report_to(trial))
+                result = run_trial(planned, evaluation, report_to(trial), ema_sigma_rels)
         except optuna.TrialPruned as e:
             result = write_result(planned, {**pruned_result(planned), "status": str(e)})
     tell_result(study, trial.number, result)
@@ -210,9 +211,10 @@ def pruned_result(trial: Trial) -> dict:
 
 
 def run_search(config: str, param_items: list[str], n_trials: int, max_train_steps: int, output_dir: Optional[str],
-               evaluation, overrides: Optional[dict] = None, sampler_seed: int = 0) -> Optional[Path]:
+               evaluation, overrides: Optional[dict] = None, sampler_seed: int = 0,
+               ema_sigma_rels: Optional[Sequence[float]] = None) -> Optional[Path]:
     """`sweep --search optuna`: run trials until the study has `n_trials` finished ones (complete or pruned), then
-    write the comparison; returns the table path."""
+    write the comparison; returns the table path. `ema_sigma_rels`: as for the grid (sweep.run_sweep)."""
     require_optuna()
     if n_trials < 1:
         raise UserError(f"n_trials must be >= 1; got {n_trials}")
@@ -227,10 +229,11 @@ def run_search(config: str, param_items: list[str], n_trials: int, max_train_ste
               for p in params.values() for value in p.extremes()]
     check_evaluation(evaluation)
     check_conditioning(evaluation, probes)
+    check_ema(ema_sigma_rels, probes)
     claim_folder(sweep_dir, {"base_config": base, "search": "optuna",
                              "params": {name: p.spec() for name, p in params.items()},
                              "sampler_seed": sampler_seed, "max_train_steps": max_train_steps,
-                             "evaluation": evaluation_settings(evaluation)})
+                             "evaluation": evaluation_settings(evaluation), "ema_sigma_rel": ema_sigma_rels})
     study = open_study(sweep_dir, sampler_seed)
     recover_interrupted(study, sweep_dir)
     distributions = {name: p.distribution() for name, p in params.items()}
@@ -241,7 +244,8 @@ def run_search(config: str, param_items: list[str], n_trials: int, max_train_ste
     try:
         with tqdm(total=n_trials, initial=min(done, n_trials), desc="sweep", unit="trial") as bar:
             while len(study.get_trials(deepcopy=False, states=ended)) < n_trials:
-                run_one(study, study.ask(distributions), params, base, max_train_steps, sweep_dir, evaluation)
+                run_one(study, study.ask(distributions), params, base, max_train_steps, sweep_dir, evaluation,
+                        ema_sigma_rels or ())
                 bar.update(1)
     finally:
         end_process_group()
@@ -250,4 +254,5 @@ def run_search(config: str, param_items: list[str], n_trials: int, max_train_ste
                for t in finished]
     title = (f"Optuna study (TPE, seed {sampler_seed}) over "
              + ", ".join(f"{name} {p.spec()}" for name, p in params.items()))
-    return write_comparison(results, list(params), sweep_dir, title, with_status=True)
+    return write_comparison(results, list(params), sweep_dir, title, with_status=True,
+                            with_ema=ema_sigma_rels is not None)

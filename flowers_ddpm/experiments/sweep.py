@@ -26,9 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch.distributed
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .._util.atomic import atomic_write_text
@@ -37,12 +38,13 @@ from ..config.loading import build_config, load_yaml
 from ..config.sections import FIELDS, TrainConfig
 from ..data.stream import open_source
 from ..errors import UserError
-from ..evaluation.command import run_evaluation
+from ..evaluation.command import rank_models, run_evaluation
 from ..evaluation.features import load_factory, resolve_inception_weights
 from ..models.unet import check_preset
 from ..pipelines.conditioning import class_ids
 from ..publish.run_log import read_records
 from ..training.diffusion_run import run_training
+from ..training.phema import check_sigma_rels, export_reconstructions, reconstruction_folder
 from ..training.stopping import InterruptOnSigterm, Preempted, TrainingStopped
 from .sweep_report import write_comparison
 
@@ -166,19 +168,35 @@ def trial_result(trial: Trial, report: dict) -> dict:
             "metrics": report["results"][0], "finished_at": datetime.now(timezone.utc).isoformat()}
 
 
-def run_trial(trial: Trial, evaluation, on_evaluation: Optional[Callable[[int, dict], None]] = None
-              ) -> Optional[dict]:
+def run_trial(trial: Trial, evaluation, on_evaluation: Optional[Callable[[int, dict], None]] = None,
+              ema_sigma_rels: Sequence[float] = ()) -> Optional[dict]:
     """Train (resuming from the trial's latest checkpoint), evaluate the exported pipeline, write result.json.
     `on_evaluation(step, row)` is called after each in-training evaluation (--eval_steps); it may stop the trial by
-    raising (an Optuna search prunes this way)."""
+    raising (an Optuna search prunes this way). With `ema_sigma_rels` (a run trained with --phema_sigma_rel) the
+    pipelines of those post-hoc EMA lengths are evaluated instead, and the best by FID is the trial's result."""
     # the next trial uses the same process group
     pipeline = run_training(trial.cfg, keep_process_group=True, on_evaluation=on_evaluation)
     options = dataclasses.replace(evaluation, model=str(pipeline), output=str(trial.folder / "metrics.json"),
                                   compare_schedulers=False)
+    if ema_sigma_rels:
+        return run_ema_trial(trial, options, ema_sigma_rels)
     report = run_evaluation(options, {})  # reference data: the trial's own training data (training_config.yaml)
     if report is None:  # not the main process
         return None
     return write_result(trial, trial_result(trial, report))
+
+
+def run_ema_trial(trial: Trial, options, sigma_rels: Sequence[float]) -> Optional[dict]:
+    """Reconstruct each EMA length (`ema-reconstruct`), rank them by FID (`evaluate --model ...`), keep the best."""
+    if is_main_process():
+        export_reconstructions(trial.folder, sigma_rels)
+    PartialState().wait_for_everyone()
+    folders = [str(reconstruction_folder(trial.folder, s)) for s in sigma_rels]
+    ranked = rank_models(dataclasses.replace(options, output=str(trial.folder / "ema-ranking.json")), folders, {})
+    if ranked is None:  # not the main process
+        return None
+    best = folders.index(ranked["best"])
+    return write_result(trial, {**trial_result(trial, ranked["reports"][best]), "ema_sigma_rel": sigma_rels[best]})
 
 
 def write_result(trial: Trial, result: dict) -> dict:
@@ -250,18 +268,31 @@ def sweep_folder(base: dict, output_dir: Optional[str]) -> Path:
     return Path(output_dir or f"{base.get('output_dir', FIELDS['output_dir'].default)}-sweep")
 
 
+def check_ema(sigma_rels: Optional[Sequence[float]], trials: list[Trial]) -> None:
+    """--ema_sigma_rel needs trials that save post-hoc EMA snapshots (checked before the first one trains)."""
+    if sigma_rels is None:
+        return
+    check_sigma_rels(sigma_rels, "--ema_sigma_rel")
+    if not all(trial.cfg.ema.phema_sigma_rel for trial in trials):
+        raise UserError("--ema_sigma_rel needs trials trained with post-hoc EMA snapshots: set phema_sigma_rel "
+                        "(e.g. --phema_sigma_rel 0.05,0.1)")
+
+
 def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_dir: Optional[str],
-              evaluation, overrides: Optional[dict] = None) -> Optional[Path]:
+              evaluation, overrides: Optional[dict] = None, ema_sigma_rels: Optional[Sequence[float]] = None
+              ) -> Optional[Path]:
     """The `sweep` command: run the unfinished trials, then write the comparison; returns the table path (main
-    process) or None. `overrides`: training settings given as flags, over the YAML file and under the grid."""
+    process) or None. `overrides`: training settings given as flags, over the YAML file and under the grid.
+    `ema_sigma_rels`: each trial's result is its best of these post-hoc EMA lengths."""
     base = base_settings(config, overrides, max_train_steps)
     grid = parse_grid(grid_items)
     sweep_dir = sweep_folder(base, output_dir)
     trials = plan_trials(base, grid, max_train_steps, sweep_dir)
     check_evaluation(evaluation)
     check_conditioning(evaluation, trials)
+    check_ema(ema_sigma_rels, trials)
     claim_folder(sweep_dir, {"base_config": base, "grid": grid, "max_train_steps": max_train_steps,
-                             "evaluation": evaluation_settings(evaluation)})
+                             "evaluation": evaluation_settings(evaluation), "ema_sigma_rel": ema_sigma_rels})
     pending = [trial for trial in trials if not trial.finished]  # decided up front, identically on every process
     if len(pending) < len(trials):
         logger.info("%d of %d trials already finished; running the other %d", len(trials) - len(pending),
@@ -270,10 +301,10 @@ def run_sweep(config: str, grid_items: list[str], max_train_steps: int, output_d
         for trial in tqdm(pending, desc="sweep", unit="trial", disable=not is_main_process()):
             logger.info("trial %s", trial.name)
             with sweep_stops(trial):
-                run_trial(trial, evaluation)
+                run_trial(trial, evaluation, ema_sigma_rels=ema_sigma_rels or ())
     finally:
         end_process_group()
     if not is_main_process():
         return None
     results = [json.loads((trial.folder / RESULT_FILE).read_text()) for trial in trials]
-    return write_comparison(results, list(grid), sweep_dir)
+    return write_comparison(results, list(grid), sweep_dir, with_ema=ema_sigma_rels is not None)

@@ -17,6 +17,7 @@ def flatten(result: dict) -> dict:
     """One trial's result.json as a flat row: trial, settings, final loss, metrics, throughput."""
     metrics = result["metrics"]
     return {"trial": result["trial"], **result["settings"], "status": result.get("status", "complete"),
+            "ema_sigma_rel": result.get("ema_sigma_rel"),
             "final_loss": result["final_loss"],
             "fid": metrics.get("fid"), "kid_mean": metrics.get("kid_mean"), "kid_std": metrics.get("kid_std"),
             "train_images_per_sec": result["train_images_per_sec"],
@@ -80,11 +81,12 @@ def plot(rows: list[dict], keys: list[str], path: Path) -> Path:
 
 
 def write_comparison(results: list[dict], keys: list[str], folder: Path, title: Optional[str] = None,
-                     with_status: bool = False) -> Path:
+                     with_status: bool = False, with_ema: bool = False) -> Path:
     """Write results.md, results.csv and results.png in `folder`; returns the markdown path. `with_status`: a
-    column saying whether each trial completed or was pruned (and at which step), for an Optuna search."""
+    column saying whether each trial completed or was pruned (and at which step), for an Optuna search;
+    `with_ema`: the post-hoc EMA length whose FID is the trial's (sweep --ema_sigma_rel)."""
     rows = [flatten(result) for result in results]
-    columns = keys + ["status"] * with_status
+    columns = keys + ["status"] * with_status + ["ema_sigma_rel"] * with_ema
     md_path = folder / "results.md"
     md_path.write_text(f"{title or 'Sweep over ' + ', '.join(keys)} ({len(rows)} trials)\n\n" + markdown(rows, columns))
     write_csv(rows, columns, folder / "results.csv")
