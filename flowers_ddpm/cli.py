@@ -432,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
-    sweep = sub.add_parser("sweep", help="train and evaluate one short run per combination of a settings grid, "
-                                         "and compare them in one table (resumable)")
+    sweep = sub.add_parser("sweep", help="train and evaluate one short run per combination of a settings grid (or "
+                                         "per trial of an Optuna search), and compare them in one table (resumable)")
     _add_sweep_arguments(sweep)
     sweep.set_defaults(func=_sweep)
 
