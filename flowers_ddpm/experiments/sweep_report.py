@@ -32,7 +32,7 @@ def _cell(key: str, value) -> str:
             return f"{value:.5f}"
         if key in ("final_loss",):
             return f"{value:.4f}"
-        return f"{value:.2f}" if key in dict(RESULT_COLUMNS) else f"{value:g}"
+        return f"{value:.2f}" if key in dict(RESULT_COLUMNS) else f"{value:.4g}"  # settings: 4 digits (CSV: all)
     return str(value)
 
 
