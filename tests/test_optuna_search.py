@@ -182,3 +182,30 @@ def test_the_study_writes_the_grid_table_with_a_status_column(killed_then_rerun,
     assert "holds a sweep with a different" in capsys.readouterr().err
     assert json.loads((out / "sweep.json").read_text())["params"] == {
         "learning_rate": "log:0.0001:0.001", "prediction_type": "epsilon,v_prediction"}
+
+
+@pytest.mark.slow
+def test_a_trial_worse_than_earlier_ones_at_an_evaluation_stops_there(base_config, tmp_path):
+    """Two earlier trials in the study (added through Optuna's API) had FID 0.001 at steps 2 and 4: the first trial
+    of the sweep is pruned at its step-2 evaluation, with no further training and no final evaluation."""
+    out = tmp_path / "pruning"
+    out.mkdir()
+    study = optuna.create_study(study_name="sweep", storage=f"sqlite:///{out / 'study.db'}")
+    distributions = {name: parse_param(p).distribution() for name, p in zip(("learning_rate", "prediction_type"),
+                                                                               PARAMS)}
+    for rate in (2e-4, 4e-4):
+        study.add_trial(optuna.trial.create_trial(
+            params={"learning_rate": rate, "prediction_type": "epsilon"}, distributions=distributions, value=0.001,
+            intermediate_values={2: 0.001, 4: 0.001}))
+    args = study_args(base_config, out, n_trials=3)
+    args = args[:args.index("--phema_sigma_rel")]  # no post-hoc EMA here
+    assert main(args) == 0
+    trial = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out / 'study.db'}").trials[2]
+    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [2]
+    folder = out / "trials" / trial.user_attrs["folder"]
+    result = json.loads((folder / "result.json").read_text())
+    assert result["status"] == f"pruned at step 2 (FID {trial.intermediate_values[2]:.2f} in training)"
+    assert result["metrics"] == {} and _logged_steps(folder) == [1, 2]
+    assert not (folder / "pipeline").exists() and not (folder / "metrics.json").exists()
+    table = (out / "results.md").read_text()
+    assert "(1 trials)" in table and f"| {result['status']} |" in table and "| - |" in table

@@ -250,8 +250,9 @@ def run_search(config: str, param_items: list[str], n_trials: int, max_train_ste
     finally:
         end_process_group()
     finished = sorted(study.get_trials(deepcopy=False, states=ended), key=lambda t: t.number)
+    # trials added to the study through Optuna's own API (a warm start) have no folder and no row
     results = [json.loads((sweep_dir / TRIALS_DIR / t.user_attrs[FOLDER_ATTR] / RESULT_FILE).read_text())
-               for t in finished]
+               for t in finished if FOLDER_ATTR in t.user_attrs]
     title = (f"Optuna study (TPE, seed {sampler_seed}) over "
              + ", ".join(f"{name} {p.spec()}" for name, p in params.items()))
     return write_comparison(results, list(params), sweep_dir, title, with_status=True,
