@@ -11,7 +11,8 @@ could differ between trials), and an error in a trial ends the sweep (a rerun co
 Layout of a sweep folder, and how it resumes: `sweep.json` holds the arguments (a rerun must match them); each
 trial is an ordinary training output folder under `trials/`, trained with `--resume_from_checkpoint latest`, so an
 interrupted trial continues from its newest checkpoint; a trial is finished when its `result.json` exists, and a
-rerun skips finished trials.
+rerun skips finished trials. `sweep --search optuna` (optuna_search.py) uses the same trials, resume and table,
+with Optuna choosing each trial's values.
 """
 
 from __future__ import annotations
