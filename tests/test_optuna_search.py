@@ -209,3 +209,15 @@ def test_a_trial_worse_than_earlier_ones_at_an_evaluation_stops_there(base_confi
     assert not (folder / "pipeline").exists() and not (folder / "metrics.json").exists()
     table = (out / "results.md").read_text()
     assert "(1 trials)" in table and f"| {result['status']} |" in table and "| - |" in table
+
+
+def test_grid_and_param_flags_belong_to_their_search(base_config, tmp_path, capsys):
+    args = study_args(base_config, tmp_path / "study")
+    grid = [a for a in args if a not in ("--search", "optuna")]  # the grid search given optuna's --param
+    assert main(grid) == 2
+    assert capsys.readouterr().err.startswith("error: the grid search takes --grid SETTING=V1,V2")
+    assert main([*args, "--grid", "learning_rate=1e-4"]) == 2
+    assert capsys.readouterr().err.startswith("error: --search optuna takes --param SETTING=LOW:HIGH")
+    assert main([*args[:args.index("--n_trials") + 1], "0", *args[args.index("--n_trials") + 2:]]) == 2
+    assert "n_trials must be >= 1; got 0" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
