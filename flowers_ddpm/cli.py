@@ -89,10 +89,9 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _ema_reconstruct(args: argparse.Namespace) -> None:
-    from .training.phema import export_reconstructions
+    from .training.phema import check_sigma_rels, export_reconstructions
 
-    if not args.sigma_rel or not all(0 < v < 0.28 for v in args.sigma_rel):
-        raise UserError(f"--sigma_rel values must lie in (0, 0.28); got {args.sigma_rel}")
+    check_sigma_rels(args.sigma_rel)
     for path in export_reconstructions(args.run_dir, args.sigma_rel, args.output_dir):
         print(f"pipeline written to {path}")
 
@@ -119,14 +118,23 @@ def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     _check_scales(args, "guidance_scale")
 
-    from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, run_evaluation
+    from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, rank_models, run_evaluation
 
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("steps and batch_size must be >= 1")
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {args.train_data_dir} does not exist or is not a directory")
-    options = EvaluateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)})
+    models = args.model
+    options = EvaluateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
+                                 if f.name != "model"}, model=models[0])
     data_flags = {name: getattr(args, name) for name in DATA_SETTINGS + ("center_crop",)}
+    if len(models) > 1:
+        comparison = rank_models(options, models, data_flags)
+        if comparison is not None:
+            print(Path(args.output).with_suffix(".md").read_text(), end="")
+            print(f"best by FID: {comparison['best']} (FID {comparison['ranking'][0]['fid']:.4f}); wrote "
+                  f"{args.output} and {Path(args.output).with_suffix('.md')}")
+        return
     report = run_evaluation(options, data_flags)
     if report is not None:
         print(markdown_table(report["results"]), end="")
@@ -134,7 +142,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="pipeline folder or Hub id; several are each evaluated on the same seeds and ranked by "
+                             "FID (e.g. the EMA lengths of `ema-reconstruct`: --model RUN/ema-reconstruct/*)")
     _add_metric_arguments(parser, num_images=10000, dinov2_model="facebook/dinov2-base")
     parser.add_argument("--compare_schedulers", action="store_true",
                         help="evaluate DDPM-1000, DDIM-50, DDIM-25, DPM-Solver++-20 and -10 on the same seeds")
@@ -183,13 +193,24 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
 def _sweep(args: argparse.Namespace) -> None:
     _check_scales(args, "guidance_scale")
 
+    if args.search == "grid" and (not args.grid or args.param):
+        raise UserError("the grid search takes --grid SETTING=V1,V2 ... (--param is for --search optuna)")
+    if args.search == "optuna" and (not args.param or args.grid):
+        raise UserError("--search optuna takes --param SETTING=LOW:HIGH ... (--grid is for the grid search)")
+
     from .evaluation.command import EvaluateOptions
+    from .experiments.optuna_search import run_search
     from .experiments.sweep import run_sweep
 
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
     overrides = {name: value for name, value in vars(args).items() if name in FIELDS and name not in args.sweep_flags}
-    table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation, overrides)
+    if args.search == "optuna":
+        table = run_search(args.config, args.param, args.n_trials, args.max_train_steps, args.output_dir, evaluation,
+                           overrides, args.sampler_seed, args.ema_sigma_rel)
+    else:
+        table = run_sweep(args.config, args.grid, args.max_train_steps, args.output_dir, evaluation, overrides,
+                          args.ema_sigma_rel)
     if table is not None:
         print(table.read_text(), end="")
         print(f"wrote {table}, {table.with_suffix('.csv')} and {table.with_suffix('.png')}")
@@ -197,8 +218,20 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML file with the settings every trial shares")
-    parser.add_argument("--grid", nargs="+", required=True, metavar="SETTING=V1,V2",
+    parser.add_argument("--search", choices=("grid", "optuna"), default="grid",
+                        help="grid: every combination of --grid; optuna: --n_trials trials chosen by Optuna's TPE "
+                             "from the --param ranges (needs the optuna extra)")
+    parser.add_argument("--grid", nargs="+", default=None, metavar="SETTING=V1,V2",
                         help="training settings to vary; every combination is one trial")
+    parser.add_argument("--param", nargs="+", default=None, metavar="SETTING=RANGE",
+                        help="--search optuna: ranges to search, e.g. learning_rate=log:1e-4:3e-3 dropout=0:0.3 "
+                             "train_batch_size=8:32:8 prediction_type=epsilon,v_prediction")
+    parser.add_argument("--n_trials", type=int, default=20,
+                        help="--search optuna: finished (complete or pruned) trials the study ends with")
+    parser.add_argument("--sampler_seed", type=int, default=0, help="--search optuna: seed of the TPE sampler")
+    parser.add_argument("--ema_sigma_rel", type=float, nargs="+", default=None, metavar="S",
+                        help="trials trained with --phema_sigma_rel: evaluate these post-hoc EMA lengths (as "
+                             "`ema-reconstruct` + `evaluate --model ...`) and report the best by FID as the trial's")
     parser.add_argument("--max_train_steps", type=int, required=True, help="optimizer steps of each trial")
     parser.add_argument("--output_dir", default=None,
                         help="the sweep's folder (default: the config's output_dir + '-sweep')")
@@ -399,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
-    sweep = sub.add_parser("sweep", help="train and evaluate one short run per combination of a settings grid, "
-                                         "and compare them in one table (resumable)")
+    sweep = sub.add_parser("sweep", help="train and evaluate one short run per combination of a settings grid (or "
+                                         "per trial of an Optuna search), and compare them in one table (resumable)")
     _add_sweep_arguments(sweep)
     sweep.set_defaults(func=_sweep)
 

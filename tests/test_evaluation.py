@@ -267,3 +267,42 @@ def test_training_evaluates_every_n_steps_and_keeps_the_best_pipeline(image_fold
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
     fids = [e.value for e in events.Scalars("eval/fid")]
     assert [e.step for e in events.Scalars("eval/fid")] == [3, 6] and min(fids) == pytest.approx(best["fid"])
+
+
+def test_several_models_are_ranked_by_fid_on_the_same_seeds(pipeline_dir, image_folder, tmp_path, capsys):
+    """`evaluate --model A B` (e.g. the EMA lengths `ema-reconstruct` wrote): every model on the same seeds and
+    reference, the lowest FID named best, each FID the one `evaluate` gives that model alone."""
+    from diffusers import UNet2DModel
+
+    noisy = tmp_path / "noisy"
+    shutil.copytree(pipeline_dir, noisy)
+    unet = UNet2DModel.from_pretrained(noisy / "unet")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    unet.save_pretrained(noisy / "unet")
+    out, cache = tmp_path / "ranking.json", tmp_path / "cache"
+    args = evaluate_args(pipeline_dir, image_folder, out, cache, "--steps", "2", "--dinov2_model", "none",
+                         "--no-precision_recall")
+    args[args.index("--model") + 1:args.index("--model") + 2] = [str(noisy), str(pipeline_dir)]
+    assert main(["evaluate", *args]) == 0
+    ranking = json.loads(out.read_text())
+    fids = {row["model"]: row["fid"] for row in ranking["ranking"]}
+    assert set(fids) == {str(noisy), str(pipeline_dir)} and len(set(fids.values())) == 2
+    assert ranking["best"] == min(fids, key=fids.get) == ranking["ranking"][0]["model"]
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith(f"2 models ranked by FID against local folder {image_folder.name}; best: "
+                            f"`{ranking['best']}`")
+    assert "| model | sampler | steps | FID | KID | IS | images/s |" in table
+    assert f"best by FID: {ranking['best']}" in capsys.readouterr().out
+    # each pipeline keeps its own metrics, the same as evaluating it alone gives
+    assert json.loads((noisy / "metrics.json").read_text())["results"][0]["fid"] == fids[str(noisy)]
+    single = tmp_path / "single.json"
+    args = evaluate_args(noisy, image_folder, single, cache, "--steps", "2", "--dinov2_model", "none",
+                         "--no-precision_recall")
+    assert main(["evaluate", *args]) == 0
+    assert json.loads(single.read_text())["results"][0]["fid"] == pytest.approx(fids[str(noisy)], rel=1e-6)
+    assert main(["evaluate", "--model", str(noisy), str(noisy), "--num_images", "4"]) == 2
+    assert main(["evaluate", "--model", str(noisy), str(tmp_path), "--num_images", "4"]) == 2
+    assert "is not a pipeline folder (no model_index.json)" in capsys.readouterr().err

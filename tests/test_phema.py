@@ -3,7 +3,9 @@ in checkpoints (resume stays exact), and `ema-reconstruct` synthesising other EM
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,4 +93,15 @@ def test_training_snapshots_resume_exactly_and_reconstruct_to_pipelines(image_fo
     pipe.set_progress_bar_config(disable=True)
     assert len(generate(pipe, 2, steps=2, seed=0)) == 2
     assert (out / "sigma_rel-0.08" / "training_config.yaml").is_file()
+
+    # the best EMA length by FID, in one command: `evaluate` ranks the reconstructed pipelines
+    ranking = tmp_path / "ema-ranking.json"
+    models = [str(out / "sigma_rel-0.08"), str(out / "sigma_rel-0.1")]
+    assert main(["evaluate", "--model", *models, "--num_images", "4", "--batch_size", "4", "--steps", "2",
+                 "--feature_network", "tests.feature_nets:tiny_conv_net", "--dinov2_model", "none",
+                 "--no-precision_recall", "--reference_cache_dir", str(tmp_path / "cache"),
+                 "--output", str(ranking)]) == 0
+    own = {m: json.loads((Path(m) / "metrics.json").read_text())["results"][0]["fid"] for m in models}
+    assert len(set(own.values())) == 2  # different EMA lengths, different samples
+    assert json.loads(ranking.read_text())["best"] == min(own, key=own.get)
     assert main(["ema-reconstruct", "--run_dir", str(tmp_path / "none"), "--sigma_rel", "0.1"]) == 2

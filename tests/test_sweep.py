@@ -182,3 +182,12 @@ def test_training_flags_override_the_base_config_of_every_trial(base_config, tmp
     err = capsys.readouterr().err
     assert "trial learning_rate=1e-4, prediction_type=epsilon: resolution must be divisible by 2" in err
     assert not out.exists()
+
+
+def test_ema_sigma_rel_needs_trials_with_post_hoc_ema(base_config, tmp_path, capsys):
+    out = tmp_path / "ema-sweep"
+    assert main(["sweep", *sweep_args(base_config, out), "--ema_sigma_rel", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ema_sigma_rel needs trials trained with post-hoc EMA snapshots") and not out.exists()
+    assert main(["sweep", *sweep_args(base_config, out), "--phema_sigma_rel", "0.05,0.1", "--ema_sigma_rel", "0.3"]) == 2
+    assert "--ema_sigma_rel values must lie in (0, 0.28)" in capsys.readouterr().err

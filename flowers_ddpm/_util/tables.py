@@ -29,6 +29,14 @@ def metrics_table(rows: Sequence[dict]) -> str:
                           right_aligned=["steps", *(key for key, _ in metrics)])
 
 
+def ranking_table(rows: Sequence[dict]) -> str:
+    """Several models' metric rows (each with a "model" key), in the given order: model, sampler, steps, metrics."""
+    metrics = [(key, title) for key, title in METRIC_COLUMNS if any(key in row for row in rows)]
+    return markdown_table(rows, [("model", "model"), ("scheduler", "sampler"), ("steps", "steps"), *metrics],
+                          lambda key, value: f"`{value}`" if key == "model" else _metric_cell(key, value),
+                          right_aligned=["steps", *(key for key, _ in metrics)])
+
+
 def _metric_cell(key: str, value) -> str:
     if value is None:
         return "-"

@@ -23,7 +23,8 @@ FINETUNE_LEARNING_RATE = 2e-5  # default LR when fine-tuning all (or --train_onl
 _TYPES = {name: hint for section in SECTIONS.values() for name, hint in typing.get_type_hints(section).items()}
 
 
-def _base_type(name: str) -> type:
+def setting_type(name: str) -> type:
+    """The type of a setting's values (bool, int, float, str or dict), without Optional."""
     tp = _TYPES[name]
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return args[0] if args else tp
@@ -53,7 +54,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, sections: Iterable[str]
 
 
 def _add_flag(group, f: dataclasses.Field, shown: bool = True) -> None:
-    tp = _base_type(f.name)
+    tp = setting_type(f.name)
     names = [f"--{f.name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == f.name]
     help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
     common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%") if shown else argparse.SUPPRESS)
@@ -66,7 +67,7 @@ def _add_flag(group, f: dataclasses.Field, shown: bool = True) -> None:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    tp = _base_type(name)
+    tp = setting_type(name)
     if value is None:
         return None
     if isinstance(value, str) and value.lower() in ("none", "null") and _TYPES[name] != tp:

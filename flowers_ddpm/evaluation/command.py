@@ -3,6 +3,7 @@ write metrics.json with a markdown table beside it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +118,9 @@ def feature_networks(options: EvaluateOptions) -> dict:
     return {name: network for name, network in networks.items() if network is not None}
 
 
-def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]:
-    """The `evaluate` command: returns the report on the main process (None elsewhere) after writing it."""
+def run_evaluation(options: EvaluateOptions, data_flags: dict, write_output: bool = True) -> Optional[dict]:
+    """The `evaluate` command: returns the report on the main process (None elsewhere) after writing it to
+    options.output (unless not `write_output`) and, for a local pipeline, into the pipeline's folder."""
     accelerator = Accelerator()
     least = max(4 if options.precision_recall else 2, accelerator.num_processes)
     if options.num_images < least:
@@ -150,10 +152,50 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict) -> Optional[dict]
     conditioning = conditioning_record(pipe, labels, options.guidance_scale)
     if conditioning is not None:
         report["conditioning"] = conditioning
-    write_report(report, Path(options.output))
+    if write_output:
+        write_report(report, Path(options.output))
     if (Path(options.model) / "model_index.json").is_file():  # a local pipeline: the metrics travel with it
         write_report(report, Path(options.model) / "metrics.json")
     return report
+
+
+def rank_models(options: EvaluateOptions, models: list[str], data_flags: dict) -> Optional[dict]:
+    """`evaluate --model A B ...`: each pipeline on the same sampler, seeds and reference settings, ranked by FID
+    (e.g. the EMA lengths `ema-reconstruct` wrote). Each local pipeline gets its own metrics.json; options.output
+    gets the comparison ({"ranking": [...], "best": ..., "reports": [...]}) and a markdown table next to it.
+    Returns the comparison on the main process (None elsewhere)."""
+    if options.compare_schedulers:
+        raise UserError("--compare_schedulers takes one --model; give several models without it to rank them")
+    if len(set(models)) < len(models):
+        raise UserError("a --model is given twice")
+    missing = [m for m in models if Path(m).exists() and not (Path(m) / "model_index.json").is_file()]
+    if missing:  # before the first evaluation, not after it
+        raise UserError(f"{missing[0]} is not a pipeline folder (no model_index.json)")
+    reports = [run_evaluation(dataclasses.replace(options, model=model), data_flags, write_output=False)
+               for model in models]
+    if reports[0] is None:  # not the main process
+        return None
+    order = sorted(range(len(models)), key=lambda i: reports[i]["results"][0]["fid"])
+    ranking = [{"model": models[i], **reports[i]["results"][0]} for i in order]
+    comparison = {"best": ranking[0]["model"], "ranking": ranking, "reports": reports}
+    write_ranking(comparison, Path(options.output))
+    return comparison
+
+
+def write_ranking(comparison: dict, json_path: Path) -> Path:
+    """The comparison of several models as JSON, and a markdown table (best FID first) next to it."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(comparison, indent=2) + "\n")
+    references = {json.dumps(r["reference"], sort_keys=True) for r in comparison["reports"]}
+    note = "" if len(references) == 1 else (
+        "\n\nThe models were measured against different reference images (their training data differ): their "
+        "FIDs do not compare.")
+    first = comparison["reports"][0]
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(f"{len(comparison['ranking'])} models ranked by FID against "
+                       f"{first['reference']['description']}; best: `{comparison['best']}`{note}\n\n"
+                       + tables.ranking_table(comparison["ranking"]))
+    return md_path
 
 
 # --compare_schedulers: the quality/speed trade-off users ask about, on the same model and seeds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Optional
 
 from .._util.tables import markdown_table
 
@@ -15,7 +16,9 @@ RESULT_COLUMNS = (("final_loss", "final loss"), ("fid", "FID"), ("kid_mean", "KI
 def flatten(result: dict) -> dict:
     """One trial's result.json as a flat row: trial, settings, final loss, metrics, throughput."""
     metrics = result["metrics"]
-    return {"trial": result["trial"], **result["settings"], "final_loss": result["final_loss"],
+    return {"trial": result["trial"], **result["settings"], "status": result.get("status", "complete"),
+            "ema_sigma_rel": result.get("ema_sigma_rel"),
+            "final_loss": result["final_loss"],
             "fid": metrics.get("fid"), "kid_mean": metrics.get("kid_mean"), "kid_std": metrics.get("kid_std"),
             "train_images_per_sec": result["train_images_per_sec"],
             "sample_images_per_sec": metrics.get("images_per_sec")}
@@ -29,7 +32,7 @@ def _cell(key: str, value) -> str:
             return f"{value:.5f}"
         if key in ("final_loss",):
             return f"{value:.4f}"
-        return f"{value:.2f}" if key in dict(RESULT_COLUMNS) else f"{value:g}"
+        return f"{value:.2f}" if key in dict(RESULT_COLUMNS) else f"{value:.4g}"  # settings: 4 digits (CSV: all)
     return str(value)
 
 
@@ -77,11 +80,15 @@ def plot(rows: list[dict], keys: list[str], path: Path) -> Path:
     return path
 
 
-def write_comparison(results: list[dict], keys: list[str], folder: Path) -> Path:
-    """Write results.md, results.csv and results.png in `folder`; returns the markdown path."""
+def write_comparison(results: list[dict], keys: list[str], folder: Path, title: Optional[str] = None,
+                     with_status: bool = False, with_ema: bool = False) -> Path:
+    """Write results.md, results.csv and results.png in `folder`; returns the markdown path. `with_status`: a
+    column saying whether each trial completed or was pruned (and at which step), for an Optuna search;
+    `with_ema`: the post-hoc EMA length whose FID is the trial's (sweep --ema_sigma_rel)."""
     rows = [flatten(result) for result in results]
+    columns = keys + ["status"] * with_status + ["ema_sigma_rel"] * with_ema
     md_path = folder / "results.md"
-    md_path.write_text(f"Sweep over {', '.join(keys)} ({len(rows)} trials)\n\n" + markdown(rows, keys))
-    write_csv(rows, keys, folder / "results.csv")
+    md_path.write_text(f"{title or 'Sweep over ' + ', '.join(keys)} ({len(rows)} trials)\n\n" + markdown(rows, columns))
+    write_csv(rows, columns, folder / "results.csv")
     plot(rows, keys, folder / "results.png")
     return md_path

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 from accelerate.utils import set_seed
@@ -101,10 +101,13 @@ class PipelinePublisher:
 
 class TrainingEvaluator:
     """FID/KID of the weights it is given (the trainer passes the EMA weights) on all processes, every
-    --eval_steps; keeps <output_dir>/best/ = the pipeline with the best FID so far (+ its metrics.json)."""
+    --eval_steps; keeps <output_dir>/best/ = the pipeline with the best FID so far (+ its metrics.json).
+    `on_result(step, row)`, when given, sees each evaluation's metrics (a search's pruning: it may raise to stop)."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler, class_names=None):
+    def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler, class_names=None,
+                 on_result: Optional[Callable[[int, dict], None]] = None):
         self.cfg, self.accelerator, self.noise_scheduler = cfg, accelerator, noise_scheduler
+        self.on_result = on_result
         self.class_names = class_names
         self.best_dir = Path(cfg.run.output_dir) / "best"
         network = build_inception_network(cfg.eval.inception_weights, cfg.eval.eval_feature_network)
@@ -141,6 +144,8 @@ class TrainingEvaluator:
                                 lambda folder: (folder / "metrics.json").write_text(metrics))
                 logger.info("step %d: FID %.4f, the best so far; pipeline written to %s", step, row["fid"], self.best_dir)
         self.accelerator.wait_for_everyone()
+        if self.on_result is not None:
+            self.on_result(step, row)
         return {f"eval/{key}": row[key] for key in ("fid", "kid_mean", "kid_std", "is_mean") if key in row}
 
 
@@ -196,9 +201,11 @@ def model_probe(cfg: TrainConfig, class_names):
     return probe
 
 
-def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
+def run_training(cfg: TrainConfig, keep_process_group: bool = False,
+                 on_evaluation: Optional[Callable[[int, dict], None]] = None) -> Path:
     """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
-    process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
+    process group up for more work in this process (a sweep's next trial) instead of destroying it at the end.
+    `on_evaluation(step, metrics)` is called after each --eval_steps evaluation (a sweep's pruning)."""
     accelerator, source, class_names, max_steps, resume_from, per_epoch, precision = start_run(cfg, model_classes,
                                                                                                model_probe)
     differences = run_differences(cfg)
@@ -210,7 +217,8 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     configure_backends(cfg.speed.allow_tf32)
     set_seed(cfg.run.seed)  # identical initial weights on every process
     model, noise_scheduler, objective = build_model(cfg, num_classes)
-    evaluator = TrainingEvaluator(cfg, accelerator, noise_scheduler, class_names) if cfg.eval.eval_steps else None
+    evaluator = (TrainingEvaluator(cfg, accelerator, noise_scheduler, class_names, on_evaluation)
+                 if cfg.eval.eval_steps else None)
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, trainable_parameters(model), accelerator,
                                                              max_steps)
     batches = device_batches(cfg, source, accelerator)

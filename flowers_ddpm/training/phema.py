@@ -66,6 +66,12 @@ def parse_sigma_rels(text: str | None) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",")) if text else ()
 
 
+def check_sigma_rels(values: Sequence[float], flag: str = "--sigma_rel") -> None:
+    """EMA lengths to reconstruct: at least one, each in (0, 0.28) (the power function's range)."""
+    if not values or not all(0 < v < 0.28 for v in values):
+        raise UserError(f"{flag} values must lie in (0, 0.28); got {list(values) if values else values}")
+
+
 class PowerFunctionEMA:
     """The running power-function EMA profiles of a model's parameters (float32 copies on the model's device)."""
 
@@ -127,6 +133,11 @@ def reconstruct(snapshots, sigma_rel: float, step: int | None = None) -> dict[st
     return {n: sum(float(c) * s[2][n].double() for c, s in zip(coefficients, usable)).float() for n in names}
 
 
+def reconstruction_folder(run_dir: str | Path, sigma_rel: float, output_dir: str | Path | None = None) -> Path:
+    """Where `export_reconstructions` writes the pipeline of one EMA length."""
+    return (Path(output_dir) if output_dir else Path(run_dir) / "ema-reconstruct") / f"sigma_rel-{sigma_rel:g}"
+
+
 def export_reconstructions(run_dir: str | Path, sigma_rels: Sequence[float], output_dir: str | Path | None = None
                            ) -> list[Path]:
     """For each sigma_rel, the run's exported pipeline with the reconstructed EMA weights in its UNet, written to
@@ -139,7 +150,6 @@ def export_reconstructions(run_dir: str | Path, sigma_rels: Sequence[float], out
     if not (source / "model_index.json").is_file():
         raise UserError(f"{run_dir} has no exported pipeline ({source}); pass a training --output_dir")
     snapshots = read_snapshots(run_dir)
-    output_dir = Path(output_dir) if output_dir else run_dir / "ema-reconstruct"
     written = []
     for sigma_rel in sigma_rels:
         pipe = load_pipeline(str(source), torch.device("cpu"))
@@ -154,6 +164,6 @@ def export_reconstructions(run_dir: str | Path, sigma_rels: Sequence[float], out
             if config.is_file():
                 (folder / TRAINING_CONFIG_NAME).write_bytes(config.read_bytes())
 
-        written.append(save_pipeline(pipe, output_dir / f"sigma_rel-{sigma_rel:g}", copy_config))
+        written.append(save_pipeline(pipe, reconstruction_folder(run_dir, sigma_rel, output_dir), copy_config))
     return written
 
