@@ -201,3 +201,8 @@ def test_the_runnable_commands_run(tmp_path, monkeypatch):
         code = main(argv)
         reset_accelerate()
         assert code == 0, f"{command}\n  ran as: flowers-ddpm {shlex.join(argv)}\n  exit code {code}"
+    # what the pages say the chain leaves behind
+    written = ["grid.png", "samples", "metrics.json", "metrics.md", "to-upload/README.md", "adm-flowers-64-guided",
+               "ddpm-flowers-64/ema-reconstruct/sigma_rel-0.08", "sweep-lr-pred/results.md", "bench.json",
+               "ddpm-tiny/checkpoints/checkpoint-4"]  # the resume continued to step 4
+    assert not [name for name in written if not (tmp_path / name).exists()], sorted(p.name for p in tmp_path.iterdir())
