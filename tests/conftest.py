@@ -57,15 +57,21 @@ def _restore_signal_handlers():
         signal.signal(sig, handler)
 
 
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    """accelerate keeps process-wide singletons; give each in-process run a fresh one."""
-    yield
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons; a test that runs several commands in this process resets them
+    between commands."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    """Give each in-process run a fresh accelerate state."""
+    yield
+    reset_accelerate()
 
 
 def run_command(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

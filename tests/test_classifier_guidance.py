@@ -5,6 +5,7 @@ each class is a colour: the classifier beats chance at small t, its training res
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from flowers_ddpm.cli import main
+from flowers_ddpm.config.sections import DataSettings
+from flowers_ddpm.data.stream import hold_out, open_source
+from flowers_ddpm.experiments.soak import read_data_order
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
 from flowers_ddpm.pipelines.export import export_pipeline
 from flowers_ddpm.pipelines.sampling import generate, load_classifier, load_pipeline, with_classifier
@@ -54,7 +58,8 @@ def unconditional_model(data, tmp_path_factory):
 def test_classifier_beats_chance_at_small_t_and_exports_a_loadable_folder(classifier_dir):
     report = json.loads((classifier_dir / "accuracy.json").read_text())
     print("accuracy per noise level:", report["accuracy"])
-    assert set(report["accuracy"]) == {"0", "250", "500", "750", "999"} and report["num_images"] == 12
+    # 12 asked for, but at most half of each class (6 images) is held out from training
+    assert set(report["accuracy"]) == {"0", "250", "500", "750", "999"} and report["num_images"] == 6
     assert report["accuracy"]["0"] >= 0.9  # chance: 0.5
     config = json.loads((classifier_dir / "config.json").read_text())
     assert config["class_names"] == ["blue", "red"] and config["noise_schedule"]["num_train_timesteps"] == 1000
@@ -63,14 +68,22 @@ def test_classifier_beats_chance_at_small_t_and_exports_a_loadable_folder(classi
     assert classifier(torch.zeros(2, 3, 8, 8), torch.tensor([0, 999])).shape == (2, 2)
 
 
-def test_accuracy_is_reported_on_as_many_images_of_each_class(data, tmp_path):
+def test_accuracy_is_reported_on_a_class_balanced_sample_held_out_from_training(data, tmp_path):
     # the folder lists its 6 blue images first: the first 4 files would all be blue, and any classifier that
-    # answers "blue" would score 100% even on pure noise
-    assert main(classifier_args(data, tmp_path / "clf", max_train_steps=2, classifier_eval_images=4)) == 0
-    report = json.loads((tmp_path / "clf" / "accuracy.json").read_text())
+    # answers "blue" would score 100% even on pure noise; and images it trained on would flatter it
+    out = tmp_path / "clf"
+    assert main(classifier_args(data, out, max_train_steps=2, classifier_eval_images=4, train_batch_size=4,
+                                shuffle_buffer_size=1, log_data_order=True)) == 0
+    report = json.loads((out / "accuracy.json").read_text())
     assert report["num_images"] == 4 and report["images_per_class"] == [2, 2] and report["chance"] == 0.5
-    assert report["held_out"] is False and report["split"] == "all"  # a folder has one split: training images
+    assert report["held_out"] is True and report["excluded_from_training"] == 4
     assert all(value in (0.0, 0.25, 0.5, 0.75, 1.0) for value in report["accuracy"].values())
+    held_out = hold_out(open_source(DataSettings(train_data_dir=str(data))), 4, seed=0).held_out
+    assert sorted(Path(i).parent.name for i in held_out) == ["blue", "blue", "red", "red"]
+    trained = {i for ids in read_data_order(out / "data_order" / "rank0.jsonl").values() for i in ids}
+    assert len(trained) == 8 and not trained & held_out  # 2 steps of 4 = one pass over the 8 others
+    other_seed = hold_out(open_source(DataSettings(train_data_dir=str(data))), 4, seed=1).held_out
+    assert other_seed != held_out  # the sample is drawn by the seed, not the first files of each class
 
 
 def test_classifier_training_resumes_exactly(data, tmp_path):

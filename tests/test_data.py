@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from flowers_ddpm.config.loading import build_config
+from flowers_ddpm.config.sections import DataSettings
+from flowers_ddpm.data.cache import cache_folder, open_cache
 from flowers_ddpm.data.imaging import TransformSettings, decode_and_transform
-from flowers_ddpm.data.stream import ResumableStream, open_source
+from flowers_ddpm.data.stream import ResumableStream, example_id, hold_out, open_source
 
 
 def encoded(image: Image.Image, fmt: str) -> dict:
@@ -82,3 +84,15 @@ def test_processes_get_disjoint_shards(image_folder):
     source = open_folder(image_folder)
     shards = [set(take(ResumableStream(source.dataset, 0, 1, rank=r, world_size=2), 12)) for r in (0, 1)]
     assert shards[0].isdisjoint(shards[1]) and len(shards[0] | shards[1]) == 24
+
+
+def test_a_held_out_sample_leaves_the_stream_and_the_decode_cache(image_folder, tmp_path):
+    data = DataSettings(train_data_dir=str(image_folder), resolution=16, decode_cache_dir=str(tmp_path / "cache"))
+    source = open_source(data)
+    kept = hold_out(source, 4, seed=0)
+    assert len(kept.held_out) == 4 and kept.num_examples == source.num_examples - 4
+    streamed = [example_id(example[kept.image_column]) for example in kept.dataset]
+    assert len(streamed) == source.num_examples - 4 and not set(streamed) & kept.held_out
+    assert hold_out(source, 4, seed=0).held_out == kept.held_out  # fixed by the seed
+    assert cache_folder(data, kept)[0] != cache_folder(data, source)[0]  # never the full folder's cache
+    assert len(open_cache(data, kept)) == source.num_examples - 4

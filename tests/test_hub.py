@@ -142,6 +142,7 @@ def test_train_pushes_pipeline_with_card_and_dry_run_stages_the_same(image_folde
     assert {"diffusers", "ddpm", "custom-images"} <= set(metadata["tags"])
     assert metadata["license"] == "apache-2.0"
     assert "![Samples](images/samples.png)" in card
+    assert "| setting | value |\n| --- | --- |\n| dataset |" in card  # a titled table, not an empty header row
     assert "| optimizer steps | 2 |" in card and "| hardware | 1 x CPU" in card
     shown = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])  # the configuration, without local paths
     assert shown["train_data_dir"] == image_folder.name and shown["output_dir"] == "run"

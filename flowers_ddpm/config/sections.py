@@ -223,7 +223,8 @@ class ClassifierSettings:
     classifier_eval_images: int = _opt(256, "train-classifier: images on which accuracy is reported per noise level "
                                             "(as many of each class as the data allow)", minimum=1)
     classifier_eval_split: Optional[str] = _opt(None, "train-classifier: dataset split of the accuracy report "
-                                                "(unset = the training split)")
+                                                "(unset = a seeded sample of each class of the training split, "
+                                                "held out from training)")
     classifier_eval_timesteps: Optional[str] = _opt(None, "train-classifier: comma-separated noise levels t of the "
                                                     "accuracy report (unset = 0, T/4, T/2, 3T/4, T-1)")
     classifier_eval_steps: Optional[int] = _opt(None, "train-classifier: report accuracy every N optimizer steps "

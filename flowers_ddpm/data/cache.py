@@ -48,6 +48,8 @@ def cache_identity(data: DataSettings, source: DataSource) -> dict:
         identity.update(source=str(Path(data.train_data_dir).resolve()), files=folder_fingerprint(data.train_data_dir))
     else:
         identity.update(source=data.dataset_name, config=data.dataset_config_name, num_examples=source.num_examples)
+    if source.held_out:  # a source without a held-out sample caches only the rest
+        identity["held_out"] = identity_key({"ids": sorted(source.held_out)})
     return identity
 
 

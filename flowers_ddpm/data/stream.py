@@ -10,6 +10,7 @@ encoded bytes, never decoded pixels) and the shuffle RNG, as of the last example
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import os
@@ -43,6 +44,7 @@ class DataSource:
     class_names: Optional[list[str]]
     num_examples: Optional[int]
     description: str
+    held_out: frozenset = frozenset()  # ids of examples removed from this source (see `hold_out`)
 
 
 def count_local_images(folder: str) -> int:
@@ -127,6 +129,46 @@ def open_source(data: DataSettings) -> DataSource:
         if data.dataset_name == FLOWERS_DATASET and class_names:
             class_names = display_names(class_names)
     return DataSource(dataset, image_column, label_column, class_names, num_examples, description)
+
+
+def class_balanced_ids(source: DataSource, max_images: int, seed: Optional[int] = None,
+                       max_share: float = 1.0) -> set[str]:
+    """The ids of up to `max_images` examples, as many of each class as the data allow, so a score on them is not
+    dominated by the classes listed first. Without `seed`, the first ones of each class in stream order; with it, a
+    seeded choice among the first four times as many of each class (the same ids on every process and every run
+    with that seed). At most `max_share` of a class's examples are taken when it has fewer than that pool. Reads
+    only labels and records (no decoding), until every class has its pool."""
+    num_classes = len(source.class_names)
+    quota = [max_images // num_classes + (c < max_images % num_classes) for c in range(num_classes)]
+    pool_size = quota if seed is None else [4 * q for q in quota]
+    pools: list[list[str]] = [[] for _ in range(num_classes)]
+    missing = sum(pool_size)
+    for example in source.dataset:
+        label = example[source.label_column]
+        if missing and len(pools[label]) < pool_size[label]:
+            pools[label].append(example_id(example[source.image_column]))
+            missing -= 1
+        if not missing:
+            break
+    rng = np.random.default_rng(seed)
+    chosen: set[str] = set()
+    for c, pool in enumerate(pools):
+        share = quota[c] if len(pool) == pool_size[c] else min(quota[c], int(len(pool) * max_share))
+        order = range(len(pool)) if seed is None else rng.permutation(len(pool))
+        chosen.update(pool[i] for i in list(order)[:share])
+    return chosen
+
+
+def hold_out(source: DataSource, num_images: int, seed: int) -> DataSource:
+    """The source without a class-balanced, seeded sample of about `num_images` examples (at most half of a small
+    class), for a score on images the model never trained on when the data has only one split. The sample's ids
+    are the result's `held_out`; the same seed holds out the same images on every process and after a resume."""
+    ids = frozenset(class_balanced_ids(source, num_images, seed, max_share=0.5))
+    column = source.image_column
+    dataset = source.dataset.filter(lambda example: example_id(example[column]) not in ids)
+    count = None if source.num_examples is None else source.num_examples - len(ids)
+    return dataclasses.replace(source, dataset=dataset, num_examples=count, held_out=ids,
+                               description=f"{source.description} without {len(ids)} held-out images")
 
 
 def example_id(record) -> str:

@@ -27,7 +27,7 @@ from .._util.cache import cache_location, folder_fingerprint, identity_key
 from .._util.distributed import gather_rows
 from ..config.sections import DataSettings
 from ..data.imaging import TransformSettings, try_decode
-from ..data.stream import example_id, open_source
+from ..data.stream import class_balanced_ids, example_id, open_source
 from ..errors import UserError
 from .features import fingerprint
 
@@ -46,31 +46,16 @@ def reference_key(data: DataSettings, network_fingerprints: list[str], max_image
             "networks": network_fingerprints}
 
 
-def class_balanced_ids(source, max_images: int) -> set[str]:
-    """The ids of `max_images` examples, as many of each class as the data allow (the first ones of each class in
-    stream order), so a score on them is not dominated by the classes listed first. Reads only the labels and
-    records (no decoding), until every class has its share."""
-    num_classes = len(source.class_names)
-    quota = [max_images // num_classes + (c < max_images % num_classes) for c in range(num_classes)]
-    chosen: set[str] = set()
-    for example in source.dataset:
-        label = example[source.label_column]
-        if quota[label] > 0:
-            quota[label] -= 1
-            chosen.add(example_id(example[source.image_column]))
-            if not any(quota):
-                break
-    return chosen
-
-
 def real_image_batches(data: DataSettings, rank: int, world_size: int, batch_size: int, max_images: Optional[int],
-                       class_balanced: bool = False):
+                       class_balanced: bool = False, only: Optional[frozenset] = None):
     """Yield (ids, uint8 NCHW tensor, class labels (-1 without a label column)) of this process's share of the
     real images; unreadable files are skipped. `max_images`: the first ones, or with `class_balanced` (data with
-    classes) an equal number of each class."""
+    classes) an equal number of each class; `only`: exactly the examples with these ids."""
     source = open_source(data)
     dataset = source.dataset
-    if max_images and class_balanced and source.label_column and source.class_names:
+    if only is not None:
+        dataset = dataset.filter(lambda example: example_id(example[source.image_column]) in only)
+    elif max_images and class_balanced and source.label_column and source.class_names:
         chosen = class_balanced_ids(source, max_images)
         dataset = dataset.filter(lambda example: example_id(example[source.image_column]) in chosen)
     elif max_images:

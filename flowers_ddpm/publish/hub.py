@@ -20,7 +20,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HfHubHTTPError
 
 from .._util.hub_ids import is_hub_id
-from .._util.tables import metrics_table
+from .._util.tables import markdown_table, metrics_table
 from ..config.sections import FLOWERS_DATASET
 from ..errors import UserError
 from ..pipelines.sampling import generate, image_grid, load_pipeline
@@ -250,7 +250,8 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
         "## Usage", "", "```python", "from diffusers import DiffusionPipeline", "",
         *_usage(pipeline_dir, repo_id, unet),
         'images[0].save("sample.png")', "```", "",
-        "## Training", "", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], "",
+        "## Training", "",
+        markdown_table([{"setting": k, "value": v} for k, v in rows], [("setting", "setting"), ("value", "value")]),
     ]
     for name, title in (("loss_curve.png", "Loss"), ("samples_over_training.png", "Samples during training"),
                         ("denoising.png", "Denoising progression")):

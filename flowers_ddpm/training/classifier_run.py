@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from .._util.atomic import atomic_files_into
 from ..config.sections import TrainConfig
 from ..config.validation import classifier_eval_timesteps
+from ..data.stream import DataSource, hold_out
 from ..errors import UserError
 from ..evaluation.reference import real_image_batches
 from ..models.classifier import classifier_for_unet
@@ -35,21 +36,34 @@ ACCURACY_FILE = "accuracy.json"
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
 
 
-class AccuracyEvaluator:
-    """Top-1 accuracy at fixed noise levels on `classifier_eval_images` center-cropped images, as many of each
-    class as the data allow (each process scores its share, counts are summed), with the same noise at every
-    evaluation; the main process writes <output_dir>/accuracy.json. The images are held out when
-    --classifier_eval_split names a split other than the training one."""
+def separate_eval_split(cfg: TrainConfig) -> bool:
+    return (cfg.classifier.classifier_eval_split or cfg.data.dataset_split) != cfg.data.dataset_split
 
-    def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler):
+
+def training_source(cfg: TrainConfig, source: DataSource) -> DataSource:
+    """What the classifier trains on: without the accuracy report's images (a seeded, class-balanced sample), unless
+    --classifier_eval_split names another split."""
+    if separate_eval_split(cfg) or not (source.label_column and source.class_names):
+        return source  # (data without classes is refused next, by classifier_classes)
+    return hold_out(source, cfg.classifier.classifier_eval_images, cfg.run.seed)
+
+
+class AccuracyEvaluator:
+    """Top-1 accuracy at fixed noise levels on held-out center-cropped images, as many of each class as the data
+    allow (each process scores its share, counts are summed), with the same noise at every evaluation; the main
+    process writes <output_dir>/accuracy.json. The images are `classifier_eval_images` of --classifier_eval_split
+    when it names another split, else the sample `training_source` removed from the training data."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, noise_scheduler, source: DataSource):
         self.accelerator, self.scheduler, self.seed = accelerator, noise_scheduler, cfg.run.seed
         self.levels = classifier_eval_timesteps(cfg)
         self.split = cfg.classifier.classifier_eval_split or cfg.data.dataset_split
-        self.held_out = self.split != cfg.data.dataset_split
+        self.excluded = 0 if separate_eval_split(cfg) else len(source.held_out)
         eval_data = dataclasses.replace(cfg.data, dataset_split=self.split, center_crop=True)
         self.batches = [(images, labels) for _, images, labels in real_image_batches(
             eval_data, accelerator.process_index, accelerator.num_processes, cfg.run.eval_batch_size,
-            cfg.classifier.classifier_eval_images, class_balanced=True)]
+            cfg.classifier.classifier_eval_images, class_balanced=True,
+            only=None if separate_eval_split(cfg) else source.held_out)]
         self.output = Path(cfg.run.output_dir) / ACCURACY_FILE
 
     @torch.no_grad()
@@ -83,11 +97,13 @@ class AccuracyEvaluator:
         model.train(was_training)
         by_level = {str(t): round(a, 4) for t, a in zip(self.levels, accuracy)}
         if self.accelerator.is_main_process:
-            report = {"step": step, "num_images": total, "split": self.split, "held_out": self.held_out,
-                      "images_per_class": per_class, "chance": round(1 / len(per_class), 4), "accuracy": by_level}
+            report = {"step": step, "num_images": total, "split": self.split, "held_out": True,
+                      "excluded_from_training": self.excluded, "images_per_class": per_class,
+                      "chance": round(1 / len(per_class), 4), "accuracy": by_level}
             self.output.write_text(json.dumps(report, indent=2) + "\n")
-            seen = "held-out" if self.held_out else "training (set --classifier_eval_split to hold images out)"
-            logger.info("step %d: accuracy on %d %s images (at least %d per class; chance %.3f) at t=%s", step, total, seen,
+            seen = ("held-out images (a seeded sample of each class, excluded from training)"
+                    if self.excluded else f"images of the {self.split} split")
+            logger.info("step %d: accuracy on %d %s (at least %d per class; chance %.3f) at t=%s", step, total, seen,
                         min(per_class), 1 / len(per_class), ", ".join(f"{t}: {a:.3f}" for t, a in by_level.items()))
         return {f"accuracy/t={t}": a for t, a in by_level.items()}
 
@@ -143,13 +159,13 @@ def run_classifier_training(cfg: TrainConfig) -> Path:
     if (Path(cfg.run.output_dir) / "pipeline").exists():
         raise UserError(f"output_dir {cfg.run.output_dir} holds a diffusion training run; give train-classifier its own "
                         "--output_dir")
-    accelerator, source, class_names, max_steps, resume_from, per_epoch, _ = start_run(cfg, classifier_classes,
-                                                                                        classifier_probe)
+    accelerator, source, class_names, max_steps, resume_from, per_epoch, _ = start_run(
+        cfg, classifier_classes, classifier_probe, training_source)
     configure_backends(cfg.speed.allow_tf32)
     set_seed(cfg.run.seed)  # identical initial weights on every process
     noise_scheduler = build_noise_scheduler(cfg.model.ddpm_num_steps, cfg.model.ddpm_beta_schedule, cfg.model.prediction_type)
     model = build_classifier(cfg, class_names, noise_scheduler)
-    evaluator = AccuracyEvaluator(cfg, accelerator, noise_scheduler)
+    evaluator = AccuracyEvaluator(cfg, accelerator, noise_scheduler, source)
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, model.parameters(), accelerator, max_steps)
     batches = device_batches(cfg, source, accelerator)
     init_trackers(cfg, accelerator)

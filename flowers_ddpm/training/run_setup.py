@@ -158,9 +158,9 @@ def check_writable(output_dir: str) -> None:
                         "--output_dir") from None
 
 
-def start_run(cfg: TrainConfig, classes_of, probe_of):
+def start_run(cfg: TrainConfig, classes_of, probe_of, select_source=None):
     """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the data
-    source, its classes (`classes_of(cfg, source)`, which may raise a UserError), the mixed precision (`auto` times
+    source (`select_source(cfg, source)`, when given, returns the part to train on), its classes (`classes_of(cfg, source)`, which may raise a UserError), the mixed precision (`auto` times
     `probe_of(cfg, class_names)()`: the model, trainable parameters and objective the run will train), the
     Accelerator and the number of optimizer steps. `cfg` then records the mixed precision that actually runs (see
     `record_effective_precision`)."""
@@ -176,6 +176,8 @@ def start_run(cfg: TrainConfig, classes_of, probe_of):
     if cfg.hub.push_to_hub:
         require_token(cfg.hub.hub_token)
     source = open_source(cfg.data)
+    if select_source is not None:
+        source = select_source(cfg, source)
     class_names = classes_of(cfg, source)
     precision = resolve_precision(cfg, probe_of(cfg, class_names))
     accelerator = make_accelerator(cfg, precision.precision)
