@@ -32,6 +32,19 @@ def tiny_conv_net() -> TinyConvNet:
         return TinyConvNet()
 
 
+class GradTrackingNet(TinyConvNet):
+    """TinyConvNet as a user might write one: no `torch.no_grad` of its own, parameters that require grad."""
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return TinyConvNet.forward.__wrapped__(self, images)
+
+
+def grad_tracking_net() -> GradTrackingNet:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return GradTrackingNet()
+
+
 def interrupting_net() -> TinyConvNet:
     """`tiny_conv_net` that sends its own process SIGINT when first used and FLOWERS_TEST_INTERRUPT is set (a Ctrl-C
     during evaluation, at a moment a test can rely on)."""

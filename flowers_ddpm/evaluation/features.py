@@ -123,7 +123,7 @@ def load_factory(spec: str) -> nn.Module:
     network = factory()
     if not isinstance(network, nn.Module):
         raise UserError(f"feature network {spec!r} must return a torch.nn.Module")
-    return network.eval()
+    return network.eval().requires_grad_(False)  # features are measurements: no graph, no grad-carrying metrics
 
 
 def build_inception_network(weights: Optional[str], replacement: Optional[str] = None) -> nn.Module:
