@@ -111,6 +111,20 @@ def test_missing_length_is_diffusers_hundred_epochs(image_folder):
     assert resolve_max_train_steps(cfg, num_examples=24, world_size=1) == 100 * 3
 
 
+def test_epochs_count_optimizer_steps_as_diffusers_example_does(image_folder):
+    """train_unconditional.py: ceil(N / batch) batches per epoch (the last one short), ceil over the processes,
+    then ceil over gradient accumulation; max_train_steps = num_epochs * that."""
+    def steps(num_examples, batch, world, accumulation, epochs=2):
+        cfg = build_config({}, {"train_data_dir": str(image_folder), "train_batch_size": batch, "num_epochs": epochs,
+                                "gradient_accumulation_steps": accumulation})
+        return resolve_max_train_steps(cfg, num_examples=num_examples, world_size=world)
+
+    assert steps(24, 16, 1, 1) == 2 * 2  # 2 batches (16 + 8) per epoch, not 48 / 16 = 3 steps in all
+    assert steps(8189, 16, 1, 1, epochs=100) == 100 * 512  # Flowers102 at diffusers' README settings
+    assert steps(100, 16, 2, 1) == 2 * 4  # 7 batches over 2 processes: 4 on the first
+    assert steps(100, 16, 2, 3) == 2 * 2  # 4 batches, accumulated 3 at a time: 2 optimizer steps
+
+
 def test_epoch_intervals_become_steps(image_folder):
     cfg = build_config({}, {"train_data_dir": str(image_folder), "save_images_epochs": 2, "save_model_epochs": 5,
                             "max_train_steps": 50})

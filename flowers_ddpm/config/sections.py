@@ -96,7 +96,9 @@ class OptimSettings:
     train_batch_size: int = _opt(16, "batch size per process", minimum=1)
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step", minimum=1)
     max_train_steps: Optional[int] = _opt(None, "optimizer steps to train (default: from --num_epochs)", minimum=1)
-    num_epochs: Optional[int] = _opt(None, "epochs, only when the dataset size is known", minimum=1)
+    num_epochs: Optional[int] = _opt(None, "epochs, counted in optimizer steps as diffusers' example counts them; "
+                                     "needs a dataset of known size; 100 when max_train_steps is unset too",
+                                     minimum=1)
     learning_rate: float = _opt(1e-4, "peak learning rate", minimum=0.0)
     lr_scheduler: str = _opt("cosine", "learning-rate schedule", LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(500, "warm-up optimizer steps", minimum=0)

@@ -42,11 +42,14 @@ class RunStart(NamedTuple):
 
 
 def steps_per_epoch(cfg: TrainConfig, num_examples: Optional[int], world_size: int) -> Optional[int]:
-    """Optimizer steps that see every example once over all processes (None when the size is unknown)."""
+    """Optimizer steps per epoch counted as diffusers' train_unconditional.py counts them (None when the size is
+    unknown): ceil(N / batch) batches, split over the processes (ceil), then ceil over gradient accumulation. Its
+    last batch of an epoch is short; ours are always full (the stream runs on into the next epoch), so the step
+    counts, the LR schedule and the *_epochs intervals match the example's exactly."""
     if num_examples is None:
         return None
-    per_step = cfg.optim.train_batch_size * cfg.optim.gradient_accumulation_steps * world_size
-    return max(1, math.ceil(num_examples / per_step))
+    batches = math.ceil(math.ceil(num_examples / cfg.optim.train_batch_size) / world_size)
+    return max(1, math.ceil(batches / cfg.optim.gradient_accumulation_steps))
 
 
 def resolve_max_train_steps(cfg: TrainConfig, num_examples, world_size: int) -> int:
@@ -57,8 +60,7 @@ def resolve_max_train_steps(cfg: TrainConfig, num_examples, world_size: int) -> 
     if num_examples is None:
         raise UserError("the dataset's size is unknown (a stream without metadata), so epochs cannot be counted; "
                         "set max_train_steps")
-    per_step = cfg.optim.train_batch_size * cfg.optim.gradient_accumulation_steps * world_size
-    return max(1, math.ceil((cfg.optim.num_epochs or DEFAULT_NUM_EPOCHS) * num_examples / per_step))
+    return (cfg.optim.num_epochs or DEFAULT_NUM_EPOCHS) * steps_per_epoch(cfg, num_examples, world_size)
 
 
 def _every(steps: Optional[int], epochs: Optional[int], per_epoch: Optional[int], name: str) -> Optional[int]:
