@@ -14,11 +14,10 @@ N(0, 0.2^2), rotation uniform in +-180 degrees) and StyleGAN2-ADA's colour range
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
-
-from ..models.augment_conditioning import augment_labels
 
 # x-flip, integer translation (x, y), log2 scale, rotation (cos - 1, sin), anisotropy (2), brightness, log2 contrast,
 # log2 saturation
@@ -105,13 +104,14 @@ def _rotation(angle: torch.Tensor) -> torch.Tensor:
 
 
 class AugmentedObjective:
-    """Wraps an objective (`objective(model, batch)` -> loss): the batch is augmented first and the UNet is
-    conditioned on the augmentation labels (the model needs `attach_augment_conditioning`)."""
+    """Wraps an objective (`objective(model, batch)` -> loss): the batch is augmented first, and the objective's
+    forward passes run inside `condition(model, labels)`, a context manager that conditions the UNet on the labels
+    (models.augment_conditioning.augment_labels; passed in, as objectives do not import models)."""
 
-    def __init__(self, objective, pipe: AugmentPipe):
-        self.objective, self.pipe = objective, pipe
+    def __init__(self, objective, pipe: AugmentPipe, condition: Callable[[Any, torch.Tensor], ContextManager]):
+        self.objective, self.pipe, self.condition = objective, pipe, condition
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
         images, labels = self.pipe(batch["pixel_values"])
-        with augment_labels(model, labels):
+        with self.condition(model, labels):
             return self.objective(model, {**batch, "pixel_values": images})

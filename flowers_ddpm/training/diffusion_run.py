@@ -28,7 +28,7 @@ from ..models.finetune import (
     select_trainable,
     trainable_parameters,
 )
-from ..models.augment_conditioning import attach_augment_conditioning, without_augment_conditioning
+from ..models.augment_conditioning import attach_augment_conditioning, augment_labels, without_augment_conditioning
 from ..models.unet import build_edm_scheduler, build_noise_scheduler, build_unet, unet_overrides
 from ..objectives.augment import LABEL_DIM, AugmentedObjective, AugmentPipe
 from ..objectives.diffusion import DiffusionObjective
@@ -176,7 +176,7 @@ def build_objective(cfg: TrainConfig, noise_scheduler, num_classes):
     else:
         objective = DiffusionObjective(noise_scheduler, o.snr_gamma, cfg.model.learn_sigma, o.vlb_weight,
                                        num_classes, o.class_dropout_prob)
-    return AugmentedObjective(objective, AugmentPipe(o.augment_p)) if o.augment_p > 0 else objective
+    return AugmentedObjective(objective, AugmentPipe(o.augment_p), augment_labels) if o.augment_p > 0 else objective
 
 
 def build_model(cfg: TrainConfig, num_classes):
