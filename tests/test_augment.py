@@ -87,9 +87,9 @@ def test_augment_p_is_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [dict(), dict(objective="edm", class_conditional=True, phema_sigma_rel="0.05,0.1",
-                                                 phema_snapshot_steps=3)], ids=["ddpm", "edm-class-phema"])
-def test_augmented_run_resumes_exactly_and_exports_a_plain_pipeline(image_folder, tmp_path, flags):
+@pytest.mark.parametrize("flags", [{}, {"objective": "edm", "class_conditional": True, "phema_sigma_rel": "0.05,0.1",
+                                       "phema_snapshot_steps": 3}], ids=["ddpm", "edm-class-phema"])
+def test_augmented_run_resumes_exactly_and_exports_a_plain_pipeline(image_folder, tmp_path, flags, capsys):
     flags = dict(augment_p=0.5, max_train_steps=6, checkpointing_steps=3, train_batch_size=3, shuffle_buffer_size=10,
                  **flags)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -117,8 +117,10 @@ def test_augmented_run_resumes_exactly_and_exports_a_plain_pipeline(image_folder
 
     off = tiny_train_args(image_folder, resumed, resume_from_checkpoint="latest", **{**flags, "augment_p": 0.0,
                                                                                      "max_train_steps": 9})
+    capsys.readouterr()
     assert main(["train", *off]) == 2  # the checkpoint's UNet has the augment layer: refused in one line
+    assert "augment_p (checkpoint: 0.5, now: 0.0)" in capsys.readouterr().err
     if "phema_sigma_rel" in flags:
         assert main(["ema-reconstruct", "--run_dir", str(straight), "--sigma_rel", "0.1"]) == 0
-        rebuilt = load_file(straight / "ema-reconstruct" / "sigma_rel-0.1" / "unet" / "diffusion_pytorch_model.safetensors")
-        assert set(rebuilt) == set(exported)
+        rebuilt = straight / "ema-reconstruct" / "sigma_rel-0.1" / "unet" / "diffusion_pytorch_model.safetensors"
+        assert set(load_file(rebuilt)) == set(exported)
