@@ -74,7 +74,8 @@ class DataSettings:
 
 @dataclass
 class ObjectiveSettings:
-    """The loss: DDPM or EDM training, weighting, the hybrid VLB term, label dropout for classifier-free guidance."""
+    """The loss: DDPM or EDM training, weighting, the hybrid VLB term, label dropout for classifier-free guidance,
+    non-leaking augmentation of the training batch."""
 
     objective: str = _opt("ddpm", "ddpm: discrete-time DDPM noising with --prediction_type targets; edm: Karras et "
                           "al. (2022) preconditioning, log-normal noise levels and loss weight (exported with "
@@ -87,6 +88,10 @@ class ObjectiveSettings:
     snr_gamma: Optional[float] = _opt(None, "Min-SNR-gamma loss weighting (5.0 recommended); unset = plain MSE", minimum=0.0)
     vlb_weight: float = _opt(0.001, "weight of L_vlb in the hybrid loss (with --learn_sigma)", minimum=0.0)
     class_dropout_prob: float = _opt(0.1, "probability of training a label as 'no class' (classifier-free guidance)", minimum=0.0)
+    augment_p: float = _opt(0.0, "non-leaking augmentation (EDM): probability of each of x-flip, integer translation, "
+                            "scaling, rotation, anisotropy, brightness, contrast, saturation per training image; the "
+                            "UNet is conditioned on what was done and samples un-augmented images (0 = off)",
+                            minimum=0.0)
 
 
 @dataclass

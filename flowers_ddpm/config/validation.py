@@ -74,6 +74,8 @@ def validate_paper_model(cfg: TrainConfig) -> None:
     """Checks of the issue-5 settings (loss weighting, learned variances, class conditioning)."""
     if cfg.objective.class_dropout_prob > 1:
         raise UserError(f"class_dropout_prob must be between 0 and 1; got {cfg.objective.class_dropout_prob}")
+    if cfg.objective.augment_p > 1:
+        raise UserError(f"augment_p must be between 0 and 1; got {cfg.objective.augment_p}")
     if cfg.objective.snr_gamma is not None and cfg.objective.snr_gamma <= 0:
         raise UserError(f"snr_gamma must be > 0 (or unset); got {cfg.objective.snr_gamma}")
     if cfg.model.dropout is not None and cfg.model.dropout >= 1:

@@ -72,6 +72,9 @@ VARIANTS: dict[str, dict] = {
     "two-level-unet": {"model_preset": "tiny"},
     # EDM-style training (Karras et al. 2022): preconditioning, log-normal noise levels, EDM loss weight
     "edm": {"objective": "edm", "prediction_type": "epsilon"},
+    # non-leaking augmentation (EDM's augment pipe, conditioned on its labels; docs/recipes.md)
+    "augment-0.12": {"augment_p": 0.12},
+    "augment-0.3": {"augment_p": 0.3},
 }
 
 # The EDM counterpart of each DDPM-family sampler (an EDM model refuses DDPM-family samplers and vice versa), so

@@ -207,8 +207,10 @@ def check_compatible(path: Path, settings: dict) -> None:
         return
     saved = json.loads(config_file.read_text())
     differing = [k for k in RESUME_SENSITIVE_SETTINGS if k in saved and saved[k] != settings.get(k)]
+    if bool(saved.get("augment_p")) != bool(settings.get("augment_p")):  # with or without the augment layer
+        differing.append("augment_p")
     if differing:
-        details = ", ".join(f"{k} (checkpoint: {saved[k]!r}, now: {settings.get(k)!r})" for k in differing)
+        details = ", ".join(f"{k} (checkpoint: {saved.get(k)!r}, now: {settings.get(k)!r})" for k in differing)
         raise UserError(f"cannot resume from {path}: these settings differ from the checkpoint's: {details}")
 
 

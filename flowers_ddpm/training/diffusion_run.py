@@ -28,7 +28,9 @@ from ..models.finetune import (
     select_trainable,
     trainable_parameters,
 )
+from ..models.augment_conditioning import attach_augment_conditioning, augment_labels, without_augment_conditioning
 from ..models.unet import build_edm_scheduler, build_noise_scheduler, build_unet, unet_overrides
+from ..objectives.augment import LABEL_DIM, AugmentedObjective, AugmentPipe
 from ..objectives.diffusion import DiffusionObjective
 from ..objectives.edm import EDMObjective
 from ..pipelines.export import build_pipeline, export_pipeline
@@ -94,8 +96,9 @@ class PipelinePublisher:
             write_training_info(folder, step=step, seconds=training_seconds, hardware=self.hardware,
                                 mixed_precision=self.precision)
 
-        path = export_pipeline(merged_unet(model), self.noise_scheduler, self.output_dir / "pipeline",
-                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra)
+        with without_augment_conditioning(merged_unet(model)) as unet:  # the trained model at augment labels 0
+            path = export_pipeline(unet, self.noise_scheduler, self.output_dir / "pipeline",
+                                   yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra)
         logger.info("exported pipeline at step %d to %s", step, path)
 
 
@@ -139,9 +142,10 @@ class TrainingEvaluator:
                                       "feature_network": getattr(network, "name", type(network).__name__)},
                                      indent=2) + "\n"
                 # inside the new folder before it replaces the old one: best/ and its metrics always match
-                export_pipeline(merged_unet(model), self.noise_scheduler, self.best_dir,
-                                yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names,
-                                lambda folder: (folder / "metrics.json").write_text(metrics))
+                with without_augment_conditioning(merged_unet(model)) as unet:
+                    export_pipeline(unet, self.noise_scheduler, self.best_dir,
+                                    yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names,
+                                    lambda folder: (folder / "metrics.json").write_text(metrics))
                 logger.info("step %d: FID %.4f, the best so far; pipeline written to %s", step, row["fid"], self.best_dir)
         self.accelerator.wait_for_everyone()
         if self.on_result is not None:
@@ -169,12 +173,15 @@ def build_scheduler(cfg: TrainConfig):
 
 
 def build_objective(cfg: TrainConfig, noise_scheduler, num_classes):
-    """`--objective ddpm` (DiffusionObjective) or `edm` (EDMObjective), from the objective section."""
+    """`--objective ddpm` (DiffusionObjective) or `edm` (EDMObjective), from the objective section; with
+    `--augment_p`, on augmented batches (AugmentedObjective)."""
     o = cfg.objective
     if o.objective == "edm":
-        return EDMObjective(noise_scheduler, o.edm_p_mean, o.edm_p_std, num_classes, o.class_dropout_prob)
-    return DiffusionObjective(noise_scheduler, o.snr_gamma, cfg.model.learn_sigma, o.vlb_weight, num_classes,
-                              o.class_dropout_prob)
+        objective = EDMObjective(noise_scheduler, o.edm_p_mean, o.edm_p_std, num_classes, o.class_dropout_prob)
+    else:
+        objective = DiffusionObjective(noise_scheduler, o.snr_gamma, cfg.model.learn_sigma, o.vlb_weight,
+                                       num_classes, o.class_dropout_prob)
+    return AugmentedObjective(objective, AugmentPipe(o.augment_p), augment_labels) if o.augment_p > 0 else objective
 
 
 def build_model(cfg: TrainConfig, num_classes):
@@ -188,6 +195,8 @@ def build_model(cfg: TrainConfig, num_classes):
         model = build_unet(cfg.model.model_preset, cfg.data.resolution, overrides, num_classes, cfg.model.learn_sigma)
         noise_scheduler = build_scheduler(cfg)
     model = select_trainable(model, cfg.finetune)  # everything, --train_only parts, or LoRA adapters
+    if cfg.objective.augment_p > 0:  # a trainable, training-only input; dropped at export
+        attach_augment_conditioning(sampling_unet(model), LABEL_DIM)
     objective = build_objective(cfg, noise_scheduler, num_classes)
     return model, noise_scheduler, objective
 

@@ -157,7 +157,8 @@ def export_reconstructions(run_dir: str | Path, sigma_rels: Sequence[float], out
         params = dict(pipe.unet.named_parameters())
         with torch.no_grad():
             for name, tensor in weights.items():
-                params[name].copy_(tensor)
+                if name in params:  # training-only weights (the --augment_p conditioning) are not exported
+                    params[name].copy_(tensor)
 
         def copy_config(folder: Path) -> None:
             config = source / TRAINING_CONFIG_NAME
