@@ -141,6 +141,8 @@ class RunSettings:
     resume_from_checkpoint: Optional[str] = _opt(None, "'latest' or a checkpoint directory")
     save_images_steps: int = _opt(1000, "write a sample grid PNG every N optimizer steps", minimum=1)
     save_model_steps: Optional[int] = _opt(None, "also export the pipeline every N optimizer steps", minimum=1)
+    keep_exports: bool = _opt(False, "keep a copy of every pipeline export as <output_dir>/exports/step-N (pipeline/ "
+                              "holds only the latest), e.g. to judge a run's quality over time")
     save_images_epochs: Optional[int] = _opt(None, "write a sample grid every N epochs (replaces save_images_steps; "
                                              "needs a dataset of known size)", minimum=1)
     save_model_epochs: Optional[int] = _opt(None, "export the pipeline every N epochs (replaces save_model_steps; "

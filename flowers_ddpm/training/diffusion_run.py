@@ -6,12 +6,14 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import yaml
 from accelerate.utils import set_seed
 
+from .._util.atomic import atomic_folder
 from ..config.diffusers_compat import run_differences
 from ..config.sections import TrainConfig
 from ..errors import UserError
@@ -97,6 +99,9 @@ class PipelinePublisher:
         path = export_pipeline(merged_unet(model), self.noise_scheduler, self.output_dir / "pipeline",
                                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra)
         logger.info("exported pipeline at step %d to %s", step, path)
+        if self.cfg.run.keep_exports:
+            with atomic_folder(self.output_dir / "exports" / f"step-{step:07d}") as copy:
+                shutil.copytree(path, copy, dirs_exist_ok=True)
 
 
 class TrainingEvaluator:
