@@ -116,6 +116,10 @@ def plan_trials(base: dict, grid: dict[str, list[str]], max_train_steps: int, sw
             raise UserError(f"trial {', '.join(f'{k}={v}' for k, v in values.items())}: {e}") from None
         if cfg.speed.mixed_precision == "auto":  # one precision for every trial, so that they compare
             cfg.speed.mixed_precision = "config"
+        if cfg.speed.channels_last is None:  # and one layout, eager unless asked
+            cfg.speed.channels_last = True
+        if cfg.speed.compile is None:
+            cfg.speed.compile = False
         trials.append(Trial(name, values, cfg))
     return trials
 

@@ -67,10 +67,10 @@ class PipelinePublisher:
     """Sample grids (PNG under <output_dir>/samples/) and pipeline exports (<output_dir>/pipeline/)."""
 
     def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None, hardware: str = "unknown",
-                 precision: Optional[dict] = None):
+                 speed: Optional[dict] = None):
         self.cfg, self.noise_scheduler, self.class_names = cfg, noise_scheduler, class_names
         self.output_dir = Path(cfg.run.output_dir)
-        self.hardware, self.precision = hardware, precision
+        self.hardware, self.speed = hardware, speed
 
     def _guidance(self, model) -> dict:
         return class_guidance(model, self.cfg)
@@ -94,7 +94,7 @@ class PipelinePublisher:
         def write_extra(folder: Path) -> None:
             save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.finetune.init_from)  # only for LoRA
             write_training_info(folder, step=step, seconds=training_seconds, hardware=self.hardware,
-                                mixed_precision=self.precision)
+                                speed=self.speed)
 
         path = export_pipeline(merged_unet(model), self.noise_scheduler, self.output_dir / "pipeline",
                                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra)
@@ -204,8 +204,8 @@ def model_probe(cfg: TrainConfig, class_names):
 def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
     """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
     process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
-    accelerator, source, class_names, max_steps, resume_from, per_epoch, precision = start_run(cfg, model_classes,
-                                                                                               model_probe)
+    accelerator, source, class_names, max_steps, resume_from, per_epoch, speed = start_run(cfg, model_classes,
+                                                                                           model_probe)
     differences = run_differences(cfg)
     if accelerator.is_main_process and differences:
         logger.info("defaults that differ from diffusers' train_unconditional.py (docs/diffusers-compatibility.md): "
@@ -226,7 +226,7 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False) -> Path:
                                  parse_sigma_rels(cfg.ema.phema_sigma_rel))
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
                       PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator),
-                                        precision.record(effective_precision(accelerator))),
+                                        speed.records(effective_precision(accelerator))),
                       loop_settings(cfg, max_steps, per_epoch), evaluator, phema)
     run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:
