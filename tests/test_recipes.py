@@ -163,3 +163,27 @@ def test_time_to_quality_reports_when_each_recipe_first_reaches_each_threshold(t
     with open(out / "time_to_quality.csv") as f:
         assert len(list(csv.DictReader(f))) == 8
     assert (out / "time_to_quality.md").read_text().count("not reached") == 4  # images and seconds of each
+    other = run_command([sys.executable, "scripts/recipe_ablation.py", "--time_to_quality", "--output_dir", str(out),
+                         "--budget_images", "128", "--export_every_images", "16", "--resolution", "16"])
+    assert other.returncode == 2 and "other settings" in other.stderr  # finished runs of 64 images are not reused
+
+
+def test_time_to_quality_flags_a_threshold_the_reference_never_reached_as_a_lower_bound():
+    from flowers_ddpm.experiments.time_to_quality import format_table, summarise
+
+    def run(ratios, seconds_per_export, batch=8):
+        exports = [{"train_images": 800 * (i + 1), "training_seconds": seconds_per_export * (i + 1),
+                    "frechet_ratio": r} for i, r in enumerate(ratios)]
+        return {"exports": exports, "training_seconds": seconds_per_export * len(ratios),
+                "train_images": 800 * len(ratios)}
+
+    results = {"small-data": run([40.0, 4.0], 30.0), "diffusers-defaults": run([90.0, 45.0, 30.0, 25.0], 20.0)}
+    loose, strict = summarise(results, (50.0, 5.0))
+    assert (loose["recipe_images"], loose["reference_images"]) == (800, 1600)  # the first export at or below 50
+    assert loose["time_ratio"] == pytest.approx(40.0 / 30.0) and not loose["lower_bound"]
+    assert (strict["recipe_images"], strict["reference_images"]) == (1600, None)
+    # never reached in the reference's 80 s: the ratio is at least its whole run over the recipe's 60 s
+    assert strict["lower_bound"] and strict["time_ratio"] == pytest.approx(80.0 / 60.0)
+    assert strict["images_ratio"] == pytest.approx(3200 / 1600)
+    table = format_table([loose, strict])
+    assert ">1.3x" in table and "| 5x | 1,600 | 60.0 | not reached | not reached |" in table

@@ -194,8 +194,14 @@ def run_time_to_quality(settings: ablation.AblationSettings, ttq: TimeToQualityS
     settings.validate()
     ttq.validate({name: ablation.variant_settings(name) for name in RECIPES})
     ablation._check_same_settings(settings)
+    own = settings.output_dir / "time_to_quality_settings.json"
+    mine = json.loads(json.dumps(asdict(ttq)))  # tuples as lists, as read back
+    if own.is_file() and json.loads(own.read_text()) != mine:  # finished runs of another budget must not be reused
+        raise UserError(f"{settings.output_dir} holds time-to-quality runs with other settings "
+                        f"({json.loads(own.read_text())}); use another --output_dir")
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(settings.output_dir / "settings.json", json.dumps(ablation._comparable(settings), indent=2))
+    atomic_write_text(own, json.dumps(mine, indent=2))
     data = beds.write_bed(settings.bed, settings.output_dir / settings.bed, settings.resolution, settings.seed,
                           settings.bed_path)
     scorer = ablation.Scorer(data, settings)
