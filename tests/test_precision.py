@@ -188,13 +188,17 @@ def test_auto_layout_never_picks_a_slower_layout(seconds, expected, tmp_path):
         == "measured" and other_precision.calls == 1
 
 
-def test_explicit_layout_and_accelerates_precision_are_not_timed(tmp_path):
-    timer = FakeTimer({"channels_last_s": 1.0, "nchw_s": 0.1})
+def test_explicit_layout_accelerates_precision_and_a_launcher_are_not_timed(tmp_path, monkeypatch):
+    timer = FakeTimer({"channels_last_s": 1.0, "nchw_s": 0.1, "eager_s": 1.0, "compiled_s": 0.1, "compile_s": 0.0})
     for value in (True, False):
         choice = resolve_channels_last(value, CPU, PROBE, 4, 16, "no", timer=timer, cache_dir=tmp_path)
         assert (choice.value, choice.how) == (value, "explicit")
     choice = resolve_channels_last(None, CPU, PROBE, 4, 16, None, timer=timer, cache_dir=tmp_path)
     assert (choice.value, choice.how, timer.calls) == (True, "default", 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # several processes: each would time and could choose differently
+    assert resolve_channels_last(None, CPU, PROBE, 4, 16, "bf16", timer=timer).how == "launcher"
+    choice = resolve_compile(None, CPU, PROBE, 4, 16, "bf16", True, 10**9, eager_seconds=1.0, timer=timer)
+    assert (choice.value, choice.how, timer.calls) == (False, "launcher", 0)
 
 
 @pytest.mark.parametrize("figures, steps, expected", [

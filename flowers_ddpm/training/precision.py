@@ -493,9 +493,11 @@ def resolve_channels_last(setting: Optional[bool], device: torch.device, probe: 
     name = "channels_last"
     if setting is not None:
         return SettingChoice(name, setting, setting, "explicit")
+    if _launcher_precision() is not None:  # the processes could not agree on a timed choice before they start
+        return SettingChoice(name, None, True, "launcher", detail="not timed under a launcher: channels-last")
     if precision is None:
-        return SettingChoice(name, None, True, "default", detail="the precision is accelerate's (config or "
-                                                                 "launcher), not timed: channels-last")
+        return SettingChoice(name, None, True, "default", detail="the precision is accelerate's config, not timed: "
+                                                                 "channels-last")
     model, parameters, _ = probe()
     computed = _computed_as(precision, device, allow_tf32)
     identity = _identity(name, device, model, parameters, resolution, batch_size, precision=computed,
@@ -546,9 +548,11 @@ def resolve_compile(setting: Optional[bool], device: torch.device, probe: Probe,
     name = "compile"
     if setting is not None:
         return SettingChoice(name, setting, setting, "explicit")
+    if _launcher_precision() is not None:
+        return SettingChoice(name, None, False, "launcher", detail="not timed under a launcher: eager")
     if precision is None:
-        return SettingChoice(name, None, False, "default", detail="the precision is accelerate's (config or "
-                                                                  "launcher), not timed: eager")
+        return SettingChoice(name, None, False, "default", detail="the precision is accelerate's config, not timed: "
+                                                                  "eager")
     computed = _computed_as(precision, device, allow_tf32)
     eager = Variant(computed, channels_last)
     if eager_seconds is None:
