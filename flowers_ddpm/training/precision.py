@@ -498,9 +498,9 @@ def resolve_channels_last(setting: Optional[bool], device: torch.device, probe: 
     if precision is None:
         return SettingChoice(name, None, True, "default", detail="the precision is accelerate's config, not timed: "
                                                                  "channels-last")
-    model, parameters, _ = probe()
+    built = probe()  # the model to time, which also names the cache entry
     computed = _computed_as(precision, device, allow_tf32)
-    identity = _identity(name, device, model, parameters, resolution, batch_size, precision=computed,
+    identity = _identity(name, device, built[0], built[1], resolution, batch_size, precision=computed,
                          gradient_checkpointing=gradient_checkpointing)
     path = _cache_file(name, identity, cache_dir)
     cached = _load_record(path, identity)
@@ -510,10 +510,10 @@ def resolve_channels_last(setting: Optional[bool], device: torch.device, probe: 
     candidates_ = {"channels_last_s": Variant(computed, True), "nchw_s": Variant(computed, False)}
     if timer is None:
         def timer(variants):
-            return measure_variants(lambda: (model, parameters, _), variants, batch_size, resolution, device,
+            return measure_variants(lambda: built, variants, batch_size, resolution, device,
                                     gradient_checkpointing, budget_s)[0]
     seconds = timer(candidates_)
-    del model, parameters
+    built = None  # frees the model before training builds its own
     if not seconds:
         return SettingChoice(name, None, True, "not measurable", detail=f"a warm-up and a step of each layout take "
                                                                         f"longer than {budget_s:.0f} s; channels-last")
