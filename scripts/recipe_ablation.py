@@ -7,18 +7,27 @@
 
 Writes <output_dir>/results.md, results.csv and <output_dir>/<variant>/grid.png; rerunning with the same
 output_dir skips the variants that already finished. See docs/recipes.md for the measured results.
+
+    python scripts/recipe_ablation.py --time_to_quality --budget_images 8000 --export_every_images 1000 \
+        --num_samples 100 --output_dir runs/ttq
+
+trains the small-data recipe and diffusers' example defaults once each instead, keeping an export every
+--export_every_images images, and reports the training images and wall-clock at which each first reaches each
+--thresholds Frechet ratio (<output_dir>/time_to_quality.{md,json,csv}; docs/benchmarks.md).
 """
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from flowers_ddpm.errors import UserError
 from flowers_ddpm.experiments.ablation import VARIANTS, AblationSettings, run_ablation
+from flowers_ddpm.experiments.time_to_quality import TimeToQualitySettings, format_table, run_time_to_quality
 
 
-def parse_args(argv=None) -> AblationSettings:
+def parse_args(argv=None) -> tuple:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="recipe-ablation", type=Path)
     parser.add_argument("--budget_minutes", type=float, default=10.0, help="training wall-clock budget per variant")
@@ -46,17 +55,37 @@ def parse_args(argv=None) -> AblationSettings:
     parser.add_argument("--classifier_epochs", type=int, default=15, help="epochs of the bed's judge classifier")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", type=Path, help="where the judge classifier is cached (default: output_dir)")
+    ttq = parser.add_argument_group("time to quality (--time_to_quality)")
+    ttq.add_argument("--time_to_quality", action="store_true",
+                     help="train small-data and diffusers-defaults for --budget_images images each (default 8000) "
+                          "and report when each first reaches each Frechet ratio of --thresholds")
+    ttq.add_argument("--export_every_images", type=int, default=1000, help="images between judged exports")
+    ttq.add_argument("--thresholds", type=float, nargs="+", default=[50.0, 20.0, 10.0, 5.0],
+                     help="Frechet ratios (Frechet / real-vs-real) to report; the last is the headline")
+    ttq.add_argument("--mixed_precision", default="auto", help="the training precision of both runs")
     args = parser.parse_args(argv)
     variants = args.variants
     if variants == ["all"]:
         variants = ["diffusers-defaults", *VARIANTS]
-    return AblationSettings(**{**vars(args), "variants": tuple(variants), "conditioning": tuple(args.conditioning)})
+    ttq_keys = ("time_to_quality", "export_every_images", "thresholds", "mixed_precision")
+    values = {k: v for k, v in vars(args).items() if k not in ttq_keys}
+    settings = AblationSettings(**{**values, "variants": tuple(variants), "conditioning": tuple(args.conditioning)})
+    if not args.time_to_quality:
+        return settings, None
+    return settings, TimeToQualitySettings(args.budget_images or 8000, args.export_every_images,
+                                           tuple(args.thresholds), args.mixed_precision)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings = parse_args(argv)
+        settings, ttq = parse_args(argv)
+        if ttq is not None:
+            result = run_time_to_quality(settings, ttq)
+            print(json.dumps(result["judge"], indent=2))
+            print(format_table(result["summary"]))
+            print(f"written to {settings.output_dir / 'time_to_quality.json'} (.csv, .md)")
+            return 0
         rows = run_ablation(settings)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -41,8 +41,13 @@ def pretrained_unet(path):
 
 
 def finetune_config(data, out, **overrides):
-    args = tiny_train_args(data, out, **overrides)
-    values = dict(zip((a[2:] for a in args[::2]), args[1::2]))
+    args, values = tiny_train_args(data, out, **overrides), {}
+    while args:  # --key value, --flag (True) or --no-flag (False)
+        flag, args = args[0][2:], args[1:]
+        if args and not args[0].startswith("--"):
+            values[flag], args = args[0], args[1:]
+        else:
+            values[flag.removeprefix("no-")] = not flag.startswith("no-")
     values.pop("config")
     return build_config({"model_preset": "tiny"}, values)
 

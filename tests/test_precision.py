@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from flowers_ddpm.cli import main
 from flowers_ddpm.config.loading import build_config
@@ -14,11 +15,14 @@ from flowers_ddpm.experiments.benchmark import model_probe
 from flowers_ddpm.experiments.sweep import plan_trials
 from flowers_ddpm.training.device import bf16_supported
 from flowers_ddpm.training.precision import (
+    COMPILE_MIN_RUN_S,
     Variant,
     candidates,
     choose,
     describe,
     measure_candidates,
+    resolve_channels_last,
+    resolve_compile,
     resolve_mixed_precision,
     time_variants,
 )
@@ -30,14 +34,16 @@ PROBE = model_probe("tiny", 16)
 
 
 class FakeTimer:
-    """Stands in for timing real steps: given seconds per step for each candidate, counts its calls."""
+    """Stands in for timing real steps: given seconds per step for each candidate (for compile also the compile
+    time), counts its calls."""
 
     def __init__(self, seconds: dict):
         self.seconds, self.calls = seconds, 0
 
     def __call__(self, names):
         self.calls += 1
-        return {name: self.seconds[name] for name in names}
+        assert set(names) <= set(self.seconds)  # asked for exactly the candidates it knows
+        return dict(self.seconds)
 
 
 def resolve(timer, cache_dir, choices=("no", "bf16"), batch_size=4, setting="auto"):
@@ -133,19 +139,97 @@ def test_a_sweep_runs_every_trial_in_one_precision(tmp_path):
     assert pinned[0].cfg.speed.mixed_precision == "bf16"
 
 
+@pytest.mark.slow  # two training runs and a timed start-up probe
 def test_auto_is_the_default_and_train_records_what_ran(image_folder, tmp_path, caplog):
-    assert build_config({}, {}).speed.mixed_precision == "auto"
+    speed = build_config({}, {}).speed
+    assert (speed.mixed_precision, speed.channels_last, speed.compile) == ("auto", None, None)
     out = tmp_path / "run"
     with caplog.at_level("INFO", logger="flowers_ddpm"):
-        assert main(["train", *tiny_train_args(image_folder, out, max_train_steps=2, mixed_precision="auto")]) == 0
-    info = json.loads((out / "pipeline" / "training_info.json").read_text())["mixed_precision"]
+        assert main(["train", *tiny_train_args(image_folder, out, max_train_steps=2, mixed_precision="auto",
+                                               channels_last=None, compile=None)]) == 0
+    info = json.loads((out / "pipeline" / "training_info.json").read_text())
     expected_how = "measured" if bf16_supported(CPU) else "only candidate"
-    assert info["setting"] == "auto" and info["how"] in (expected_how, "cached") and info["used"] in ("no", "bf16")
-    assert any(r.getMessage().startswith("mixed_precision auto -> ") for r in caplog.records)
+    precision, layout, compiled = info["mixed_precision"], info["channels_last"], info["compile"]
+    assert precision["setting"] == "auto" and precision["how"] in (expected_how, "cached")
+    assert precision["used"] in ("no", "bf16")
+    assert layout["setting"] == "auto" and layout["how"] in ("measured", "cached")
+    assert set(layout["figures"]) == {"channels_last_s", "nchw_s"} and isinstance(layout["used"], bool)
+    # two tiny steps are far from paying for a compilation: not compiled, and compilation not timed
+    assert (compiled["setting"], compiled["used"], compiled["how"]) == ("auto", False, "run too short")
+    assert compiled["figures"]["steps"] == 2
+    messages = [r.getMessage() for r in caplog.records]
+    for start in ("mixed_precision auto -> ", "channels_last auto -> ", "compile auto -> False (run too short"):
+        assert any(m.startswith(start) for m in messages), start
+    config = yaml.safe_load((out / "pipeline" / "training_config.yaml").read_text())
+    assert (config["channels_last"], config["compile"]) == (layout["used"], False)  # what ran
     pinned = tmp_path / "pinned"
     assert main(["train", *tiny_train_args(image_folder, pinned, max_train_steps=2)]) == 0  # --mixed_precision no
-    info = json.loads((pinned / "pipeline" / "training_info.json").read_text())["mixed_precision"]
-    assert info == {"setting": "no", "used": "no", "how": "explicit"}
+    info = json.loads((pinned / "pipeline" / "training_info.json").read_text())
+    assert info["mixed_precision"] == {"setting": "no", "used": "no", "how": "explicit"}
+    assert info["channels_last"] == {"setting": True, "used": True, "how": "explicit"}
+    assert info["compile"] == {"setting": False, "used": False, "how": "explicit"}
+
+
+@pytest.mark.parametrize("seconds, expected", [
+    ({"channels_last_s": 1.0, "nchw_s": 2.0}, True),  # NCHW slower: channels-last
+    ({"channels_last_s": 1.0, "nchw_s": 0.9}, False),  # NCHW 11% faster: chosen
+    ({"channels_last_s": 1.0, "nchw_s": 0.98}, True),  # 2% is not a clear margin: the default
+    ({"channels_last_s": 0.5, "nchw_s": 1.0}, True),
+])
+def test_auto_layout_never_picks_a_slower_layout(seconds, expected, tmp_path):
+    timer = FakeTimer(seconds)
+    choice = resolve_channels_last(None, CPU, PROBE, 4, 16, "no", timer=timer, cache_dir=tmp_path)
+    assert (choice.value, choice.how, timer.calls) == (expected, "measured", 1)
+    assert choice.record()["figures"] == seconds
+    again = resolve_channels_last(None, CPU, PROBE, 4, 16, "no", timer=FakeTimer({}), cache_dir=tmp_path)
+    assert (again.value, again.how) == (expected, "cached")
+    other_precision = FakeTimer(seconds)  # a bf16 run is another entry
+    assert resolve_channels_last(None, CPU, PROBE, 4, 16, "bf16", timer=other_precision, cache_dir=tmp_path).how \
+        == "measured" and other_precision.calls == 1
+
+
+def test_explicit_layout_accelerates_precision_and_a_launcher_are_not_timed(tmp_path, monkeypatch):
+    timer = FakeTimer({"channels_last_s": 1.0, "nchw_s": 0.1, "eager_s": 1.0, "compiled_s": 0.1, "compile_s": 0.0})
+    for value in (True, False):
+        choice = resolve_channels_last(value, CPU, PROBE, 4, 16, "no", timer=timer, cache_dir=tmp_path)
+        assert (choice.value, choice.how) == (value, "explicit")
+    choice = resolve_channels_last(None, CPU, PROBE, 4, 16, None, timer=timer, cache_dir=tmp_path)
+    assert (choice.value, choice.how, timer.calls) == (True, "default", 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # several processes: each would time and could choose differently
+    assert resolve_channels_last(None, CPU, PROBE, 4, 16, "bf16", timer=timer).how == "launcher"
+    choice = resolve_compile(None, CPU, PROBE, 4, 16, "bf16", True, 10**9, eager_seconds=1.0, timer=timer)
+    assert (choice.value, choice.how, timer.calls) == (False, "launcher", 0)
+
+
+@pytest.mark.parametrize("figures, steps, expected", [
+    ({"eager_s": 1.0, "compiled_s": 1.5, "compile_s": 10.0}, 10**6, False),  # compiled slower: never chosen
+    ({"eager_s": 1.0, "compiled_s": 0.8, "compile_s": 60.0}, 10**4, True),  # saves 2000 s for 60 s of compiling
+    ({"eager_s": 1.0, "compiled_s": 0.99, "compile_s": 60.0}, 4000, False),  # saves 40 s: not paid back twice
+])
+def test_auto_compile_only_when_the_measured_saving_pays_for_the_compilation(figures, steps, expected, tmp_path):
+    timer = FakeTimer(figures)
+    choice = resolve_compile(None, CPU, PROBE, 4, 16, "no", True, steps, eager_seconds=1.0, timer=timer,
+                             cache_dir=tmp_path)
+    assert (choice.value, choice.how, timer.calls) == (expected, "measured", 1)
+    assert choice.figures["projected_saving_s"] == pytest.approx(steps * (figures["eager_s"] - figures["compiled_s"]))
+    # the figures are cached; the decision is made again for the run's own length
+    short = resolve_compile(None, CPU, PROBE, 4, 16, "no", True, 4000, eager_seconds=1.0, timer=FakeTimer({}),
+                            cache_dir=tmp_path)
+    assert short.how == "cached" and short.value == (4000 * (figures["eager_s"] - figures["compiled_s"])
+                                                     >= 2 * figures["compile_s"])
+
+
+def test_compile_is_not_timed_for_short_runs_or_when_set(tmp_path):
+    timer = FakeTimer({"eager_s": 1.0, "compiled_s": 0.1, "compile_s": 0.0})
+    steps = int(COMPILE_MIN_RUN_S / 0.5) - 1  # just under the length worth timing at 0.5 s per eager step
+    choice = resolve_compile(None, CPU, PROBE, 4, 16, "no", True, steps, eager_seconds=0.5, timer=timer,
+                             cache_dir=tmp_path)
+    assert (choice.value, choice.how, timer.calls) == (False, "run too short", 0)
+    assert "compile auto -> False (run too short" in choice.describe("tiny")
+    for value in (True, False):
+        assert resolve_compile(value, CPU, PROBE, 4, 16, "no", True, 10**9, timer=timer).how == "explicit"
+    assert resolve_compile(None, CPU, PROBE, 4, 16, None, True, 10**9, timer=timer).how == "default"
+    assert timer.calls == 0 and not list(tmp_path.iterdir())
 
 
 def test_a_batch_too_slow_for_the_budget_is_timed_smaller_and_scaled():

@@ -148,6 +148,8 @@ class RunSettings:
     resume_from_checkpoint: Optional[str] = _opt(None, "'latest' or a checkpoint directory")
     save_images_steps: int = _opt(1000, "write a sample grid PNG every N optimizer steps", minimum=1)
     save_model_steps: Optional[int] = _opt(None, "also export the pipeline every N optimizer steps", minimum=1)
+    keep_exports: bool = _opt(False, "keep a copy of every pipeline export as <output_dir>/exports/step-N (pipeline/ "
+                              "holds only the latest), e.g. to judge a run's quality over time")
     save_images_epochs: Optional[int] = _opt(None, "write a sample grid every N epochs (replaces save_images_steps; "
                                              "needs a dataset of known size)", minimum=1)
     save_model_epochs: Optional[int] = _opt(None, "export the pipeline every N epochs (replaces save_model_steps; "
@@ -215,9 +217,13 @@ class SpeedSettings:
                                           "device has it) and fp16 (CUDA) by a timed start-up probe, fp32 unless one is "
                                           ">= 10% faster (under accelerate launch: the launcher's); config (or unset) "
                                           "= accelerate's config", MIXED_PRECISION)
-    channels_last: bool = _opt(True, "feed the UNet channels-last (NHWC) batches")
+    channels_last: Optional[bool] = _opt(None, "feed the UNet channels-last (NHWC) batches; unset (auto) = timed at "
+                                         "start against NCHW in the run's precision, NCHW only if >= 5% faster "
+                                         "(channels-last when accelerate's config sets the precision)")
     allow_tf32: bool = _opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs")
-    compile: bool = _opt(False, "torch.compile the UNet in place (the first steps compile)")
+    compile: Optional[bool] = _opt(None, "torch.compile the UNet in place (the first steps compile); unset (auto) = "
+                                   "eager unless the run is projected to take >= 30 min eager and the timed compile "
+                                   "time is paid back twice by the timed faster steps")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory")
     enable_xformers_memory_efficient_attention: bool = _opt(False, "xformers attention when installed (else PyTorch's "
                                                             "SDPA, which is memory-efficient too)")

@@ -175,7 +175,7 @@ def check_training(plan: Plan, device: torch.device, work: Path, step_seconds: f
                "--max_train_steps", str(steps), "--logging_steps", str(logging_steps), "--checkpointing_steps",
                str(steps), "--save_images_steps", str(steps), "--eval_batch_size", "4",
                "--ddpm_num_inference_steps", "5", "--logger", "none", "--mixed_precision", plan.train_precision,
-               "--output_dir", str(out)]
+               "--channels_last", "--no-compile", "--output_dir", str(out)]  # the layout of the bare steps, eager
     env = dict(os.environ)
     if device.type == "cpu":
         env["ACCELERATE_USE_CPU"] = "1"

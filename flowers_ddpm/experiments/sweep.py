@@ -127,6 +127,10 @@ def make_trial(base: dict, values: dict, name: str, max_train_steps: int, sweep_
         raise UserError(f"trial {', '.join(f'{k}={v}' for k, v in values.items())}: {e}") from None
     if cfg.speed.mixed_precision == "auto":  # one precision for every trial, so that they compare
         cfg.speed.mixed_precision = "config"
+    if cfg.speed.channels_last is None:  # and one layout, eager unless asked
+        cfg.speed.channels_last = True
+    if cfg.speed.compile is None:
+        cfg.speed.compile = False
     return Trial(name, values, cfg)
 
 

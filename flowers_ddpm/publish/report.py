@@ -23,12 +23,11 @@ LOSS_CURVE, DENOISING = "loss_curve.png", "denoising.png"
 
 
 def write_training_info(pipeline_dir: Path, step: int, seconds: float, hardware: str,
-                        mixed_precision: Optional[dict] = None) -> None:
-    """Facts about the run that the model card reports (steps, wall-clock time, hardware), and the precision it ran
-    in (the setting, what ran, how it was chosen, and the timed seconds per step when it was measured)."""
-    info = {"global_step": step, "training_seconds": round(seconds, 1), "hardware": hardware}
-    if mixed_precision is not None:
-        info["mixed_precision"] = mixed_precision
+                        speed: Optional[dict] = None) -> None:
+    """Facts about the run that the model card reports (steps, wall-clock time, hardware), and how its speed
+    settings were chosen (`speed`: mixed_precision, channels_last, compile, each with the setting, what ran, how it
+    was chosen and the timed figures when it was measured)."""
+    info = {"global_step": step, "training_seconds": round(seconds, 1), "hardware": hardware, **(speed or {})}
     (Path(pipeline_dir) / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 

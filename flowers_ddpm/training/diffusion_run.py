@@ -6,12 +6,14 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 import yaml
 from accelerate.utils import set_seed
 
+from .._util.atomic import atomic_folder
 from ..config.diffusers_compat import run_differences
 from ..config.sections import TrainConfig
 from ..errors import UserError
@@ -67,10 +69,10 @@ class PipelinePublisher:
     """Sample grids (PNG under <output_dir>/samples/) and pipeline exports (<output_dir>/pipeline/)."""
 
     def __init__(self, cfg: TrainConfig, noise_scheduler, class_names=None, hardware: str = "unknown",
-                 precision: Optional[dict] = None):
+                 speed: Optional[dict] = None):
         self.cfg, self.noise_scheduler, self.class_names = cfg, noise_scheduler, class_names
         self.output_dir = Path(cfg.run.output_dir)
-        self.hardware, self.precision = hardware, precision
+        self.hardware, self.speed = hardware, speed
 
     def _guidance(self, model) -> dict:
         return class_guidance(model, self.cfg)
@@ -94,12 +96,15 @@ class PipelinePublisher:
         def write_extra(folder: Path) -> None:
             save_adapter(model, folder / ADAPTER_DIR, base_model=self.cfg.finetune.init_from)  # only for LoRA
             write_training_info(folder, step=step, seconds=training_seconds, hardware=self.hardware,
-                                mixed_precision=self.precision)
+                                speed=self.speed)
 
         with without_augment_conditioning(merged_unet(model)) as unet:  # the trained model at augment labels 0
             path = export_pipeline(unet, self.noise_scheduler, self.output_dir / "pipeline",
                                    yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra)
         logger.info("exported pipeline at step %d to %s", step, path)
+        if self.cfg.run.keep_exports:
+            with atomic_folder(self.output_dir / "exports" / f"step-{step:07d}") as copy:
+                shutil.copytree(path, copy, dirs_exist_ok=True)
 
 
 class TrainingEvaluator:
@@ -213,10 +218,16 @@ def model_probe(cfg: TrainConfig, class_names):
 def run_training(cfg: TrainConfig, keep_process_group: bool = False,
                  on_evaluation: Optional[Callable[[int, dict], None]] = None) -> Path:
     """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
+<<<<<<< HEAD
     process group up for more work in this process (a sweep's next trial) instead of destroying it at the end.
     `on_evaluation(step, metrics)` is called after each --eval_steps evaluation (a sweep's pruning)."""
     accelerator, source, class_names, max_steps, resume_from, per_epoch, precision = start_run(cfg, model_classes,
                                                                                                model_probe)
+=======
+    process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
+    accelerator, source, class_names, max_steps, resume_from, per_epoch, speed = start_run(cfg, model_classes,
+                                                                                           model_probe)
+>>>>>>> ttq
     differences = run_differences(cfg)
     if accelerator.is_main_process and differences:
         logger.info("defaults that differ from diffusers' train_unconditional.py (docs/diffusers-compatibility.md): "
@@ -238,7 +249,7 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False,
                                  parse_sigma_rels(cfg.ema.phema_sigma_rel))
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
                       PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator),
-                                        precision.record(effective_precision(accelerator))),
+                                        speed.records(effective_precision(accelerator))),
                       loop_settings(cfg, max_steps, per_epoch), evaluator, phema)
     run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:

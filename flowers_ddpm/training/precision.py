@@ -217,18 +217,34 @@ def measure_candidates(probe: Probe, names: list, batch_size: int, resolution: i
                        channels_last: bool = True, gradient_checkpointing: bool = False, allow_tf32: bool = True,
                        budget_s: float = PROBE_BUDGET_S) -> tuple[Optional[dict], int]:
     """Seconds per step of each precision in `names` at `batch_size` (None when not measurable within the
-    budget), and the batch actually timed.
+    budget), and the batch actually timed (see `measure_variants`)."""
+    variants = {p: Variant(_computed_as(p, device, allow_tf32), channels_last) for p in names}
+    return measure_variants(probe, variants, batch_size, resolution, device, gradient_checkpointing, budget_s)
 
-    One fp32 step of a single image first says how long a step takes: when a warm-up and a few steps of every
-    candidate at the full batch cannot fit in the budget (a large model on a CPU), a smaller batch that fits is
+
+def _computed_as(precision: str, device: torch.device, allow_tf32: bool = True) -> str:
+    """The precision a run with `precision` computes in: fp32 is TF32 on CUDA with --allow_tf32; fp16 is fp32 on a
+    CPU (accelerate has no fp16 autocast there)."""
+    if precision == "fp16" and device.type != "cuda":
+        return "no"
+    return "tf32" if precision == "no" and allow_tf32 and device.type == "cuda" else precision
+
+
+def measure_variants(probe: Probe, variants: dict, batch_size: int, resolution: int, device: torch.device,
+                     gradient_checkpointing: bool = False, budget_s: float = PROBE_BUDGET_S
+                     ) -> tuple[Optional[dict], int]:
+    """Seconds per step of each of `variants` (key -> eager Variant) at `batch_size` (None when not measurable
+    within the budget), and the batch actually timed.
+
+    One step of a single image (first variant) first says how long a step takes: when a warm-up and a few steps of
+    every variant at the full batch cannot fit in the budget (a large model on a CPU), a smaller batch that fits is
     timed and its figures are scaled to the full batch (a CPU's images/s hardly depends on the batch)."""
     start = time.perf_counter()
+    names = list(variants)
     model, parameters, objective = probe()
     model = model.to(device).train()
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    fp32 = "tf32" if allow_tf32 and device.type == "cuda" else "no"  # fp32 as the run computes it
-    variants = {p: Variant(fp32 if p == "no" else p, channels_last) for p in names}
     single = step_function(model, list(parameters), objective, random_batch(1, resolution, device), variants[names[0]],
                            device)
     single()  # sets up kernels
@@ -389,3 +405,185 @@ def describe(choice: PrecisionChoice, what: str) -> str:
     if choice.detail:
         line += f"; {choice.detail}"
     return line + ")"
+
+
+# -- channels-last and torch.compile, decided the same way -------------------------------------------------------
+LAYOUT_MARGIN = 1.05  # NCHW batches must be >= 5% faster than channels-last (the default) to be chosen
+LAYOUT_SHARE = 0.35  # of the start-up budget, when the precision is timed as well
+COMPILE_MIN_RUN_S = 1800.0  # compile is timed only for runs projected to take at least this long eager
+COMPILE_PAYBACK = 2.0  # compile is chosen when the projected saving is at least this many times the compile time
+COMPILE_ROUNDS = 3
+# Times the candidates of one setting (eager Variants by key, or for compile the eager and compiled Variant);
+# returns seconds per step by key (for compile also "compile": the compile time), or None when not measurable.
+SettingTimer = Callable[[dict], Optional[dict]]
+
+
+@dataclass
+class SettingChoice:
+    """What a boolean speed setting (`channels_last`, `compile`) resolved to; `setting` None is `auto` (unset)."""
+
+    name: str
+    setting: Optional[bool]
+    value: bool
+    how: str  # explicit | default | launcher | measured | cached | run too short | not measurable
+    figures: dict = field(default_factory=dict)  # seconds per step (and compile seconds, projected steps)
+    detail: str = ""
+
+    def record(self) -> dict:
+        """For training_info.json: the setting, what ran, how it was decided and the figures."""
+        info = {"setting": "auto" if self.setting is None else self.setting, "used": self.value, "how": self.how}
+        if self.figures:
+            info["figures"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in self.figures.items()}
+        return info
+
+    def describe(self, what: str) -> str:
+        """One log line, like `describe` for the precision."""
+        line = f"{self.name} {'auto' if self.setting is None else self.setting} -> {self.value} ({self.how}"
+        if self.figures:
+            line += f" for {what}: " + ", ".join(_figure(k, v) for k, v in self.figures.items())
+        if self.detail:
+            line += f"; {self.detail}"
+        return line + ")"
+
+
+def _figure(key: str, value) -> str:
+    """'nchw_s' -> 'nchw 90 ms/step'; 'compile_s' -> 'compile 61.2 s'; 'steps' -> 'steps 2000'."""
+    if key in ("compile_s", "projected_saving_s"):
+        return f"{key[:-2].replace('_', ' ')} {value:.1f} s"
+    if key.endswith("_s"):
+        return f"{key[:-2].replace('_', '-')} {1000 * value:.0f} ms/step"
+    return f"{key} {value}"
+
+
+def _cache_file(kind: str, identity: dict, cache_dir: Optional[Path]) -> Path:
+    return Path(cache_dir or cache_location("speed", None)) / f"{kind}-{identity_key(identity)}.json"
+
+
+def _load_record(path: Path, identity: dict) -> Optional[dict]:
+    """The cached record of `identity`; None when absent, damaged or another identity's (a hash collision)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("identity") == identity else None
+
+
+def _save_record(path: Path, record: dict) -> None:
+    record = {**record, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    except OSError as e:  # a read-only cache is no reason to stop a run
+        logger.warning("could not cache a speed choice in %s: %s", path, e)
+
+
+def _identity(kind: str, device: torch.device, model, parameters, resolution: int, batch_size: int, **more) -> dict:
+    return {"kind": kind, "version": CACHE_VERSION, "machine": machine_identity(device),
+            "model": _model_identity(model, list(parameters)), "resolution": resolution, "batch": batch_size, **more}
+
+
+def resolve_channels_last(setting: Optional[bool], device: torch.device, probe: Probe, batch_size: int,
+                          resolution: int, precision: Optional[str], gradient_checkpointing: bool = False,
+                          allow_tf32: bool = True, timer: Optional[SettingTimer] = None,
+                          cache_dir: Optional[Path] = None, budget_s: float = PROBE_BUDGET_S * LAYOUT_SHARE
+                          ) -> SettingChoice:
+    """`--channels_last` for a run: as given, or unset (`auto`) by timing channels-last against NCHW batches in
+    the run's precision (`precision`; None: accelerate's, which is not known yet, so channels-last). NCHW must be
+    `LAYOUT_MARGIN` faster to be chosen. Cached like the precision."""
+    name = "channels_last"
+    if setting is not None:
+        return SettingChoice(name, setting, setting, "explicit")
+    if _launcher_precision() is not None:  # the processes could not agree on a timed choice before they start
+        return SettingChoice(name, None, True, "launcher", detail="not timed under a launcher: channels-last")
+    if precision is None:
+        return SettingChoice(name, None, True, "default", detail="the precision is accelerate's config, not timed: "
+                                                                 "channels-last")
+    built = probe()  # the model to time, which also names the cache entry
+    computed = _computed_as(precision, device, allow_tf32)
+    identity = _identity(name, device, built[0], built[1], resolution, batch_size, precision=computed,
+                         gradient_checkpointing=gradient_checkpointing)
+    path = _cache_file(name, identity, cache_dir)
+    cached = _load_record(path, identity)
+    if cached is not None and isinstance(cached.get("choice"), bool):
+        return SettingChoice(name, None, cached["choice"], "cached", cached["figures"], f"measured "
+                             f"{cached['measured_at']}, {path}")
+    candidates_ = {"channels_last_s": Variant(computed, True), "nchw_s": Variant(computed, False)}
+    if timer is None:
+        def timer(variants):
+            return measure_variants(lambda: built, variants, batch_size, resolution, device,
+                                    gradient_checkpointing, budget_s)[0]
+    seconds = timer(candidates_)
+    built = None  # frees the model before training builds its own
+    if not seconds:
+        return SettingChoice(name, None, True, "not measurable", detail=f"a warm-up and a step of each layout take "
+                                                                        f"longer than {budget_s:.0f} s; channels-last")
+    value = not seconds["nchw_s"] * LAYOUT_MARGIN <= seconds["channels_last_s"]
+    _save_record(path, {"identity": identity, "choice": value, "figures": seconds})
+    return SettingChoice(name, None, value, "measured", seconds, f"cached in {path}")
+
+
+def measure_compile(probe: Probe, variants: dict, batch_size: int, resolution: int, device: torch.device,
+                    rounds: int = COMPILE_ROUNDS) -> Optional[dict]:
+    """Seconds per step of the eager and the compiled variant (fresh models: compile works in place), and the
+    compile time (the compiled variant's warm-up step less the eager one's)."""
+    times = time_variants(probe, list(variants.values()), batch_size, resolution, device, budget_s=None,
+                          rounds=rounds, warmup_steps=1)
+    median = times.median()
+    if median is None:
+        return None
+    eager, compiled = variants["eager_s"].name, variants["compiled_s"].name
+    return {"eager_s": median[eager], "compiled_s": median[compiled],
+            "compile_s": max(times.warmup[compiled] - times.warmup[eager], 0.0)}
+
+
+def resolve_compile(setting: Optional[bool], device: torch.device, probe: Probe, batch_size: int, resolution: int,
+                    precision: Optional[str], channels_last: bool, max_steps: int,
+                    eager_seconds: Optional[float] = None, allow_tf32: bool = True,
+                    timer: Optional[SettingTimer] = None, cache_dir: Optional[Path] = None) -> SettingChoice:
+    """`--compile` for a run: as given, or unset (`auto`): compiled only when the run is long enough to pay for
+    the compilation. A run projected (max_steps x the eager step time, `eager_seconds` when already measured) to
+    take under `COMPILE_MIN_RUN_S` eager is not compiled and nothing more is timed (compiling takes about a minute
+    on a CPU); a longer one times compilation and the compiled step once (cached) and compiles when the projected
+    saving, max_steps x (eager - compiled), is at least `COMPILE_PAYBACK` x the compile time."""
+    name = "compile"
+    if setting is not None:
+        return SettingChoice(name, setting, setting, "explicit")
+    if _launcher_precision() is not None:
+        return SettingChoice(name, None, False, "launcher", detail="not timed under a launcher: eager")
+    if precision is None:
+        return SettingChoice(name, None, False, "default", detail="the precision is accelerate's config, not timed: "
+                                                                  "eager")
+    computed = _computed_as(precision, device, allow_tf32)
+    eager = Variant(computed, channels_last)
+    if eager_seconds is None:
+        measured = measure_variants(probe, {"eager_s": eager}, batch_size, resolution, device,
+                                    budget_s=PROBE_BUDGET_S * LAYOUT_SHARE)[0]
+        if not measured:
+            return SettingChoice(name, None, False, "not measurable", detail="an eager step does not fit the "
+                                                                             "start-up budget; eager")
+        eager_seconds = measured["eager_s"]
+    projected = max_steps * eager_seconds
+    if projected < COMPILE_MIN_RUN_S:
+        return SettingChoice(name, None, False, "run too short", {"eager_s": eager_seconds, "steps": max_steps},
+                             f"{max_steps} steps take about {projected / 60:.0f} min eager; compile is timed only "
+                             f"for runs of {COMPILE_MIN_RUN_S / 60:.0f} min or more")
+    model, parameters, _ = probe()
+    identity = _identity(name, device, model, parameters, resolution, batch_size, precision=computed,
+                         channels_last=channels_last)
+    del model, parameters
+    path = _cache_file(name, identity, cache_dir)
+    cached = _load_record(path, identity)
+    how = "cached"
+    if cached is not None and isinstance(cached.get("figures"), dict):
+        figures = cached["figures"]
+    else:
+        variants = {"eager_s": eager, "compiled_s": Variant(computed, channels_last, compile=True)}
+        figures = (timer or (lambda v: measure_compile(probe, v, batch_size, resolution, device)))(variants)
+        if not figures:
+            return SettingChoice(name, None, False, "not measurable", detail="eager")
+        _save_record(path, {"identity": identity, "figures": figures})
+        how = "measured"
+    saving = max_steps * (figures["eager_s"] - figures["compiled_s"])
+    value = saving >= COMPILE_PAYBACK * figures["compile_s"]
+    return SettingChoice(name, None, value, how, {**figures, "steps": max_steps, "projected_saving_s": saving},
+                         f"compiled when the saving is >= {COMPILE_PAYBACK:g}x the compile time; {path}")

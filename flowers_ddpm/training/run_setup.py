@@ -24,7 +24,17 @@ from ..models.unet import check_preset
 from ..publish.hub import require_token
 from . import checkpointing
 from .device import DeviceBatches
-from .precision import PrecisionChoice, Probe, describe, resolve_mixed_precision
+from .precision import (
+    LAYOUT_SHARE,
+    PROBE_BUDGET_S,
+    PrecisionChoice,
+    Probe,
+    SettingChoice,
+    describe,
+    resolve_channels_last,
+    resolve_compile,
+    resolve_mixed_precision,
+)
 from .trainer import LoopSettings
 
 logger = logging.getLogger(__name__)
@@ -38,7 +48,7 @@ class RunStart(NamedTuple):
     max_steps: int
     resume_from: Optional[Path]
     steps_per_epoch: Optional[int]  # None for a stream of unknown size
-    precision: PrecisionChoice  # what --mixed_precision resolved to, and how
+    speed: "SpeedChoices"  # what --mixed_precision, --channels_last and --compile resolved to, and how
 
 
 def steps_per_epoch(cfg: TrainConfig, num_examples: Optional[int], world_size: int) -> Optional[int]:
@@ -85,18 +95,50 @@ def check_environment(cfg: TrainConfig) -> None:
                        "is safer. It is used for the push only and written to no file.")
 
 
-def resolve_precision(cfg: TrainConfig, probe: Probe) -> PrecisionChoice:
-    """--mixed_precision for this run, decided before the Accelerator exists (`auto` times the probe's model on the
-    device accelerate will use; see training/precision.py)."""
+class SpeedChoices(NamedTuple):
+    """What --mixed_precision, --channels_last and --compile resolved to, and how (training/precision.py)."""
+
+    precision: PrecisionChoice
+    channels_last: SettingChoice
+    compile: SettingChoice
+
+    def records(self, used_precision: Optional[str] = None) -> dict:
+        """For training_info.json: each setting, what ran, how it was decided and the figures."""
+        return {"mixed_precision": self.precision.record(used_precision),
+                "channels_last": self.channels_last.record(), "compile": self.compile.record()}
+
+
+def resolve_speed(cfg: TrainConfig, probe: Probe, num_examples: Optional[int]) -> SpeedChoices:
+    """--mixed_precision, --channels_last and --compile for this run, decided before the Accelerator exists (`auto`
+    and unset values time the probe's model on the device accelerate will use; see training/precision.py). The
+    run's settings are then the values that run, so training_config.yaml records them."""
+    speed = cfg.speed
+    timed = speed.mixed_precision == "auto" or speed.channels_last is None or speed.compile is None
     # the device accelerate will use (PartialState does not fix mixed precision; the Accelerator does)
-    device = PartialState().device if cfg.speed.mixed_precision == "auto" else None
-    choice = resolve_mixed_precision(cfg.speed.mixed_precision, device, probe, cfg.optim.train_batch_size,
-                                     cfg.data.resolution, cfg.speed.channels_last, cfg.speed.gradient_checkpointing,
-                                     cfg.speed.allow_tf32)
-    if choice.how not in ("explicit", "config"):
-        logger.info("%s", describe(choice, f"{cfg.model.model_preset} at {cfg.data.resolution}px, batch "
-                                           f"{cfg.optim.train_batch_size} on {device}"))
-    return choice
+    state = PartialState() if timed else None
+    device = state.device if state else None
+    what = f"{cfg.model.model_preset} at {cfg.data.resolution}px, batch {cfg.optim.train_batch_size} on {device}"
+    layout_timed = speed.channels_last is None and speed.mixed_precision == "auto"
+    budget = PROBE_BUDGET_S * (1 - LAYOUT_SHARE) if layout_timed else PROBE_BUDGET_S
+    precision = resolve_mixed_precision(speed.mixed_precision, device, probe, cfg.optim.train_batch_size,
+                                        cfg.data.resolution, speed.channels_last is not False,
+                                        speed.gradient_checkpointing, speed.allow_tf32, budget_s=budget)
+    if precision.how not in ("explicit", "config"):
+        logger.info("%s", describe(precision, what))
+    layout = resolve_channels_last(speed.channels_last, device, probe, cfg.optim.train_batch_size,
+                                   cfg.data.resolution, precision.precision, speed.gradient_checkpointing,
+                                   speed.allow_tf32)
+    eager = layout.figures.get("nchw_s" if layout.value is False else "channels_last_s")
+    if eager is None and precision.seconds_per_step and layout.value:  # timed channels-last in `auto` above
+        eager = precision.seconds_per_step.get(precision.precision)
+    max_steps = resolve_max_train_steps(cfg, num_examples, state.num_processes) if speed.compile is None else 0
+    compiled = resolve_compile(speed.compile, device, probe, cfg.optim.train_batch_size, cfg.data.resolution,
+                               precision.precision, layout.value, max_steps, eager, speed.allow_tf32)
+    for choice in (layout, compiled):
+        if choice.how != "explicit":
+            logger.info("%s", choice.describe(what))
+    speed.channels_last, speed.compile = layout.value, compiled.value
+    return SpeedChoices(precision, layout, compiled)
 
 
 def make_accelerator(cfg: TrainConfig, mixed_precision: Optional[str] = None):
@@ -162,8 +204,9 @@ def check_writable(output_dir: str) -> None:
 
 def start_run(cfg: TrainConfig, classes_of, probe_of, select_source=None):
     """The checks and set-up every training command shares: resume checkpoint (checked for compatibility), the data
-    source (`select_source(cfg, source)`, when given, returns the part to train on), its classes (`classes_of(cfg, source)`, which may raise a UserError), the mixed precision (`auto` times
-    `probe_of(cfg, class_names)()`: the model, trainable parameters and objective the run will train), the
+    source (`select_source(cfg, source)`, when given, returns the part to train on), its classes
+    (`classes_of(cfg, source)`, which may raise a UserError), the mixed precision, layout and compile (`auto`/unset
+    values time `probe_of(cfg, class_names)()`: the model, trainable parameters and objective the run will train), the
     Accelerator and the number of optimizer steps. `cfg` then records the mixed precision that actually runs (see
     `record_effective_precision`)."""
     # cheap checks first: nothing expensive happens before these pass
@@ -181,8 +224,8 @@ def start_run(cfg: TrainConfig, classes_of, probe_of, select_source=None):
     if select_source is not None:
         source = select_source(cfg, source)
     class_names = classes_of(cfg, source)
-    precision = resolve_precision(cfg, probe_of(cfg, class_names))
-    accelerator = make_accelerator(cfg, precision.precision)
+    speed = resolve_speed(cfg, probe_of(cfg, class_names), source.num_examples)
+    accelerator = make_accelerator(cfg, speed.precision.precision)
     record_effective_precision(cfg, accelerator)
     if resume_from is None and cfg.run.overwrite_output_dir:
         if accelerator.is_main_process:
@@ -197,7 +240,7 @@ def start_run(cfg: TrainConfig, classes_of, probe_of, select_source=None):
                     source.num_examples or "unknown", max_steps, accelerator.num_processes)
         cfg.save_yaml(Path(cfg.run.output_dir) / "training_config.yaml")
         (Path(cfg.run.output_dir) / "report").mkdir(exist_ok=True)  # the trainer appends report/loss.jsonl
-    return RunStart(accelerator, source, class_names, max_steps, resume_from, per_epoch, precision)
+    return RunStart(accelerator, source, class_names, max_steps, resume_from, per_epoch, speed)
 
 
 def loop_settings(cfg: TrainConfig, max_steps: int, per_epoch: Optional[int] = None):
