@@ -218,16 +218,10 @@ def model_probe(cfg: TrainConfig, class_names):
 def run_training(cfg: TrainConfig, keep_process_group: bool = False,
                  on_evaluation: Optional[Callable[[int, dict], None]] = None) -> Path:
     """Train as configured and return the exported pipeline folder. `keep_process_group` leaves the distributed
-<<<<<<< HEAD
     process group up for more work in this process (a sweep's next trial) instead of destroying it at the end.
     `on_evaluation(step, metrics)` is called after each --eval_steps evaluation (a sweep's pruning)."""
-    accelerator, source, class_names, max_steps, resume_from, per_epoch, precision = start_run(cfg, model_classes,
-                                                                                               model_probe)
-=======
-    process group up for more work in this process (a sweep's next trial) instead of destroying it at the end."""
     accelerator, source, class_names, max_steps, resume_from, per_epoch, speed = start_run(cfg, model_classes,
                                                                                            model_probe)
->>>>>>> ttq
     differences = run_differences(cfg)
     if accelerator.is_main_process and differences:
         logger.info("defaults that differ from diffusers' train_unconditional.py (docs/diffusers-compatibility.md): "
