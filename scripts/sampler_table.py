@@ -8,7 +8,7 @@
 Each cell is SAMPLER:STEPS:GUIDANCE; the variant's exported pipeline is sampled again for every cell with the
 ablation's seeds and sample count and scored with its classifier (class accuracy, Frechet distance in its features
 over the real-vs-real baseline), through the same code path as the ablation's own score (flowers_ddpm.experiments.
-ablation.Scorer). Results go to <ablation_dir>/<variant>/samplers/results.json (cells already there are skipped)
+ablation.Scorer). Results go to --output_dir (<ablation_dir>/<variant>/samplers)/results.json (cells already there are skipped)
 with one grid PNG per cell, and a markdown table (class accuracy / Frechet ratio) is printed. See docs/sampling.md.
 """
 
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation_dir", required=True, type=Path)
     parser.add_argument("--variant", default="small-data", help="a class-conditional variant folder of the ablation")
     parser.add_argument("--cells", nargs="+", required=True, help="SAMPLER:STEPS:GUIDANCE")
+    parser.add_argument("--output_dir", type=Path, help="default: <ablation_dir>/<variant>/samplers")
     args = parser.parse_args(argv)
     try:
         cells = [parse_cell(c) for c in args.cells]
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.ablation_dir / args.variant / "samplers"
+    out = args.output_dir or args.ablation_dir / args.variant / "samplers"
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
