@@ -1,15 +1,16 @@
 """Sampler x steps x guidance on one model of a recipe ablation, scored by that ablation's judge.
 
     python scripts/recipe_ablation.py --bed cifar10-5k --bed_path ../shared/data/cifar10-5k.npz \
-        --output_dir abl-cifar --budget_minutes 12 --num_samples 100 --variants small-data
-    python scripts/sampler_table.py --ablation_dir abl-cifar --variant small-data \
-        --cells ddim:25:1.5 ddim:50:1.5 dpmsolver++:20:1.5 ddpm:100:1.5
+        --output_dir abl-cifar --budget_images 3000 --num_samples 100 --variants small-data
+    python scripts/sampler_table.py --ablation_dir abl-cifar --variant small-data --output_dir cifar-samplers \
+        --cells ddim:25:1.5 ddim:50:1.5 dpmsolver++:20:1.5 ddpm:100:1.5 ddim:25:1.5:100
 
-Each cell is SAMPLER:STEPS:GUIDANCE; the variant's exported pipeline is sampled again for every cell with the
-ablation's seeds and sample count and scored with its classifier (class accuracy, Frechet distance in its features
-over the real-vs-real baseline), through the same code path as the ablation's own score (flowers_ddpm.experiments.
-ablation.Scorer). Results go to --output_dir (<ablation_dir>/<variant>/samplers)/results.json (cells already there are skipped)
-with one grid PNG per cell, and a markdown table (class accuracy / Frechet ratio) is printed. See docs/sampling.md.
+Each cell is SAMPLER:STEPS:GUIDANCE[:SEED]; the variant's exported pipeline is sampled again for every cell with
+the ablation's sample count and seeds (or seeds from SEED on) and scored with its classifier (class accuracy,
+Frechet distance in its features over the real-vs-real baseline) through the ablation's own scoring code
+(flowers_ddpm.experiments.ablation.Scorer). Results go to --output_dir (default <ablation_dir>/<variant>/samplers):
+results.json (cells already there are skipped on a rerun) and one grid PNG per cell; a markdown table (class
+accuracy / Frechet ratio) is printed. See docs/sampling.md.
 """
 
 import argparse
@@ -26,16 +27,21 @@ from flowers_ddpm.experiments import beds
 from flowers_ddpm.experiments.ablation import AblationSettings, Scorer
 
 
-def parse_cell(text: str) -> tuple[str, int, float]:
+def parse_cell(text: str) -> tuple[str, int, float, int]:
+    """SAMPLER:STEPS:GUIDANCE[:SEED] (seed: of the first sample; default 0, the ablation's)."""
     try:
-        name, steps, guidance = text.split(":")
-        return name, int(steps), float(guidance)
+        name, steps, guidance, *seed = text.split(":")
+        if len(seed) > 1:
+            raise ValueError
+        return name, int(steps), float(guidance), int(seed[0]) if seed else 0
     except ValueError:
-        raise UserError(f"a cell is SAMPLER:STEPS:GUIDANCE (e.g. ddim:25:1.5); got {text!r}") from None
+        raise UserError(f"a cell is SAMPLER:STEPS:GUIDANCE[:SEED] (e.g. ddim:25:1.5); got {text!r}") from None
 
 
 def table(rows: list[dict]) -> str:
-    """One row per sampler and step count, one column per guidance scale: class accuracy / Frechet ratio."""
+    """One row per sampler and step count, one column per guidance scale: class accuracy / Frechet ratio (of the
+    ablation's seeds; cells of other seeds are left out)."""
+    rows = [r for r in rows if not r.get("seed")]
     scales = sorted({r["guidance_scale"] for r in rows})
     lines = ["| sampler | steps | " + " | ".join(f"guidance {g:g}" for g in scales) + " |",
              "| --- | --- | " + " | ".join("---" for _ in scales) + " |"]
@@ -76,13 +82,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
-    for name, steps, guidance in cells:
-        if any((r["sampler"], r["steps"], r["guidance_scale"]) == (name, steps, guidance) for r in rows):
+    for name, steps, guidance, seed in cells:
+        if any((r["sampler"], r["steps"], r["guidance_scale"], r.get("seed", 0)) == (name, steps, guidance, seed)
+               for r in rows):
             continue
-        scorer.settings = dataclasses.replace(settings, sampler_steps=steps, guidance_scale=guidance)
+        # the seed only changes the samples: the judge and the real-vs-real baseline were set up with the ablation's
+        scorer.settings = dataclasses.replace(settings, sampler_steps=steps, guidance_scale=guidance, seed=seed)
         load = os.getloadavg()[0]
-        row = scorer.score(pipeline, out / f"{name}-{steps}-g{guidance:g}.png", name)
-        row.update(sampler=name, steps=steps, guidance_scale=guidance, frechet_ratio=row["frechet"] /
+        row = scorer.score(pipeline, out / f"{name}-{steps}-g{guidance:g}{f'-seed{seed}' if seed else ''}.png", name)
+        row.update(sampler=name, steps=steps, guidance_scale=guidance, seed=seed, frechet_ratio=row["frechet"] /
                    scorer.real_vs_real, real_vs_real=scorer.real_vs_real, load_before=load,
                    load_after=os.getloadavg()[0])
         rows.append(row)
