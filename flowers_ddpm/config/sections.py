@@ -149,7 +149,9 @@ class RunSettings:
     sample_scheduler: str = _opt(DEFAULT_SAMPLERS["ddpm"], "sampler for the sample grids and in-training "
                                  f"evaluation (with --objective edm: {DEFAULT_SAMPLERS['edm']} unless given)",
                                  SAMPLE_SCHEDULERS)
-    sample_guidance_scale: float = _opt(3.0, "classifier-free guidance scale of the sample grids of class-conditional runs", minimum=0.0)
+    sample_guidance_scale: float = _opt(1.5, "classifier-free guidance scale of the sample grids and in-training "
+                                        "evaluation of class-conditional runs (1.5: the best measured, "
+                                        "docs/sampling.md)", minimum=0.0)
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
     max_consecutive_nonfinite: int = _opt(10, "stop after this many consecutive steps with a non-finite loss or "
                                           "gradient (each such update is skipped)", minimum=1)
