@@ -137,8 +137,8 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
     _add_metric_arguments(parser, num_images=10000, dinov2_model="facebook/dinov2-base")
     parser.add_argument("--compare_schedulers", action="store_true",
-                        help="evaluate DDPM-1000, DDIM-50, DDIM-25, DPM-Solver++-20 and -10 on the same seeds (EDM-trained "
-                             "models: EDM Euler-50, EDM DPM-Solver++-50, -20 and -10)")
+                        help="evaluate DDPM-1000, DDIM-50, DDIM-25, DPM-Solver++-20 and -10 on the same seeds "
+                             "(EDM-trained models: EDM Euler-50, EDM DPM-Solver++-50, -20 and -10)")
     parser.add_argument("--output", default="metrics.json", help="JSON report; a markdown table goes next to it (.md)")
     data = parser.add_argument_group("reference data (default: the pipeline's training_config.yaml, else Flowers102)")
     for name in ("dataset_name", "dataset_config_name", "dataset_split", "train_data_dir", "image_column", "cache_dir"):

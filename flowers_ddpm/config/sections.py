@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
-from ..pipelines.sampler_names import DDPM_SAMPLERS, DEFAULT_SAMPLERS, EDM_SAMPLERS, SAMPLE_SCHEDULERS  # noqa: F401 (one home; re-exported)
+# sampler names have one home (shared with the sampling code); re-exported here for the config's users
+from ..pipelines.sampler_names import DDPM_SAMPLERS, DEFAULT_SAMPLERS, EDM_SAMPLERS, SAMPLE_SCHEDULERS  # noqa: F401
 
 FLOWERS_DATASET = "nelorth/oxford-flowers"
 HUB_DATASET_SETTINGS = ("dataset_name", "dataset_config_name")  # not used when train_data_dir is set
