@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num_images", type=int, default=16)
     sample.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default=None,
                         help="sampler (default: ddim for DDPM-trained models, the best measured in docs/sampling.md; "
-                             "an EDM model's own scheduler. ddpm uses learned variances)")
+                             "edm-dpmsolver++ for EDM-trained ones. ddpm uses learned variances)")
     sample.add_argument("--steps", type=int, default=50, help="sampler steps")
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     sample.add_argument("--batch_size", type=int, default=16)
