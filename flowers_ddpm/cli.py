@@ -147,7 +147,8 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                              "FID (e.g. the EMA lengths of `ema-reconstruct`: --model RUN/ema-reconstruct/*)")
     _add_metric_arguments(parser, num_images=10000, dinov2_model="facebook/dinov2-base")
     parser.add_argument("--compare_schedulers", action="store_true",
-                        help="evaluate DDPM-1000, DDIM-50, DDIM-25, DPM-Solver++-20 and -10 on the same seeds")
+                        help="evaluate DDPM-1000, DDIM-50, DDIM-25, DPM-Solver++-20 and -10 on the same seeds "
+                             "(EDM-trained models: EDM Euler-50, EDM DPM-Solver++-50, -20 and -10)")
     parser.add_argument("--output", default="metrics.json", help="JSON report; a markdown table goes next to it (.md)")
     data = parser.add_argument_group("reference data (default: the pipeline's training_config.yaml, else Flowers102)")
     for name in ("dataset_name", "dataset_config_name", "dataset_split", "train_data_dir", "image_column", "cache_dir"):
@@ -161,7 +162,8 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_metric_arguments(parser: argparse.ArgumentParser, num_images: int, dinov2_model: str) -> None:
     """How images are generated and measured: shared by `evaluate` and `sweep`."""
     parser.add_argument("--num_images", type=int, default=num_images, help="images to generate (over all processes)")
-    parser.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default="ddim", help="sampler")
+    parser.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default=None,
+                        help="sampler (default: by the model's family, as `sample` chooses)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--batch_size", type=int, default=64, help="images per batch and process")
@@ -392,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num_images", type=int, default=16)
     sample.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default=None,
                         help="sampler (default: ddim for DDPM-trained models, the best measured in docs/sampling.md; "
-                             "an EDM model's own scheduler. ddpm uses learned variances)")
+                             "edm-dpmsolver++ for EDM-trained ones. ddpm uses learned variances)")
     sample.add_argument("--steps", type=int, default=50, help="sampler steps")
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     sample.add_argument("--batch_size", type=int, default=16)

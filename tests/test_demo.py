@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 
 from flowers_ddpm.cli import main
-from flowers_ddpm.demo.generation import DemoModel, Request
+from flowers_ddpm.demo.app import sampler_choices
+from flowers_ddpm.demo.generation import OWN_SAMPLER, DemoModel, Request
 from flowers_ddpm.errors import UserError
-from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
+from flowers_ddpm.models.unet import build_edm_scheduler, build_noise_scheduler, build_unet
 from flowers_ddpm.pipelines.export import export_pipeline
 from flowers_ddpm.publish.report import tensor_to_image
 
@@ -75,10 +76,31 @@ def test_a_request_draws_the_grid_sample_writes_and_the_first_images_steps(pipel
 
     # the next request starts from the pipeline's own scheduler again (DDPM here; `sample`'s default is DDIM, so it
     # is named), as a fresh `sample` run does
-    again = model.run(Request(num_images=2, seed=0, sampler=None, steps=3))
+    again = model.run(Request(num_images=2, seed=0, sampler=OWN_SAMPLER, steps=3))
     assert np.array_equal(np.asarray(again.grid), sample_grid(pipeline_dir, tmp_path / "b.png", "--num_images",
                                                               "2", "--steps", "3", "--scheduler", "ddpm"))
     assert "DDPMScheduler with 3 steps" in again.summary
+
+
+def test_the_default_sampler_is_samples_default_for_the_models_family(pipeline_dir, tmp_path):
+    model = DemoModel(str(pipeline_dir), "cpu")
+    assert Request().sampler is None and model.default_sampler == "ddim"
+    result = model.run(Request(num_images=2, seed=1, steps=3))
+    assert result.summary.startswith("2 images, ddim with 3 steps")
+    assert np.array_equal(np.asarray(result.grid), sample_grid(pipeline_dir, tmp_path / "a.png", "--num_images",
+                                                               "2", "--seed", "1", "--steps", "3"))
+
+    torch.manual_seed(0)  # an EDM-trained model: DDIM cannot sample it, so its own family's default is chosen
+    edm_dir = export_pipeline(build_unet("tiny", 8), build_edm_scheduler(), tmp_path / "edm")
+    edm = DemoModel(str(edm_dir), "cpu")
+    assert edm.default_sampler == "edm-dpmsolver++"
+    assert [value for _, value in sampler_choices(edm)] == [OWN_SAMPLER, "edm-dpmsolver++", "edm-euler"]
+    result = edm.run(Request(num_images=2, seed=1, steps=3))
+    assert result.summary.startswith("2 images, edm-dpmsolver++ with 3 steps")
+    assert np.array_equal(np.asarray(result.grid), sample_grid(edm_dir, tmp_path / "b.png", "--num_images", "2",
+                                                               "--seed", "1", "--steps", "3"))
+    with pytest.raises(UserError, match="sampler must be one of edm-dpmsolver.., edm-euler; got 'ddim'"):
+        edm.run(Request(sampler="ddim"))
 
 
 @pytest.mark.parametrize("request_, message", [

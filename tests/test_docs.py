@@ -119,3 +119,35 @@ def test_readme_is_a_front_page_with_a_two_command_quickstart():
 def test_the_configuration_reference_is_generated_from_the_settings():
     page = (REPO / "docs" / "configuration.md").read_text()
     assert page == render(page), "run: python -m flowers_ddpm.config.reference docs/configuration.md"
+
+
+def test_the_documented_sampling_defaults_are_the_defaults():
+    """docs/sampling.md's table of defaults (sampler for DDPM- / EDM-trained models, steps, guidance) is what the
+    training grids, `sample`, `evaluate` and the demo use."""
+    from diffusers import DDPMScheduler
+
+    from flowers_ddpm.cli import build_parser
+    from flowers_ddpm.config.loading import build_config
+    from flowers_ddpm.demo.generation import Request
+    from flowers_ddpm.models.unet import build_edm_scheduler
+    from flowers_ddpm.pipelines.sampling import default_sampler
+
+    text = (REPO / "docs" / "sampling.md").read_text()
+    table = text.split("### Defaults", 1)[1].split("\n\n", 2)[1]
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in table.splitlines()[2:])}
+    grids, edm = build_config({}, {}).run, build_config({"objective": "edm"}, {}).run
+    by_family = [default_sampler(DDPMScheduler().config), default_sampler(build_edm_scheduler().config)]
+    parser = build_parser()
+    expected = {
+        "training sample grids and in-training evaluation": ([grids.sample_scheduler, edm.sample_scheduler],
+                                                             grids.ddpm_num_inference_steps),
+        "`flowers-ddpm sample`": (by_family, parser.parse_args(["sample", "--model", "m"]).steps),
+        "`flowers-ddpm evaluate`": (by_family, parser.parse_args(["evaluate", "--model", "m"]).steps),
+        "`flowers-ddpm demo`": (by_family, Request().steps),
+    }
+    for where, (samplers, steps) in expected.items():
+        sampler, shown_steps, guidance, _ = rows[where]
+        assert CODE.findall(sampler)[:2] == samplers and int(shown_steps) == steps, where
+    guidance = rows["training sample grids and in-training evaluation"][2]
+    assert float(re.match(r"[\d.]+", guidance).group()) == grids.sample_guidance_scale

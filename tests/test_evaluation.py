@@ -22,7 +22,7 @@ from flowers_ddpm.cli import main
 from flowers_ddpm.config.sections import DataSettings
 from flowers_ddpm.evaluation.metrics import compute_metrics, frechet_distance, kernel_distance, precision_recall
 from flowers_ddpm.evaluation.reference import load_or_compute_reference
-from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
+from flowers_ddpm.models.unet import build_edm_scheduler, build_noise_scheduler, build_unet
 from flowers_ddpm.pipelines.export import export_pipeline
 
 from .conftest import REPO, run_command, tiny_train_args
@@ -252,6 +252,23 @@ def test_metrics_and_evaluate_raise_no_user_warnings(pipeline_dir, image_folder,
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert main(["evaluate", *args]) == 0
+    # without --scheduler: sample's default sampler for a DDPM-trained model
+    assert json.loads((tmp_path / "m.json").read_text())["results"][0]["scheduler"] == "ddim"
+
+
+def test_an_edm_trained_pipeline_is_evaluated_with_an_edm_sampler_by_default(image_folder, tmp_path, capsys):
+    torch.manual_seed(0)
+    edm = export_pipeline(build_unet("tiny", 16), build_edm_scheduler(), tmp_path / "edm")
+    out, cache = tmp_path / "m.json", tmp_path / "cache"
+    # a sampler of the other family: one line, before the reference set is read
+    assert main(["evaluate", *evaluate_args(edm, image_folder, out, cache, "--scheduler", "ddim",
+                                            "--dinov2_model", "none")]) == 2
+    assert "scheduler ddim cannot sample an EDM-trained model" in capsys.readouterr().err
+    assert not cache.exists() and not out.exists()
+    assert main(["evaluate", *evaluate_args(edm, image_folder, out, cache, "--steps", "2", "--dinov2_model", "none",
+                                            "--no-precision_recall")]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert (row["scheduler"], row["steps"]) == ("edm-dpmsolver++", 2) and math.isfinite(row["fid"])
 
 
 def test_training_evaluates_every_n_steps_and_keeps_the_best_pipeline(image_folder, tmp_path):

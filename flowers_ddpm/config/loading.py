@@ -14,7 +14,7 @@ import yaml
 
 from ..errors import UserError
 from .recipes import RECIPES, recipe_settings
-from .sections import EDM_SAMPLERS, FIELDS, SECTIONS, TrainConfig
+from .sections import DEFAULT_SAMPLERS, FIELDS, SECTIONS, TrainConfig
 from .validation import validate
 
 FINETUNE_LEARNING_RATE = 2e-5  # default LR when fine-tuning all (or --train_only) weights of a pretrained UNet
@@ -142,9 +142,9 @@ def _recipe_defaults(merged: dict) -> None:
 
 
 def _objective_defaults(merged: dict, explicit: frozenset) -> None:
-    """EDM models sample with EDM schedulers: the sample grids' default sampler becomes edm-dpmsolver++."""
+    """EDM models sample with EDM schedulers: the sample grids' default sampler becomes the EDM default."""
     if merged.get("objective") == "edm" and "sample_scheduler" not in explicit:
-        merged["sample_scheduler"] = EDM_SAMPLERS[0]
+        merged["sample_scheduler"] = DEFAULT_SAMPLERS["edm"]
 
 
 def _finetune_defaults(merged: dict) -> None:

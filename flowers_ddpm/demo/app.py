@@ -13,11 +13,10 @@ import logging
 from typing import Optional
 
 from ..errors import UserError
-from .generation import MAX_IMAGES, SAMPLERS, DemoModel, Request
+from .generation import MAX_IMAGES, OWN_SAMPLER, DemoModel, Request
 
 logger = logging.getLogger(__name__)
 INSTALL_HINT = 'the demo needs gradio, which is not installed: pip install -e ".[demo]" (or pip install gradio)'
-OWN_SAMPLER = ""  # the sampler dropdown's value for the pipeline's own scheduler
 # small images shown large with sharp pixels; the served file keeps its size (it is the PNG `sample` writes)
 CSS = ("#grid img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
        " #strip img { image-rendering: pixelated; }")
@@ -44,7 +43,7 @@ def build_demo(model: str | DemoModel, device: Optional[str] = None, allow_model
         return [gr.update(choices=names or [], value=[], visible=names is not None),
                 gr.update(value=m.default_guidance_scale, visible=m.conditional),
                 gr.update(value=m.default_classifier_scale, visible=m.classifier is not None),
-                gr.update(choices=sampler_choices(m))]
+                gr.update(choices=sampler_choices(m), value=m.default_sampler)]
 
     def on_load(name: str):
         try:
@@ -81,7 +80,7 @@ def build_demo(model: str | DemoModel, device: Optional[str] = None, allow_model
                 num_images = gr.Slider(1, MAX_IMAGES, value=Request.num_images, step=1, label="number of images",
                                        elem_id="num_images")
                 seed = gr.Number(Request.seed, precision=0, label="seed", elem_id="seed")
-                sampler = gr.Dropdown(sampler_choices(loaded), value=Request.sampler, label="sampler",
+                sampler = gr.Dropdown(sampler_choices(loaded), value=loaded.default_sampler, label="sampler",
                                       elem_id="sampler")
                 steps = gr.Number(Request.steps, precision=0, label="steps", elem_id="steps")
                 names = loaded.class_names
@@ -110,8 +109,8 @@ def build_demo(model: str | DemoModel, device: Optional[str] = None, allow_model
 
 
 def sampler_choices(model: DemoModel) -> list[tuple[str, str]]:
-    """(label, value) pairs: the pipeline's own scheduler, then the `sample` command's samplers."""
-    return [(f"pipeline's own ({model.own_sampler})", OWN_SAMPLER)] + [(name, name) for name in SAMPLERS]
+    """(label, value) pairs: the pipeline's own scheduler, then the `sample` command's samplers for its family."""
+    return [(f"pipeline's own ({model.own_sampler})", OWN_SAMPLER)] + [(name, name) for name in model.samplers]
 
 
 def serve(demo, host: Optional[str] = None, port: Optional[int] = None, share: bool = False) -> None:

@@ -17,22 +17,23 @@ from PIL import Image
 
 from ..errors import UserError
 from ..pipelines.conditioning import resolve_conditioning
-from ..pipelines.sampling import generate, image_grid, load_pipeline, scheduler_classes
+from ..pipelines.sampling import default_sampler, generate, image_grid, load_pipeline, samplers_for
 from ..publish.report import labelled_row, strip_indices, tensor_to_image
 
 MAX_IMAGES = 16
-SAMPLERS = tuple(scheduler_classes())  # the `sample` command's --scheduler choices
+OWN_SAMPLER = "own"  # Request.sampler for the pipeline's own scheduler
 STRIP_COLUMNS = 6
 
 
 @dataclasses.dataclass
 class Request:
-    """The page's controls. `sampler` None is the pipeline's own scheduler; scales None are the pipeline's saved
-    defaults; `classes` are names or indices, image i gets class i mod len(classes) (none: unconditional)."""
+    """The page's controls. `sampler` None is the model's default sampler (the one `sample` uses without
+    --scheduler), OWN_SAMPLER the pipeline's own scheduler; scales None are the pipeline's saved defaults; `classes`
+    are names or indices, image i gets class i mod len(classes) (none: unconditional)."""
 
     num_images: int = 4
     seed: int = 0
-    sampler: Optional[str] = "ddim"
+    sampler: Optional[str] = None
     steps: int = 25
     classes: Sequence[str] = ()
     guidance_scale: Optional[float] = None
@@ -92,6 +93,16 @@ class DemoModel:
     def own_sampler(self) -> str:
         return type(self._scheduler).__name__
 
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The `sample` command's --scheduler choices that fit this model's family (DDPM or EDM)."""
+        return samplers_for(self._scheduler.config)
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler `sample` uses for this model without --scheduler."""
+        return default_sampler(self._scheduler.config)
+
     def run(self, request: Request) -> Result:
         """Draw the request's images; UserError (one sentence) for anything the user can fix."""
 
@@ -99,8 +110,9 @@ class DemoModel:
                                    _whole_number(request.seed, "seed"), _whole_number(request.steps, "steps"))
         if not 1 <= num_images <= MAX_IMAGES:
             raise UserError(f"number of images must be 1 to {MAX_IMAGES}; got {num_images}")
-        if request.sampler and request.sampler not in SAMPLERS:
-            raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}; got {request.sampler!r}")
+        sampler = request.sampler or self.default_sampler
+        if sampler != OWN_SAMPLER and sampler not in self.samplers:
+            raise UserError(f"sampler must be one of {', '.join(self.samplers)}; got {sampler!r}")
         self.pipe.scheduler = self._scheduler
         labels = resolve_conditioning(self.pipe, [c for c in request.classes if str(c).strip()] or None)
         # as `sample`: guidance scales only with labels, the classifier's only for a pipeline that carries one
@@ -117,13 +129,14 @@ class DemoModel:
         hook = self.pipe.unet.register_forward_pre_hook(keep_first_image, with_kwargs=True)
         start = time.perf_counter()
         try:
-            images = generate(self.pipe, num_images, steps, seed, request.sampler or None,
+            images = generate(self.pipe, num_images, steps, seed, None if sampler == OWN_SAMPLER else sampler,
                               batch_size=min(num_images, MAX_IMAGES), class_labels=labels,
                               guidance_scale=guidance_scale, classifier_scale=classifier_scale)
         finally:
             hook.remove()
         seconds = time.perf_counter() - start
-        sampler = request.sampler or self.own_sampler
+        if sampler == OWN_SAMPLER:
+            sampler = self.own_sampler
         summary = (f"{num_images} image{'s' if num_images > 1 else ''}, {sampler} with {steps} steps, seed {seed}: "
                    f"{seconds:.2f} s on {self.device.type}")
         return Result(images, image_grid(images), _strip(states, images[0], steps), seconds, summary)

@@ -19,7 +19,7 @@ from ..config.sections import DataSettings
 from ..errors import UserError
 from ..pipelines.conditioning import resolve_conditioning
 from ..pipelines.export import TRAINING_CONFIG_NAME
-from ..pipelines.sampling import load_pipeline
+from ..pipelines.sampling import default_sampler, is_edm_config, load_pipeline, make_scheduler
 from .evaluate import SamplingSettings, conditioning_record, evaluate_pipeline
 from .features import InceptionFeatures, build_dinov2_network, build_inception_network
 from .reference import load_or_compute_reference
@@ -83,7 +83,7 @@ class EvaluateOptions:
 
     model: str
     num_images: int = 10000
-    scheduler: Optional[str] = "ddim"
+    scheduler: Optional[str] = None  # None: pipelines.sampling.default_sampler, by the pipeline's family
     steps: int = 50
     seed: int = 0
     batch_size: int = 64
@@ -133,10 +133,16 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict, write_output: boo
     pipe.set_progress_bar_config(disable=True)
     # class-conditional: the requested classes, else every class in turn
     labels = resolve_conditioning(pipe, options.class_labels, options.guidance_scale, every_class=True)
+    config = pipe.scheduler.config
+    if options.compare_schedulers:
+        runs = EDM_SCHEDULER_COMPARISON if is_edm_config(config) else SCHEDULER_COMPARISON
+    else:
+        runs = ((options.scheduler or default_sampler(config), options.steps),)
+    for name, _ in runs:  # a sampler of the other family is refused before the reference is computed
+        make_scheduler(name, config)
     data = reference_data_config(options.model, data_flags, int(pipe.unet.config.sample_size))
     reference = load_or_compute_reference(accelerator, data, networks, options.reference_cache_dir,
                                           options.batch_size, options.reference_num_images)
-    runs = SCHEDULER_COMPARISON if options.compare_schedulers else ((options.scheduler, options.steps),)
     rows = []
     for scheduler, steps in runs:
         sampling = SamplingSettings(options.num_images, scheduler, steps, options.seed, options.batch_size,
@@ -200,4 +206,7 @@ def write_ranking(comparison: dict, json_path: Path) -> Path:
 
 # --compare_schedulers: the quality/speed trade-off users ask about, on the same model and seeds
 SCHEDULER_COMPARISON = (("ddpm", 1000), ("ddim", 50), ("ddim", 25), ("dpmsolver++", 20), ("dpmsolver++", 10))
+# the same for EDM-trained pipelines, which only EDM samplers can sample (Euler: first order, like DDIM)
+EDM_SCHEDULER_COMPARISON = (("edm-euler", 50), ("edm-dpmsolver++", 50), ("edm-dpmsolver++", 20),
+                            ("edm-dpmsolver++", 10))
 

@@ -32,6 +32,7 @@ from .._util.hub_ids import is_hub_id
 from ..errors import UserError
 from ..models.classifier import NoiseAwareClassifier
 from .guided import GuidedDDPMPipeline, is_edm_scheduler
+from .sampler_names import DEFAULT_SAMPLERS
 
 
 def scheduler_classes() -> dict:
@@ -49,11 +50,16 @@ def is_edm_config(config) -> bool:
     return "sigma_data" in config
 
 
-def default_sampler(config) -> Optional[str]:
-    """The sampler of the `sample` command without --scheduler: DDIM for DDPM-family models (the best measured in
-    docs/sampling.md; their own scheduler is usually DDPM, which measured worst at 50 steps), None (the
-    pipeline's own scheduler) for EDM models, which DDIM cannot sample."""
-    return None if is_edm_config(config) else "ddim"
+def samplers_for(config) -> tuple[str, ...]:
+    """The sampler names that can sample a model with this scheduler config: its family's (DDPM or EDM)."""
+    return tuple(edm_scheduler_classes() if is_edm_config(config) else scheduler_classes())
+
+
+def default_sampler(config) -> str:
+    """The sampler used where none is chosen (`sample`, `evaluate`, the demo), by the model's family: the best
+    measured in docs/sampling.md for DDPM-family models (their own scheduler is usually DDPM, which measured worst),
+    EDM DPM-Solver++ (what EDM exports ship) for EDM-trained models, which no DDPM-family sampler can sample."""
+    return DEFAULT_SAMPLERS["edm" if is_edm_config(config) else "ddpm"]
 
 
 # a beta schedule only DDPMScheduler computes (DDIM and DPM-Solver take them as trained_betas)

@@ -1,0 +1,8 @@
+"""Sampler names by model family and the sampler used where none is chosen, in one place without imports: the
+config (flag choices, the training grids' default) and the sampling code (`sample`, `evaluate`, the demo, through
+sampling.default_sampler) share them. Why these defaults: docs/sampling.md."""
+
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # for models trained with --objective ddpm
+EDM_SAMPLERS = ("edm-dpmsolver++", "edm-euler")  # for models trained with --objective edm
+SAMPLE_SCHEDULERS = DDPM_SAMPLERS + EDM_SAMPLERS
+DEFAULT_SAMPLERS = {"ddpm": "ddim", "edm": "edm-dpmsolver++"}  # family (objective) -> default sampler
