@@ -110,8 +110,9 @@ def _add_attach_classifier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", required=True, metavar="DIR", help="the --output_dir of train-classifier")
     parser.add_argument("--output", required=True, help="pipeline folder to write")
     parser.add_argument("--classifier_scale", type=float, default=1.0, help="the saved default classifier scale")
-    parser.add_argument("--guidance_scale", type=float, default=1.0,
-                        help="the saved default classifier-free guidance scale (class-conditional models)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="the saved default classifier-free guidance scale (class-conditional models; default: "
+                             "the model's own saved scale)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
 
 
@@ -189,7 +190,7 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
                              f"'pink primrose'), image i gets label i mod the number given (default: {without_labels})")
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="classifier-free guidance scale: 1 = conditional model, 0 = unconditional, >1 stronger "
-                             "(default 1)")
+                             "(default: the pipeline's saved scale, 1.5 in class-conditional models trained here)")
 
 
 def _sweep(args: argparse.Namespace) -> None:

@@ -68,6 +68,17 @@ def reset_accelerate() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A CPU run lowers PyTorch's threads when other processes keep cores busy (--cpu_threads auto); the next test
+    starts from the same number as every other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _reset_accelerate():
     """Give each in-process run a fresh accelerate state."""
     yield

@@ -48,6 +48,20 @@ def test_labels_steer_the_colour_and_guidance_changes_the_output(trained):
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(guided, unguided))
 
 
+def test_class_conditional_exports_save_the_measured_guidance_scale_as_their_default(tmp_path):
+    """1.5 (docs/sampling.md): what sample, evaluate, the demo and a plain diffusers call use when given none;
+    an unconditional learned-variance export keeps 1, and attach-classifier keeps the model's scale."""
+    from flowers_ddpm.pipelines.sampler_names import DEFAULT_GUIDANCE_SCALE
+
+    scheduler = build_noise_scheduler(1000, "linear", "epsilon", learn_sigma=True)
+    conditional = export_pipeline(build_unet("tiny", 16, num_classes=3, learn_sigma=True), scheduler,
+                                  tmp_path / "conditional", class_names=["blue", "green", "red"])
+    unconditional = export_pipeline(build_unet("tiny", 16, learn_sigma=True), scheduler, tmp_path / "unconditional")
+    assert json.loads((conditional / "model_index.json").read_text())["guidance_scale"] == DEFAULT_GUIDANCE_SCALE
+    assert load_pipeline(str(conditional), torch.device("cpu")).config.guidance_scale == DEFAULT_GUIDANCE_SCALE
+    assert json.loads((unconditional / "model_index.json").read_text())["guidance_scale"] == 1.0
+
+
 @pytest.mark.slow
 def test_exported_pipeline_reloads_in_plain_diffusers_and_reproduces_the_images(trained):
     from diffusers import DiffusionPipeline

@@ -13,7 +13,7 @@ from flowers_ddpm.cli import main
 from flowers_ddpm.config.loading import build_config
 from flowers_ddpm.experiments.benchmark import model_probe
 from flowers_ddpm.experiments.sweep import plan_trials
-from flowers_ddpm.training.device import bf16_supported
+from flowers_ddpm.training.device import DEFAULT_THREADS, bf16_supported, choose_cpu_threads
 from flowers_ddpm.training.precision import (
     COMPILE_MIN_RUN_S,
     Variant,
@@ -168,6 +168,19 @@ def test_auto_is_the_default_and_train_records_what_ran(image_folder, tmp_path, 
     assert info["mixed_precision"] == {"setting": "no", "used": "no", "how": "explicit"}
     assert info["channels_last"] == {"setting": True, "used": True, "how": "explicit"}
     assert info["compile"] == {"setting": False, "used": False, "how": "explicit"}
+    assert info["cpu_threads"]["setting"] == "auto" and 1 <= info["cpu_threads"]["used"] <= DEFAULT_THREADS
+
+
+@pytest.mark.parametrize("requested, others_load, expected", [
+    (None, 0.0, (2, "default")),  # an idle 2-core machine: PyTorch's default
+    (None, 0.4, (2, "default")),  # a little background work: still both cores
+    (None, 1.0, (1, "other")),  # one busy process: the thread that would share its core is dropped
+    (None, 5.0, (1, "other")),  # never fewer than one
+    (2, 5.0, (2, "explicit")),  # a value given is used as given
+])
+def test_cpu_threads_leave_the_cores_other_processes_keep_busy(requested, others_load, expected):
+    threads, how = choose_cpu_threads(requested, cores=2, others_load=others_load, default=2)
+    assert (threads, how.split()[0]) == expected
 
 
 @pytest.mark.parametrize("seconds, expected", [

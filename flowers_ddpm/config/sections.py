@@ -16,7 +16,8 @@ from typing import Any, Optional
 import yaml
 
 # sampler names have one home (shared with the sampling code); re-exported here for the config's users
-from ..pipelines.sampler_names import DDPM_SAMPLERS, DEFAULT_SAMPLERS, EDM_SAMPLERS, SAMPLE_SCHEDULERS  # noqa: F401
+from ..pipelines.sampler_names import (  # noqa: F401
+    DDPM_SAMPLERS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLERS, EDM_SAMPLERS, SAMPLE_SCHEDULERS)
 
 FLOWERS_DATASET = "nelorth/oxford-flowers"
 HUB_DATASET_SETTINGS = ("dataset_name", "dataset_config_name")  # not used when train_data_dir is set
@@ -159,7 +160,7 @@ class RunSettings:
     sample_scheduler: str = _opt(DEFAULT_SAMPLERS["ddpm"], "sampler for the sample grids and in-training "
                                  f"evaluation (with --objective edm: {DEFAULT_SAMPLERS['edm']} unless given)",
                                  SAMPLE_SCHEDULERS)
-    sample_guidance_scale: float = _opt(1.5, "classifier-free guidance scale of the sample grids and in-training "
+    sample_guidance_scale: float = _opt(DEFAULT_GUIDANCE_SCALE, "classifier-free guidance scale of the sample grids and in-training "
                                         "evaluation of class-conditional runs (1.5: the best measured, "
                                         "docs/sampling.md)", minimum=0.0)
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
@@ -224,6 +225,10 @@ class SpeedSettings:
                                          "start against NCHW in the run's precision, NCHW only if >= 5% faster "
                                          "(channels-last when accelerate's config sets the precision)")
     allow_tf32: bool = _opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs")
+    cpu_threads: Optional[int] = _opt(None, "PyTorch threads per process on a CPU; unset (auto) = PyTorch's default "
+                                      "lowered to the cores other processes leave idle (1-minute load average, at "
+                                      "least 1): threads that share cores with busy processes spin, 10-20x slower "
+                                      "(docs/speed.md)", minimum=1)
     compile: Optional[bool] = _opt(None, "torch.compile the UNet in place (the first steps compile); unset (auto) = "
                                    "eager unless the run is projected to take >= 30 min eager and the timed compile "
                                    "time is paid back twice by the timed faster steps")

@@ -19,6 +19,7 @@ from .._util.atomic import atomic_folder
 from ..models import classifier
 from . import guided
 from .guided import GuidedDDPMPipeline, is_edm_scheduler
+from .sampler_names import DEFAULT_GUIDANCE_SCALE
 from .sampling import load_classifier, load_pipeline, with_classifier
 
 TRAINING_CONFIG_NAME = "training_config.yaml"
@@ -35,9 +36,12 @@ def needs_guided_pipeline(unet, noise_scheduler=None) -> bool:
 
 
 def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None):
-    """A plain diffusers DDPMPipeline for an unconditional DDPM UNet, a GuidedDDPMPipeline otherwise."""
+    """A plain diffusers DDPMPipeline for an unconditional DDPM UNet, a GuidedDDPMPipeline otherwise (saving the
+    measured best classifier-free guidance scale as its default when the UNet is class-conditional)."""
     if needs_guided_pipeline(unet, noise_scheduler):
-        return GuidedDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
+        guidance = DEFAULT_GUIDANCE_SCALE if unet.config.num_class_embeds else 1.0
+        return GuidedDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names,
+                                  guidance_scale=guidance)
     return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
 
 
@@ -86,7 +90,7 @@ def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yam
 
 
 def attach_classifier(model: str, classifier_dir: str, output: str | Path, classifier_scale: float = 1.0,
-                      guidance_scale: float = 1.0) -> Path:
+                      guidance_scale: Optional[float] = None) -> Path:
     """Write a GuidedDDPMPipeline folder at `output`: the pipeline `model` (conditional or not) with the classifier
     of `classifier_dir` as its saved `classifier` component and the given default guidance scales, loadable with
     only diffusers installed. The source's training config is kept."""
@@ -94,6 +98,8 @@ def attach_classifier(model: str, classifier_dir: str, output: str | Path, class
     classifier = load_classifier(classifier_dir, device)
     pipe = with_classifier(load_pipeline(model, device), classifier)
     pipe.register_modules(classifier=classifier)
+    if guidance_scale is None:  # keep the model's saved classifier-free guidance (1 for unconditional models)
+        guidance_scale = getattr(pipe.config, "guidance_scale", 1.0)
     pipe.register_to_config(classifier_scale=float(classifier_scale), guidance_scale=float(guidance_scale))
     source_config = Path(model) / TRAINING_CONFIG_NAME
 

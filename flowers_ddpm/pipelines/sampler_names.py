@@ -6,3 +6,6 @@ DDPM_SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # for models trained with --obj
 EDM_SAMPLERS = ("edm-dpmsolver++", "edm-euler")  # for models trained with --objective edm
 SAMPLE_SCHEDULERS = DDPM_SAMPLERS + EDM_SAMPLERS
 DEFAULT_SAMPLERS = {"ddpm": "ddim", "edm": "edm-dpmsolver++"}  # family (objective) -> default sampler
+# Classifier-free guidance where none is given: the training grids and what a class-conditional export saves as
+# its default (sample, evaluate, the demo and a plain diffusers call use it). Best or tied on both beds.
+DEFAULT_GUIDANCE_SCALE = 1.5

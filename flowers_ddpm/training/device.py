@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Iterator
+import math
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
@@ -23,6 +27,48 @@ def configure_backends(allow_tf32: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         torch.backends.cudnn.allow_tf32 = allow_tf32
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution kernels once
+
+
+DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own choice (or OMP_NUM_THREADS), before any run lowers it
+
+
+def process_load_share() -> float:
+    """This process's own part of the 1-minute load average: its busy fraction since it started, weighted by how
+    much of the average's exponential window (60 s) that time fills. A fresh command is ~0; a test session that has
+    trained in-process for minutes is ~1. Linux (/proc); 0 elsewhere."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        elapsed = float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if elapsed <= 0:
+        return 0.0
+    return min(1.0, time.process_time() / elapsed) * (1 - math.exp(-elapsed / 60))
+
+
+def choose_cpu_threads(requested: Optional[int], cores: int, others_load: float, default: int) -> tuple[int, str]:
+    """PyTorch's CPU threads for a run, and how they were chosen. Unset: PyTorch's default, lowered to the cores
+    that other processes leave idle (`others_load`: the load average less this process's share). OpenMP threads
+    busy-wait for each other; when a busy process holds one of their cores the team waits on a descheduled thread
+    at every operator: a 2-thread training step ran 10-20x slower than a 1-thread one on a 2-core machine that one
+    other process kept busy (docs/speed.md)."""
+    if requested is not None:
+        return requested, "explicit"
+    free = max(1, int(cores - others_load + 0.5))
+    if free >= default:
+        return default, "default"
+    return free, f"other processes keep {others_load:.1f} of {cores} cores busy (1-minute load average)"
+
+
+def set_cpu_threads(requested: Optional[int]) -> tuple[int, str]:
+    """Apply `choose_cpu_threads` to this process (CPU runs); returns the threads and how they were chosen."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads, how = choose_cpu_threads(requested, cores, max(0.0, load - process_load_share()), DEFAULT_THREADS)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads, how
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..models.unet import check_preset
 from ..publish.hub import require_token
 from . import checkpointing
-from .device import DeviceBatches
+from .device import DeviceBatches, set_cpu_threads
 from .precision import (
     LAYOUT_SHARE,
     PROBE_BUDGET_S,
@@ -101,11 +101,13 @@ class SpeedChoices(NamedTuple):
     precision: PrecisionChoice
     channels_last: SettingChoice
     compile: SettingChoice
+    cpu_threads: Optional[dict] = None  # CPU runs: {"setting", "used", "how"}
 
     def records(self, used_precision: Optional[str] = None) -> dict:
         """For training_info.json: each setting, what ran, how it was decided and the figures."""
-        return {"mixed_precision": self.precision.record(used_precision),
-                "channels_last": self.channels_last.record(), "compile": self.compile.record()}
+        records = {"mixed_precision": self.precision.record(used_precision),
+                   "channels_last": self.channels_last.record(), "compile": self.compile.record()}
+        return {**records, "cpu_threads": self.cpu_threads} if self.cpu_threads else records
 
 
 def resolve_speed(cfg: TrainConfig, probe: Probe, num_examples: Optional[int]) -> SpeedChoices:
@@ -115,8 +117,14 @@ def resolve_speed(cfg: TrainConfig, probe: Probe, num_examples: Optional[int]) -
     speed = cfg.speed
     timed = speed.mixed_precision == "auto" or speed.channels_last is None or speed.compile is None
     # the device accelerate will use (PartialState does not fix mixed precision; the Accelerator does)
-    state = PartialState() if timed else None
-    device = state.device if state else None
+    state = PartialState()
+    device = state.device if timed else None
+    threads = None
+    if state.device.type == "cpu":  # before anything is timed: the probe measures the threads that will run
+        used, how = set_cpu_threads(speed.cpu_threads)
+        threads = {"setting": "auto" if speed.cpu_threads is None else speed.cpu_threads, "used": used, "how": how}
+        if how not in ("explicit", "default"):
+            logger.info("cpu_threads auto -> %d (%s)", used, how)
     what = f"{cfg.model.model_preset} at {cfg.data.resolution}px, batch {cfg.optim.train_batch_size} on {device}"
     layout_timed = speed.channels_last is None and speed.mixed_precision == "auto"
     budget = PROBE_BUDGET_S * (1 - LAYOUT_SHARE) if layout_timed else PROBE_BUDGET_S
@@ -138,7 +146,7 @@ def resolve_speed(cfg: TrainConfig, probe: Probe, num_examples: Optional[int]) -
         if choice.how != "explicit":
             logger.info("%s", choice.describe(what))
     speed.channels_last, speed.compile = layout.value, compiled.value
-    return SpeedChoices(precision, layout, compiled)
+    return SpeedChoices(precision, layout, compiled, threads)
 
 
 def make_accelerator(cfg: TrainConfig, mixed_precision: Optional[str] = None):
