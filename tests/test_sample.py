@@ -9,7 +9,7 @@ from PIL import Image
 from flowers_ddpm.cli import main
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
 from flowers_ddpm.pipelines.export import export_pipeline
-from flowers_ddpm.pipelines.sampling import generate, load_pipeline
+from flowers_ddpm.pipelines.sampling import generate, image_grid, load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,13 @@ def test_one_progress_bar_counts_every_image(pipeline_dir, tmp_path, capsys):
     pipe.set_progress_bar_config(leave=False, desc="mine")
     generate(pipe, 1, 2, seed=0)
     assert pipe._progress_bar_config == {"leave": False, "desc": "mine"}  # the caller's settings are kept
+
+
+@pytest.mark.parametrize("count, cols, rows", [(10, 5, 2), (16, 4, 4), (12, 4, 3), (3, 3, 1), (7, 3, 3)])
+def test_grids_fill_their_rows_where_the_count_allows(count, cols, rows):
+    """One image per class of a 10-class run is 5 x 2, not a 4 x 3 grid with two black tiles; a prime count pads."""
+    tiles = [Image.new("RGB", (4, 4), (255, 255, 255)) for _ in range(count)]
+    grid = image_grid(tiles)
+    assert grid.size == (4 * cols, 4 * rows)
+    black = sum(grid.getpixel((4 * c, 4 * r)) == (0, 0, 0) for r in range(rows) for c in range(cols))
+    assert black == cols * rows - count

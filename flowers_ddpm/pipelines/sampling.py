@@ -278,8 +278,10 @@ def _generate_batch(pipe, start: int, count: int, steps: int, seed: int, class_l
 
 
 def image_grid(images: list[Image.Image]) -> Image.Image:
-    """A near-square grid (diffusers' make_image_grid), padding the last row with black tiles."""
-    cols = math.ceil(math.sqrt(len(images)))
+    """A near-square grid (diffusers' make_image_grid): full rows where a column count up to twice the square's
+    divides the images (10 images: 5 x 2), else the square's columns with the last row padded by black tiles."""
+    square = math.ceil(math.sqrt(len(images)))
+    cols = next((c for c in range(square, min(len(images), 2 * square) + 1) if len(images) % c == 0), square)
     rows = math.ceil(len(images) / cols)
     padded = images + [Image.new("RGB", images[0].size)] * (rows * cols - len(images))
     return make_image_grid(padded, rows=rows, cols=cols)

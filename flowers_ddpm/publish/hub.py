@@ -28,6 +28,10 @@ from .report import enlarge, image_size
 
 logger = logging.getLogger(__name__)
 
+# what each of diffusers' prediction types means, for the card's readers
+PREDICTS = {"epsilon": "the noise (epsilon)", "v_prediction": "v = alpha * noise - sigma * image (v_prediction)",
+            "sample": "the clean image (sample)"}
+
 
 def require_token(token: Optional[str] = None) -> None:
     """Fail early, with one sentence, when no Hub token is available (`token`: one given explicitly)."""
@@ -232,8 +236,8 @@ def build_model_card(pipeline_dir: Path, repo_id: str, image_names: list[str], l
          f"{config.get('train_batch_size', '?')} x {config.get('gradient_accumulation_steps', '?')}"),
         ("learning rate", config.get("learning_rate", "unknown")),
         ("EMA", "yes" if config.get("use_ema") else "no"),
-        ("noise schedule", f"{sched.get('num_train_timesteps', '?')} steps, {sched.get('beta_schedule', '?')} betas, "
-                           f"predicts {sched.get('prediction_type', '?')}"),
+        ("noise schedule", f"{sched.get('num_train_timesteps', '?')} steps, {sched.get('beta_schedule', '?')} betas"),
+        ("the UNet predicts", PREDICTS.get(sched.get("prediction_type"), sched.get("prediction_type", "unknown"))),
         ("UNet", f"blocks {unet.get('block_out_channels', '?')}"),
         ("hardware", info.get("hardware", "unknown")),
         ("training time", _duration(info.get("training_seconds"))),
