@@ -33,7 +33,7 @@ def test_same_seed_same_images_and_files(pipeline_dir, tmp_path):
     other = sample(pipeline_dir, tmp_path / "c.png", "--seed", "1", "--scheduler", "ddim")
     assert first == again  # batch size does not change the images either
     assert first != other
-    assert Image.open(tmp_path / "a.png").size == (48, 32)  # 5 images -> 3 x 2 grid of 16 px tiles
+    assert Image.open(tmp_path / "a.png").size == (80, 16)  # 5 images -> one full row of 16 px tiles
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [f"{i:05d}.png" for i in range(5)]
 
 
