@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (set before any Hub library loads)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -18,6 +19,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from flowers_ddpm.cli import main  # noqa: E402
 from flowers_ddpm.experiments.soak import make_class_folder, tiny_train_args  # noqa: E402, F401 (shared with tests)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +85,14 @@ def _reset_accelerate():
     """Give each in-process run a fresh accelerate state."""
     yield
     reset_accelerate()
+
+
+def resume_from_copy(data: Path, straight: Path, resumed: Path, step: int, **flags) -> int:
+    """Copy `straight`'s checkpoint at `step` into the fresh output folder `resumed` and resume the same tiny
+    training there (a run that was stopped at `step`); returns the exit code."""
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / f"checkpoint-{step}", resumed / "checkpoints" / f"checkpoint-{step}")
+    return main(["train", *tiny_train_args(data, resumed, resume_from_checkpoint="latest", **flags)])
 
 
 def run_command(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ diffusers pipelines and resume exactly."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from flowers_ddpm.models.augment_conditioning import (
 from flowers_ddpm.models.unet import build_unet
 from flowers_ddpm.objectives.augment import LABEL_DIM, AugmentPipe
 
-from .conftest import tiny_train_args
+from .conftest import resume_from_copy, tiny_train_args
 
 
 def images(n: int = 8, size: int = 16) -> torch.Tensor:
@@ -94,9 +93,7 @@ def test_augmented_run_resumes_exactly_and_exports_a_plain_pipeline(image_folder
                  **flags)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", *tiny_train_args(image_folder, straight, **flags)]) == 0
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
-    assert main(["train", *tiny_train_args(image_folder, resumed, resume_from_checkpoint="latest", **flags)]) == 0
+    assert resume_from_copy(image_folder, straight, resumed, 3, **flags) == 0
     a, b = straight / "checkpoints" / "checkpoint-6", resumed / "checkpoints" / "checkpoint-6"
     for name in ("model.safetensors", "ema.safetensors"):
         weights_a, weights_b = load_file(a / name), load_file(b / name)

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ from flowers_ddpm.models.unet import build_edm_scheduler, build_noise_scheduler
 from flowers_ddpm.objectives.edm import EDMObjective
 from flowers_ddpm.pipelines.sampling import generate, load_pipeline, make_scheduler
 
-from .conftest import make_class_folder, tiny_train_args
+from .conftest import make_class_folder, resume_from_copy, tiny_train_args
 
 COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}  # sub-folder order = label order
 CHANNEL_OF_CLASS = {0: 2, 1: 1, 2: 0}
@@ -121,9 +120,7 @@ def test_resume_is_exact(image_folder, tmp_path):
                  random_flip=True, shuffle_buffer_size=10, train_batch_size=3)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", *tiny_train_args(image_folder, straight, **flags)]) == 0
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
-    assert main(["train", *tiny_train_args(image_folder, resumed, resume_from_checkpoint="latest", **flags)]) == 0
+    assert resume_from_copy(image_folder, straight, resumed, 3, **flags) == 0
     a, b = straight / "checkpoints" / "checkpoint-6", resumed / "checkpoints" / "checkpoint-6"
     weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

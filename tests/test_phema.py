@@ -4,7 +4,6 @@ in checkpoints (resume stays exact), and `ema-reconstruct` synthesising other EM
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from flowers_ddpm.cli import main
 from flowers_ddpm.training import phema
 
-from .conftest import tiny_train_args
+from .conftest import resume_from_copy, tiny_train_args
 
 
 def test_sigma_rel_and_exponent_match_edm2():
@@ -75,9 +74,7 @@ def test_training_snapshots_resume_exactly_and_reconstruct_to_pipelines(image_fo
         "step-0000002.safetensors", "step-0000004.safetensors", "step-0000006.safetensors"]
     assert (straight / "checkpoints" / "checkpoint-3" / "phema.safetensors").is_file()
 
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
-    assert main(["train", *tiny_train_args(image_folder, resumed, resume_from_checkpoint="latest", **flags)]) == 0
+    assert resume_from_copy(image_folder, straight, resumed, 3, **flags) == 0
     for name in ("step-0000004.safetensors", "step-0000006.safetensors"):
         a, b = load_file(straight / "phema" / name), load_file(resumed / "phema" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

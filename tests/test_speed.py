@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -20,7 +19,7 @@ from flowers_ddpm.data.imaging import TransformSettings, crop_and_flip, decode_a
 from flowers_ddpm.data.stream import open_source
 from flowers_ddpm.training.device import DeviceBatches
 
-from .conftest import REPO, make_class_folder, run_command, tiny_train_args
+from .conftest import REPO, make_class_folder, resume_from_copy, run_command, tiny_train_args
 
 
 def cache_config(folder, cache_dir, **overrides):
@@ -135,9 +134,7 @@ def test_prepare_then_resume_with_the_cache_continues_the_same_run(image_folder,
     built_at = (built / "meta.json").stat().st_mtime_ns
     assert main(["train", *tiny_train_args(image_folder, straight, **flags)]) == 0
 
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    assert main(["train", *tiny_train_args(image_folder, resumed, resume_from_checkpoint="latest", **flags)]) == 0
+    assert resume_from_copy(image_folder, straight, resumed, 2, **flags) == 0
     assert [p.name for p in cache_dir.iterdir()] == [built.name]
     assert (built / "meta.json").stat().st_mtime_ns == built_at  # both runs read the prepared cache
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 
 from flowers_ddpm.cli import main
 
-from .conftest import REPO, run_command, tiny_train_args
+from .conftest import REPO, resume_from_copy, run_command, tiny_train_args
 
 
 def read_order(path):
@@ -52,9 +51,7 @@ def test_resume_from_latest_continues_the_same_run(image_folder, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", *tiny_train_args(image_folder, straight, **flags)]) == 0
 
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "checkpoint-4", resumed / "checkpoints" / "checkpoint-4")
-    assert main(["train", *tiny_train_args(image_folder, resumed, resume_from_checkpoint="latest", **flags)]) == 0
+    assert resume_from_copy(image_folder, straight, resumed, 4, **flags) == 0
 
     straight_order = read_order(straight / "data_order" / "rank0.jsonl")
     resumed_order = read_order(resumed / "data_order" / "rank0.jsonl")
@@ -102,7 +99,9 @@ def test_two_processes_train_on_different_shards(image_folder, tmp_path):
     result = run_command(
         ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
          "no", "--dynamo_backend", "no", str(REPO / "scripts" / "train.py"),
-         *tiny_train_args(image_folder, out, max_train_steps=4, log_data_order=True)],
+         # the speed settings at their defaults (auto, unset): they are decided before the Accelerator exists
+         *tiny_train_args(image_folder, out, max_train_steps=4, log_data_order=True, mixed_precision="auto",
+                          channels_last=None, compile=None)],
         env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

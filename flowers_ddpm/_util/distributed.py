@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import torch
-from accelerate.utils import pad_across_processes
+from accelerate import PartialState
+from accelerate.utils import pad_across_processes, parse_flag_from_env
+
+
+def process_state() -> PartialState:
+    """accelerate's process state as the run's Accelerator will see it. A bare `PartialState()` ignores
+    ACCELERATE_USE_CPU (the Accelerator reads it), so on a CPU-only machine under a multi-process launch it becomes a
+    single process, and every process would act as the main one; created first, it is the state every later
+    Accelerator shares."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:

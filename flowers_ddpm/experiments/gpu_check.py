@@ -131,8 +131,8 @@ def check_adm(plan: Plan, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            times = time_variants(lambda: built, [Variant(precision)], batch, plan.resolution, device, budget_s=None,
-                                  rounds=1, steps_per_round=plan.adm_steps, warmup_steps=1)
+            times = time_variants(lambda built=built: built, [Variant(precision)], batch, plan.resolution, device,
+                                  budget_s=None, rounds=1, steps_per_round=plan.adm_steps, warmup_steps=1)
         except torch.cuda.OutOfMemoryError:
             result["out_of_memory_at"] = batch
             model.zero_grad(set_to_none=True)

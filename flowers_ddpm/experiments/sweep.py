@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch.distributed
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .._util.atomic import atomic_write_text
+from .._util.distributed import process_state
 from .._util.ranks import is_main_process
 from ..config.loading import build_config, load_yaml
 from ..config.sections import FIELDS, TrainConfig
@@ -195,7 +195,7 @@ def run_ema_trial(trial: Trial, options, sigma_rels: Sequence[float]) -> Optiona
     """Reconstruct each EMA length (`ema-reconstruct`), rank them by FID (`evaluate --model ...`), keep the best."""
     if is_main_process():
         export_reconstructions(trial.folder, sigma_rels)
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
     folders = [str(reconstruction_folder(trial.folder, s)) for s in sigma_rels]
     ranked = rank_models(dataclasses.replace(options, output=str(trial.folder / "ema-ranking.json")), folders, {})
     if ranked is None:  # not the main process

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from .._util.distributed import process_state
 from ..config.sections import TrainConfig
 from ..data.cache import build_cached_batches, open_cache
 from ..data.stream import DataSource, build_train_batches, open_source
@@ -117,7 +118,7 @@ def resolve_speed(cfg: TrainConfig, probe: Probe, num_examples: Optional[int]) -
     speed = cfg.speed
     timed = speed.mixed_precision == "auto" or speed.channels_last is None or speed.compile is None
     # the device accelerate will use (PartialState does not fix mixed precision; the Accelerator does)
-    state = PartialState()
+    state = process_state()
     device = state.device if timed else None
     threads = None
     if state.device.type == "cpu":  # before anything is timed: the probe measures the threads that will run
