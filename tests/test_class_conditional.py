@@ -51,7 +51,7 @@ def test_labels_steer_the_colour_and_guidance_changes_the_output(trained):
 def test_class_conditional_exports_save_the_measured_guidance_scale_as_their_default(tmp_path):
     """1.5 (docs/sampling.md): what sample, evaluate, the demo and a plain diffusers call use when given none;
     an unconditional learned-variance export keeps 1, and attach-classifier keeps the model's scale."""
-    from flowers_ddpm.pipelines.sampler_names import DEFAULT_GUIDANCE_SCALE
+    from flowers_ddpm.config.samplers import DEFAULT_GUIDANCE_SCALE
 
     scheduler = build_noise_scheduler(1000, "linear", "epsilon", learn_sigma=True)
     conditional = export_pipeline(build_unet("tiny", 16, num_classes=3, learn_sigma=True), scheduler,

@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
-# sampler names have one home (shared with the sampling code); re-exported here for the config's users
-from ..pipelines.sampler_names import (  # noqa: F401
+# sampler names and sampling defaults (config/samplers.py, shared with the sampling code), re-exported for users of sections
+from .samplers import (  # noqa: F401
     DDPM_SAMPLERS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLERS, EDM_SAMPLERS, SAMPLE_SCHEDULERS)
 
 FLOWERS_DATASET = "nelorth/oxford-flowers"

@@ -16,10 +16,10 @@ import torch
 from diffusers import DDPMPipeline
 
 from .._util.atomic import atomic_folder
+from ..config.samplers import DEFAULT_GUIDANCE_SCALE
 from ..models import classifier
 from . import guided
 from .guided import GuidedDDPMPipeline, is_edm_scheduler
-from .sampler_names import DEFAULT_GUIDANCE_SCALE
 from .sampling import load_classifier, load_pipeline, with_classifier
 
 TRAINING_CONFIG_NAME = "training_config.yaml"

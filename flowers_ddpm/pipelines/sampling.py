@@ -29,10 +29,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .._util.hub_ids import is_hub_id
+from ..config.samplers import DEFAULT_SAMPLERS
 from ..errors import UserError
 from ..models.classifier import NoiseAwareClassifier
 from .guided import GuidedDDPMPipeline, is_edm_scheduler
-from .sampler_names import DEFAULT_SAMPLERS
 
 
 def scheduler_classes() -> dict:
