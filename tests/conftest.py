@@ -17,6 +17,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from flowers_ddpm.cli import main  # noqa: E402
@@ -105,3 +106,33 @@ def run_command(args: list[str], env: dict | None = None, timeout: int = 300) ->
 
 def flowers_ddpm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_command([sys.executable, "-m", "flowers_ddpm.cli", *args], env=env)
+
+
+# Loads sys.argv[1] with plain diffusers in a process where flowers_ddpm cannot be imported: run with `python -I` (no
+# PYTHONPATH, no script folder, no user site) in a folder outside the repository, and blocked in sys.modules, since
+# the shared environment may hold an editable install of it.
+PLAIN_DIFFUSERS_LOAD = """import sys
+sys.modules["flowers_ddpm"] = None
+try:
+    import flowers_ddpm
+except ImportError:
+    pass
+else:
+    raise SystemExit("flowers_ddpm is importable")
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+"""
+
+
+def in_plain_diffusers(script: str, pipeline: Path, tmp_path: Path):
+    """Run PLAIN_DIFFUSERS_LOAD + `script` (which has `pipe` and saves an array to sys.argv[2]) on `pipeline`, offline;
+    returns the array."""
+    out = tmp_path / "remote.npy"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-I", "-c", PLAIN_DIFFUSERS_LOAD + script, str(pipeline), str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(out)

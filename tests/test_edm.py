@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +21,7 @@ from flowers_ddpm.models.unet import build_edm_scheduler, build_noise_scheduler
 from flowers_ddpm.objectives.edm import EDMObjective
 from flowers_ddpm.pipelines.sampling import generate, load_pipeline, make_scheduler
 
-from .conftest import make_class_folder, resume_from_copy, tiny_train_args
+from .conftest import in_plain_diffusers, make_class_folder, resume_from_copy, tiny_train_args
 
 COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}  # sub-folder order = label order
 CHANNEL_OF_CLASS = {0: 2, 1: 1, 2: 0}
@@ -168,18 +165,6 @@ def test_sample_command_takes_edm_samplers_and_refuses_ddpm_ones(conditional, tm
 
 
 REMOTE_LOAD = """
-import sys
-sys.modules["flowers_ddpm"] = None
-try:
-    import flowers_ddpm
-except ImportError:
-    pass
-else:
-    raise SystemExit("flowers_ddpm is importable")
-import numpy as np, torch
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
 assert type(pipe).__name__ == "GuidedDDPMPipeline" and type(pipe.scheduler).__name__.startswith("EDM")
 pipe.set_progress_bar_config(disable=True)
 generators = [torch.Generator("cpu").manual_seed(i) for i in range(3)]
@@ -190,19 +175,9 @@ np.save(sys.argv[2], images)
 """
 
 
-def load_in_plain_diffusers(pipeline, tmp_path) -> np.ndarray:
-    out = tmp_path / "remote.npy"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-I", "-c", REMOTE_LOAD, str(pipeline), str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return np.load(out)
-
-
 @pytest.mark.slow
 def test_exported_edm_pipeline_loads_where_flowers_ddpm_cannot_be_imported(conditional, tmp_path):
-    theirs = load_in_plain_diffusers(conditional, tmp_path)
+    theirs = in_plain_diffusers(REMOTE_LOAD, conditional, tmp_path)
     ours = load_pipeline(str(conditional), torch.device("cpu"))
     ours.set_progress_bar_config(disable=True)
     mine = generate(ours, 3, steps=6, seed=0, class_labels=[0, 1, 2], guidance_scale=2.0)
@@ -227,6 +202,6 @@ def test_unconditional_edm_samples_have_the_data_mean_colour(tmp_path):
     assert np.abs(samples.mean((0, 1, 2)) - real.mean((0, 1, 2))).max() < 25, (samples.mean((0, 1, 2)),
                                                                                  real.mean((0, 1, 2)))
     assert samples.std() > 10  # images, not one flat colour
-    theirs = load_in_plain_diffusers(pipeline, tmp_path)
+    theirs = in_plain_diffusers(REMOTE_LOAD, pipeline, tmp_path)
     assert np.abs(theirs.mean((0, 1, 2)) * 255 - real.mean((0, 1, 2))).max() < 25
     assert math.isfinite(float(theirs.sum()))
