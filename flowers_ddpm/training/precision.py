@@ -346,9 +346,9 @@ def resolve_mixed_precision(setting: Optional[str], device: torch.device, probe:
                 "model": _model_identity(model, list(parameters)), "resolution": resolution, "batch": batch_size,
                 "channels_last": channels_last, "gradient_checkpointing": gradient_checkpointing, "candidates": found}
     del model, parameters
-    path = Path(cache_dir or cache_location("speed", None)) / f"mixed_precision-{identity_key(identity)}.json"
-    cached = _read_cache(path, identity)
-    if cached is not None:
+    path = _cache_file("mixed_precision", identity, cache_dir)
+    cached = _load_record(path, identity)
+    if cached is not None and cached.get("choice") in found:  # else a hand-edited file: measure again
         built.clear()
         scaled = (f"timed at batch {cached['timed_batch']} of {batch_size}, scaled; "
                   if cached.get("timed_batch", batch_size) != batch_size else "")
@@ -372,24 +372,8 @@ def resolve_mixed_precision(setting: Optional[str], device: torch.device, probe:
                                       f"{budget_s:.0f} s budget allows; fp32, the safe choice")
     choice = choose(seconds)
     scaled = f"timed at batch {timed_at} of {batch_size}, scaled; " if timed_at != batch_size else ""
-    record = {"identity": identity, "choice": choice, "seconds_per_step": seconds, "timed_batch": timed_at,
-              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-    except OSError as e:  # a read-only cache is no reason to stop a run
-        logger.warning("could not cache the precision choice in %s: %s", path, e)
+    _save_record(path, {"identity": identity, "choice": choice, "seconds_per_step": seconds, "timed_batch": timed_at})
     return PrecisionChoice(setting, choice, "measured", seconds, f"{scaled}cached in {path}")
-
-
-def _read_cache(path: Path, identity: dict) -> Optional[dict]:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if record.get("identity") != identity or record.get("choice") not in identity["candidates"]:
-        return None  # a hash collision or a hand-edited file: measure again
-    return record
 
 
 def describe(choice: PrecisionChoice, what: str) -> str:
