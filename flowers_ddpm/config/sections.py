@@ -227,7 +227,7 @@ class SpeedSettings:
     allow_tf32: bool = _opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs")
     cpu_threads: Optional[int] = _opt(None, "PyTorch threads per process on a CPU; unset (auto) = PyTorch's default "
                                       "lowered to the cores other processes leave idle (1-minute load average, at "
-                                      "least 1): threads that share cores with busy processes spin, 10-20x slower "
+                                      "least 1): threads that share cores with busy processes spin, 4-20x slower "
                                       "(docs/speed.md)", minimum=1)
     compile: Optional[bool] = _opt(None, "torch.compile the UNet in place (the first steps compile); unset (auto) = "
                                    "eager unless the run is projected to take >= 30 min eager and the timed compile "

@@ -51,8 +51,8 @@ def choose_cpu_threads(requested: Optional[int], cores: int, others_load: float,
     """PyTorch's CPU threads for a run, and how they were chosen. Unset: PyTorch's default, lowered to the cores
     that other processes leave idle (`others_load`: the load average less this process's share). OpenMP threads
     busy-wait for each other; when a busy process holds one of their cores the team waits on a descheduled thread
-    at every operator: a 2-thread training step ran 10-20x slower than a 1-thread one on a 2-core machine that one
-    other process kept busy (docs/speed.md)."""
+    at every operator: on a 2-core machine a 2-thread training step ran 2.5x slower than a 1-thread one while one
+    other process was busy, and 10-20x slower while four were (docs/speed.md)."""
     if requested is not None:
         return requested, "explicit"
     free = max(1, int(cores - others_load + 0.5))
