@@ -29,6 +29,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 MIXED_PRECISION = ("auto", "config", "no", "fp16", "bf16")
 LOGGERS = ("tensorboard", "wandb", "none")
 OBJECTIVES = ("ddpm", "edm")
+TIMESTEP_SAMPLINGS = ("uniform", "lognormal")  # objectives.diffusion.TimestepSampler
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2"  # attention projections and ResNet convolutions
 
 
@@ -82,8 +83,13 @@ class ObjectiveSettings:
                           "al. (2022) preconditioning, log-normal noise levels and loss weight (exported with "
                           "diffusers' EDM schedulers; --prediction_type epsilon or v_prediction)", OBJECTIVES)
     sigma_data: float = _opt(0.5, "edm: standard deviation of the data (images in [-1, 1])", minimum=0.0)
-    edm_p_mean: float = _opt(-1.2, "edm: mean of log(sigma) of the training noise levels")
-    edm_p_std: float = _opt(1.2, "edm: standard deviation of log(sigma) of the training noise levels", minimum=0.0)
+    timestep_sampling: str = _opt("uniform", "ddpm: how training timesteps are drawn: uniform (DDPM), or "
+                                  "lognormal (EDM's log-normal noise levels, --edm_p_mean/--edm_p_std, mapped to the "
+                                  "nearest timestep)", TIMESTEP_SAMPLINGS)
+    edm_p_mean: float = _opt(-1.2, "edm, and ddpm with --timestep_sampling lognormal: mean of log(sigma) of the "
+                             "training noise levels")
+    edm_p_std: float = _opt(1.2, "edm, and ddpm with --timestep_sampling lognormal: standard deviation of "
+                            "log(sigma) of the training noise levels", minimum=0.0)
     edm_sigma_min: float = _opt(0.002, "edm: smallest noise level of the exported sampler", minimum=0.0)
     edm_sigma_max: float = _opt(80.0, "edm: largest noise level of the exported sampler", minimum=0.0)
     snr_gamma: Optional[float] = _opt(None, "Min-SNR-gamma loss weighting (5.0 recommended); unset = plain MSE", minimum=0.0)

@@ -85,6 +85,13 @@ def validate_paper_model(cfg: TrainConfig) -> None:
 def validate_edm(cfg: TrainConfig) -> None:
     """EDM training (issue 16): what it can be combined with, and which samplers draw from it."""
     edm = cfg.objective.objective == "edm"
+    if cfg.objective.timestep_sampling != "uniform":
+        if edm:
+            raise UserError("timestep_sampling applies to objective ddpm; objective edm always draws log-normal noise "
+                            "levels (edm_p_mean, edm_p_std)")
+        if cfg.model.learn_sigma:
+            raise UserError(f"timestep_sampling {cfg.objective.timestep_sampling} cannot be combined with learn_sigma "
+                            "(its variational bound term assumes uniform timesteps)")
     if not edm:
         if cfg.run.sample_scheduler in EDM_SAMPLERS:
             raise UserError(f"sample_scheduler {cfg.run.sample_scheduler} samples models trained with --objective edm; "

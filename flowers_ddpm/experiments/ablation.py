@@ -70,6 +70,12 @@ VARIANTS: dict[str, dict] = {
     "wide": {"unet_config": {"block_out_channels": [48, 96, 96]}},
     "deep": {"unet_config": {"layers_per_block": 2}},
     "two-level-unet": {"model_preset": "tiny"},
+    # ADM's adaptive group norm: the time embedding scales and shifts each ResNet block's normalised activations
+    "scale-shift": {"unet_config": {"resnet_time_scale_shift": "scale_shift"}},
+    "no-attention": {"unet_config": {"down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}},
+    "adam-0.9-0.99": {"adam_beta1": 0.9, "adam_beta2": 0.99},
+    # EDM's log-normal training noise levels for the DDPM objective (--timestep_sampling lognormal)
+    "lognormal-t": {"timestep_sampling": "lognormal"},
     # EDM-style training (Karras et al. 2022): preconditioning, log-normal noise levels, EDM loss weight
     "edm": {"objective": "edm", "prediction_type": "epsilon"},
     # non-leaking augmentation (EDM's augment pipe, conditioned on its labels; docs/recipes.md)

@@ -33,7 +33,7 @@ from ..models.finetune import (
 from ..models.augment_conditioning import attach_augment_conditioning, augment_labels, without_augment_conditioning
 from ..models.unet import build_edm_scheduler, build_noise_scheduler, build_unet, unet_overrides
 from ..objectives.augment import LABEL_DIM, AugmentedObjective, AugmentPipe
-from ..objectives.diffusion import DiffusionObjective
+from ..objectives.diffusion import DiffusionObjective, TimestepSampler
 from ..objectives.edm import EDMObjective
 from ..pipelines.export import build_pipeline, export_pipeline
 from ..pipelines.sampling import generate, image_grid
@@ -184,8 +184,9 @@ def build_objective(cfg: TrainConfig, noise_scheduler, num_classes):
     if o.objective == "edm":
         objective = EDMObjective(noise_scheduler, o.edm_p_mean, o.edm_p_std, num_classes, o.class_dropout_prob)
     else:
+        timesteps = TimestepSampler(noise_scheduler, o.timestep_sampling, o.edm_p_mean, o.edm_p_std)
         objective = DiffusionObjective(noise_scheduler, o.snr_gamma, cfg.model.learn_sigma, o.vlb_weight,
-                                       num_classes, o.class_dropout_prob)
+                                       num_classes, o.class_dropout_prob, timesteps)
     return AugmentedObjective(objective, AugmentPipe(o.augment_p), augment_labels) if o.augment_p > 0 else objective
 
 
