@@ -76,6 +76,15 @@ VARIANTS: dict[str, dict] = {
     "adam-0.9-0.99": {"adam_beta1": 0.9, "adam_beta2": 0.99},
     # EDM's log-normal training noise levels for the DDPM objective (--timestep_sampling lognormal)
     "lognormal-t": {"timestep_sampling": "lognormal"},
+    # combinations of the issue 16 screen's winners on cifar10-5k (docs/recipes.md)
+    # the screening base with another training seed (same judge and sampling seeds): how far one seed moves a row
+    "train-seed-1": {"seed": 1},
+    "adam+lognormal-t": {"adam_beta1": 0.9, "adam_beta2": 0.99, "timestep_sampling": "lognormal"},
+    "adam+cosine": {"adam_beta1": 0.9, "adam_beta2": 0.99, "ddpm_beta_schedule": "squaredcos_cap_v2"},
+    "adam+cosine+lr-constant": {"adam_beta1": 0.9, "adam_beta2": 0.99, "ddpm_beta_schedule": "squaredcos_cap_v2",
+                                "lr_scheduler": "constant_with_warmup"},
+    "adam+lognormal-t+lr-constant": {"adam_beta1": 0.9, "adam_beta2": 0.99, "timestep_sampling": "lognormal",
+                                     "lr_scheduler": "constant_with_warmup"},
     # EDM-style training (Karras et al. 2022): preconditioning, log-normal noise levels, EDM loss weight
     "edm": {"objective": "edm", "prediction_type": "epsilon"},
     # non-leaking augmentation (EDM's augment pipe, conditioned on its labels; docs/recipes.md)
@@ -180,7 +189,7 @@ def _write_config(folder: Path, recipe: dict, data: beds.BedData, settings: Abla
         "train_data_dir": str(data.train_dir), "resolution": settings.resolution, "class_conditional": conditional,
         "center_crop": True, "random_flip": data.random_flip,
         "decode_cache": True, "decode_cache_dir": str(settings.output_dir / "decode_cache"),
-        "shuffle_buffer_size": 2048, "seed": settings.seed, "logger": "none", "logging_steps": 4,
+        "shuffle_buffer_size": 2048, "seed": recipe.get("seed", settings.seed), "logger": "none", "logging_steps": 4,
         "output_dir": str(folder / "run"), "sample_scheduler": settings.sampler_for(recipe),
         "ddpm_num_inference_steps": settings.sampler_steps, "eval_batch_size": 10,
     }
