@@ -83,7 +83,8 @@ def validate_paper_model(cfg: TrainConfig) -> None:
 
 
 def validate_edm(cfg: TrainConfig) -> None:
-    """EDM training (issue 16): what it can be combined with, and which samplers draw from it."""
+    """EDM training (issue 16): what it can be combined with, and which samplers draw from it; the log-normal
+    timestep draw of the DDPM objective, which borrows EDM's noise levels."""
     edm = cfg.objective.objective == "edm"
     if cfg.objective.timestep_sampling != "uniform":
         if edm:

@@ -37,10 +37,9 @@ class TimestepSampler:
             raise ValueError(f"unknown timestep sampling {kind!r}")
         self.kind, self.p_mean, self.p_std = kind, p_mean, p_std
         self.num_timesteps = noise_scheduler.config.num_train_timesteps
-        alphas_cumprod = noise_scheduler.alphas_cumprod.double()
-        # log sigma_t, increasing with t; the midpoints between neighbours split the log-sigma axis into the cells
-        # that round to each timestep
-        log_sigmas = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod)
+        # log sigma_t = -log(SNR_t) / 2, increasing with t; the midpoints between neighbours split the log-sigma axis
+        # into the cells that round to each timestep
+        log_sigmas = -0.5 * torch.log(compute_snr(noise_scheduler, torch.arange(self.num_timesteps)).double())
         self.boundaries = ((log_sigmas[1:] + log_sigmas[:-1]) / 2).float()
 
     def __call__(self, count: int, device) -> torch.Tensor:
