@@ -53,7 +53,10 @@ def parse_args(argv=None) -> tuple:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--probe_steps", type=int, default=12, help="steps of the probe run that sizes the budget")
     parser.add_argument("--classifier_epochs", type=int, default=15, help="epochs of the bed's judge classifier")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bed's split, the judge and the samples")
+    parser.add_argument("--train_seed", type=int,
+                        help="training seed of every variant (default: --seed); the split, judge and sampling seeds "
+                             "stay --seed, so rows of two training seeds are scored alike")
     parser.add_argument("--cache_dir", type=Path, help="where the judge classifier is cached (default: output_dir)")
     ttq = parser.add_argument_group("time to quality (--time_to_quality)")
     ttq.add_argument("--time_to_quality", action="store_true",

@@ -187,3 +187,23 @@ def test_time_to_quality_flags_a_threshold_the_reference_never_reached_as_a_lowe
     assert strict["images_ratio"] == pytest.approx(3200 / 1600)
     table = format_table([loose, strict])
     assert ">1.3x" in table and "| 5x | 1,600 | 60.0 | not reached | not reached |" in table
+
+
+def test_train_seed_changes_only_the_training_seed(tmp_path):
+    """`--train_seed` gives every variant another training seed; the split, judge and sampling seeds stay `--seed`
+    (a variant that sets its own seed keeps it)."""
+    import yaml
+
+    from flowers_ddpm.experiments import ablation
+    from flowers_ddpm.experiments.beds import BedData
+
+    data = BedData("digits", tmp_path / "train", tmp_path / "test", 32, 10, False)
+    settings = ablation.AblationSettings(output_dir=tmp_path, seed=0, train_seed=1)
+    written = ablation._write_config(tmp_path / "v", ablation.variant_settings("small-data"), data, settings)
+    assert yaml.safe_load(written.read_text())["seed"] == 1 and settings.seed == 0
+    own = ablation._write_config(tmp_path / "w", ablation.variant_settings("train-seed-1"), data,
+                                 ablation.AblationSettings(output_dir=tmp_path, train_seed=5))
+    assert yaml.safe_load(own.read_text())["seed"] == 1
+    default = ablation._write_config(tmp_path / "x", ablation.variant_settings("small-data"), data,
+                                     ablation.AblationSettings(output_dir=tmp_path, seed=3))
+    assert yaml.safe_load(default.read_text())["seed"] == 3

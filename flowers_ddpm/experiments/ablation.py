@@ -133,7 +133,8 @@ class AblationSettings:
     resolution: int = 32
     probe_steps: int = 12
     classifier_epochs: int = 15
-    seed: int = 0
+    seed: int = 0  # bed split, judge and sampling seeds (and the training seed unless train_seed is set)
+    train_seed: Optional[int] = None  # another training seed for every variant, under the same judge and samples
     cache_dir: Optional[Path] = None
     bed: str = "digits"
     bed_path: Optional[Path] = None  # the bed's .npz file (cifar10-5k)
@@ -155,6 +156,10 @@ class AblationSettings:
             raise UserError(f"budget_images must be >= 1; got {self.budget_images}")
         if self.num_samples < 20:
             raise UserError(f"num_samples must be >= 20; got {self.num_samples}")
+
+    @property
+    def training_seed(self) -> int:
+        return self.seed if self.train_seed is None else self.train_seed
 
     def sampler_for(self, recipe: dict) -> str:
         """The scoring sampler of a variant: `sampler`, or its EDM counterpart for an EDM-trained variant."""
@@ -189,7 +194,7 @@ def _write_config(folder: Path, recipe: dict, data: beds.BedData, settings: Abla
         "train_data_dir": str(data.train_dir), "resolution": settings.resolution, "class_conditional": conditional,
         "center_crop": True, "random_flip": data.random_flip,
         "decode_cache": True, "decode_cache_dir": str(settings.output_dir / "decode_cache"),
-        "shuffle_buffer_size": 2048, "seed": recipe.get("seed", settings.seed), "logger": "none", "logging_steps": 4,
+        "shuffle_buffer_size": 2048, "seed": recipe.get("seed", settings.training_seed), "logger": "none", "logging_steps": 4,
         "output_dir": str(folder / "run"), "sample_scheduler": settings.sampler_for(recipe),
         "ddpm_num_inference_steps": settings.sampler_steps, "eval_batch_size": 10,
     }

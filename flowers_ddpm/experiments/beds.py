@@ -30,7 +30,9 @@ from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training changes (invalidates caches)
+CLASSIFIER_VERSION = 2  # bump when the classifier's architecture or training changes (invalidates caches)
+# 2: the initial weights are drawn from the seed too (in version 1 they came from whatever the process's global RNG
+#    held, so two ablation runs with the same seed and data could train different judges)
 
 
 @dataclass(frozen=True)
@@ -200,12 +202,12 @@ def train_classifier(data: BedData, cache_dir: str | Path, epochs: int = 15, see
     test, test_labels = load_folder(data.test_dir)
     key = _fingerprint(train, labels, epochs, seed, data.random_flip)
     weights = Path(cache_dir) / f"{data.name}_classifier_{key}.safetensors"
+    torch.manual_seed(seed)  # before the model is built: its initial weights are part of the judge
     model = BedClassifier(data.num_classes)
     if weights.is_file():
         model.load_state_dict(load_file(weights))
     else:
         generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
         model.train()
         for _ in range(epochs):
