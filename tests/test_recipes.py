@@ -95,6 +95,11 @@ def test_ablation_runs_end_to_end_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "wide" / "result.json").read_text()) == first  # finished variants are not rerun
     assert (out / "diffusers-defaults" / "result.json").is_file()
+    # a later invocation into the same folder for one variant keeps the other's row in the table
+    args[args.index("--variants"):args.index("--variants") + 3] = ["--variants", "wide"]
+    assert run_command(args, timeout=600).returncode == 0
+    with open(out / "results.csv") as f:
+        assert sorted(r["variant"] for r in csv.DictReader(f)) == ["diffusers-defaults", "wide"]
 
 
 @pytest.mark.slow

@@ -370,8 +370,12 @@ def run_ablation(settings: AblationSettings) -> list[dict]:
     logger.info("%s classifier held-out accuracy %.3f; real-vs-real Frechet %.3f", settings.bed,
                 scorer.classifier_accuracy, scorer.real_vs_real)
     runs = [(name, mode == "class") for mode in settings.conditioning for name in settings.variants]
+    # rows finished by earlier invocations into this folder (same settings, checked above) stay in the table
+    ran = {variant_folder(name, conditional) for name, conditional in runs}
+    earlier = [json.loads(path.read_text()) for path in sorted(settings.output_dir.glob("*/result.json"))
+               if path.parent.name not in ran]
     rows = []
     for name, conditional in tqdm(runs, desc="variants", dynamic_ncols=True):
         rows.append(run_variant(name, data, scorer, settings, conditional))
-        write_table(rows, settings.output_dir)
+        write_table(rows + earlier, settings.output_dir)
     return rows
