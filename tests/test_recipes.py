@@ -14,6 +14,8 @@ import yaml
 
 from flowers_ddpm.config.loading import build_config, load_yaml
 from flowers_ddpm.config.recipes import recipe_settings
+from flowers_ddpm.experiments import ablation
+from flowers_ddpm.experiments.beds import BedData
 from flowers_ddpm.models.unet import PRESETS
 
 from .conftest import REPO, run_command
@@ -197,11 +199,6 @@ def test_time_to_quality_flags_a_threshold_the_reference_never_reached_as_a_lowe
 def test_train_seed_changes_only_the_training_seed(tmp_path):
     """`--train_seed` gives every variant another training seed; the split, judge and sampling seeds stay `--seed`
     (a variant that sets its own seed keeps it)."""
-    import yaml
-
-    from flowers_ddpm.experiments import ablation
-    from flowers_ddpm.experiments.beds import BedData
-
     data = BedData("digits", tmp_path / "train", tmp_path / "test", 32, 10, False)
     settings = ablation.AblationSettings(output_dir=tmp_path, seed=0, train_seed=1)
     written = ablation._write_config(tmp_path / "v", ablation.variant_settings("small-data"), data, settings)
