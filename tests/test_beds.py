@@ -79,6 +79,16 @@ def test_judge_is_the_same_whatever_ran_before_it_in_the_process(tmp_path):
     assert accuracy == again
 
 
+def test_training_the_judge_leaves_the_callers_random_state_alone(tmp_path):
+    npz = make_npz(tmp_path / "tiny.npz")
+    data = beds.write_bed("cifar10-5k", tmp_path / "bed", resolution=8, path=npz)
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    beds.train_classifier(data, tmp_path / "cache", epochs=1, seed=0)
+    assert torch.equal(torch.rand(5), expected)
+
+
 def test_bed_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="needs --bed_path"):
         AblationSettings(output_dir=tmp_path, bed="cifar10-5k").validate()

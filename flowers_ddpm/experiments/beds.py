@@ -202,8 +202,11 @@ def train_classifier(data: BedData, cache_dir: str | Path, epochs: int = 15, see
     test, test_labels = load_folder(data.test_dir)
     key = _fingerprint(train, labels, epochs, seed, data.random_flip)
     weights = Path(cache_dir) / f"{data.name}_classifier_{key}.safetensors"
-    torch.manual_seed(seed)  # before the model is built: its initial weights are part of the judge
-    model = BedClassifier(data.num_classes)
+    # the initial weights are part of the judge, so they come from the seed; fork_rng leaves the caller's global
+    # random state as it was (the judge is scoring, not a step of anyone's experiment)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BedClassifier(data.num_classes)
     if weights.is_file():
         model.load_state_dict(load_file(weights))
     else:
