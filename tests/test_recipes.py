@@ -209,3 +209,34 @@ def test_train_seed_changes_only_the_training_seed(tmp_path):
     default = ablation._write_config(tmp_path / "x", ablation.variant_settings("small-data"), data,
                                      ablation.AblationSettings(output_dir=tmp_path, seed=3))
     assert yaml.safe_load(default.read_text())["seed"] == 3
+
+
+@pytest.mark.slow
+def test_sampler_table_scores_class_conditional_and_unconditional_models(tmp_path):
+    out = tmp_path / "ablation"
+    trained = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(out), "--budget_images",
+                           "48", "--variants", "small-data", "--conditioning", "class", "none", "--num_samples", "20",
+                           "--sampler_steps", "2", "--resolution", "16", "--classifier_epochs", "1"], timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    table = [sys.executable, "scripts/sampler_table.py", "--ablation_dir", str(out)]
+
+    cond = run_command(table + ["--variant", "small-data", "--cells", "ddim:2:1.5", "ddpm:3:0"], timeout=600)
+    assert cond.returncode == 0, cond.stderr[-3000:]
+    rows = json.loads((out / "small-data" / "samplers" / "results.json").read_text())
+    assert [(r["sampler"], r["steps"], r["guidance_scale"]) for r in rows] == [("ddim", 2, 1.5), ("ddpm", 3, 0.0)]
+    assert all(0.0 <= r["class_accuracy"] <= 1.0 and r["frechet_ratio"] > 0 for r in rows)
+    assert (out / "small-data" / "samplers" / "ddim-2-g1.5.png").is_file()
+
+    uncond = run_command(table + ["--variant", "small-data-uncond", "--cells", "ddim:2:0"], timeout=600)
+    assert uncond.returncode == 0, uncond.stderr[-3000:]
+    [row] = json.loads((out / "small-data-uncond" / "samplers" / "results.json").read_text())
+    assert row["class_accuracy"] is None and row["frechet_ratio"] > 0
+    assert "| ddim | 2 | - / " in uncond.stdout
+
+    # user errors: one sentence, exit 2, before the judge is trained or anything sampled
+    guided = run_command(table + ["--variant", "small-data-uncond", "--cells", "ddim:2:1.5"], timeout=600)
+    assert guided.returncode == 2 and "unconditional model, which has no guidance" in guided.stderr
+    for cell, message in (("heun:2:1.5", "scheduler must be one of"), ("dpmsolver++:1000:1.5", "sampling steps")):
+        bad = run_command(table + ["--variant", "small-data", "--cells", cell], timeout=600)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+    assert len(json.loads((out / "small-data" / "samplers" / "results.json").read_text())) == 2
