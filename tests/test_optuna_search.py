@@ -221,3 +221,20 @@ def test_grid_and_param_flags_belong_to_their_search(base_config, tmp_path, caps
     assert main([*args[:args.index("--n_trials") + 1], "0", *args[args.index("--n_trials") + 2:]]) == 2
     assert "n_trials must be >= 1; got 0" in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
+
+
+def test_a_continued_study_does_not_propose_its_first_trials_again(tmp_path):
+    """Optuna stores trials, not the sampler's random state: reopened with the first run's seed, TPE's random
+    start-up would propose trial 1's settings again. Continuing stays reproducible (two identical studies)."""
+    distributions = {"learning_rate": parse_param("learning_rate=log:1e-4:1e-2", {}).distribution()}
+    proposals = []
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        folder.mkdir()
+        study = optuna_search.open_study(folder, 0)
+        first = [study.ask(distributions) for _ in range(2)]
+        for trial in first:
+            study.tell(trial, 1.0)
+        continued = optuna_search.open_study(folder, 0).ask(distributions)
+        assert continued.params["learning_rate"] not in [t.params["learning_rate"] for t in first]
+        proposals.append([t.params for t in first] + [continued.params])
+    assert proposals[0] == proposals[1]

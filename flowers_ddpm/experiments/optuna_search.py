@@ -147,10 +147,19 @@ def require_optuna() -> None:
 
 
 def open_study(sweep_dir: Path, seed: int):
-    """The sweep's study in <sweep_dir>/study.db: created on the first run, continued by later ones."""
+    """The sweep's study in <sweep_dir>/study.db: created on the first run, continued by later ones.
+
+    Optuna keeps the trials in the database but not the sampler's random state, so a continued study seeded as
+    the first run was would propose the first run's random start-up trials again; it is seeded with the seed plus
+    the count of trials already stored instead (the same every time the same study is continued)."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}")
+    try:
+        stored = len(storage.get_all_trials(storage.get_study_id_from_name(STUDY_NAME), deepcopy=False))
+    except KeyError:  # a new study
+        stored = 0
     return optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction="minimize",
-                               sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS),
+                               sampler=optuna.samplers.TPESampler(seed=seed + stored,
+                                                                  n_startup_trials=TPE_STARTUP_TRIALS),
                                pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS))
 
 
