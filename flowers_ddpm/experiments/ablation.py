@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -344,6 +344,17 @@ def write_table(rows: list[dict], output_dir: Path) -> Path:
 def _comparable(settings: AblationSettings) -> dict:
     """The settings every row of one table must share (the variant list may grow between runs)."""
     return {k: v for k, v in json.loads(json.dumps(asdict(settings), default=str)).items() if k != "variants"}
+
+
+def saved_settings(output_dir: Path) -> AblationSettings:
+    """The settings of the ablation in `output_dir`, read back from the settings.json that run_ablation wrote
+    (the inverse of _comparable; the variant list is not kept there)."""
+    known = {f.name for f in fields(AblationSettings)}
+    settings = AblationSettings(**{k: v for k, v in json.loads((output_dir / "settings.json").read_text()).items()
+                                   if k in known})
+    settings.output_dir = Path(settings.output_dir)
+    settings.cache_dir = settings.cache_dir and Path(settings.cache_dir)
+    return settings
 
 
 def _check_same_settings(settings: AblationSettings) -> None:

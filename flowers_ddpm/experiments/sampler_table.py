@@ -11,11 +11,13 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from diffusers import DDPMScheduler, UNet2DModel
+
 from .._util.atomic import atomic_write_text
 from ..errors import UserError
 from ..pipelines.sampling import check_sampler_steps, make_scheduler
 from . import beds
-from .ablation import AblationSettings, Scorer
+from .ablation import Scorer, saved_settings
 
 Cell = tuple[str, int, float, int]  # sampler, steps, guidance scale, first seed
 
@@ -34,14 +36,14 @@ def parse_cell(text: str) -> Cell:
 def check_cells(cells: list[Cell], pipeline: Path) -> None:
     """Every cell's sampler and step count can sample this model, checked before the judge is trained (the
     same checks sampling makes, one sentence each)."""
-    config = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
+    config = DDPMScheduler.load_config(pipeline, subfolder="scheduler")  # any family's: only the dict is read
     for name, steps, _, _ in cells:
         check_sampler_steps(make_scheduler(name, config), steps)
 
 
 def is_class_conditional(pipeline: Path) -> bool:
     """Whether the exported UNet takes class labels (diffusers' config key; unconditional exports have none)."""
-    return json.loads((pipeline / "unet" / "config.json").read_text()).get("num_class_embeds") is not None
+    return UNet2DModel.load_config(pipeline, subfolder="unet").get("num_class_embeds") is not None
 
 
 def table(rows: list[dict]) -> str:
@@ -77,10 +79,7 @@ def run_sampler_table(ablation_dir: Path, variant: str, cells: list[Cell], outpu
     if not conditional and any(guidance for _, _, guidance, _ in cells):
         raise UserError(f"{variant} is an unconditional model, which has no guidance: give its cells as "
                         f"SAMPLER:STEPS:0")
-    fields = {f.name for f in dataclasses.fields(AblationSettings)}
-    settings = AblationSettings(**{k: v for k, v in json.loads(saved.read_text()).items() if k in fields})
-    settings.output_dir = Path(settings.output_dir)
-    settings.cache_dir = settings.cache_dir and Path(settings.cache_dir)
+    settings = saved_settings(ablation_dir)
     data = beds.write_bed(settings.bed, settings.output_dir / settings.bed, settings.resolution, settings.seed,
                           settings.bed_path)
     scorer = Scorer(data, settings)
