@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (set before any Hub library loads)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import runpy  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -29,6 +30,45 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return make_class_folder(tmp_path_factory.mktemp("data") / "images")
+
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220)]
+
+
+def make_npz(path: Path, per_class=(20, 30, 10), size=8) -> Path:
+    """An .npz in cifar10-5k's format: class c is a noisy image of colour c; class sizes differ so a non-balanced
+    split would show."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for label, count in enumerate(per_class):
+        for _ in range(count):
+            noise = rng.integers(-30, 30, (size, size, 3))
+            images.append(np.clip(np.array(COLOURS[label]) + noise, 0, 255).astype(np.uint8))
+            labels.append(label)
+    order = rng.permutation(len(images))
+    np.savez(path, images=np.stack(images)[order], labels=np.array(labels, dtype=np.uint8)[order],
+             class_names=np.array(["red", "green", "blue"]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def npz_ablation(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One small recipe ablation on an .npz bed (DDPM and EDM variants, class-conditional and unconditional rows),
+    run once and shared: the tests that read its table and the sampler table's test, which scores its models."""
+    folder = tmp_path_factory.mktemp("npz-ablation")
+    npz = make_npz(folder / "tiny.npz", per_class=(100, 100, 100))
+    out = folder / "ablation"
+    result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(out), "--bed",
+                          "cifar10-5k", "--bed_path", str(npz), "--budget_images", "48", "--variants", "small-data",
+                          "edm", "--conditioning", "class", "none", "--num_samples", "30", "--sampler_steps", "2",
+                          "--resolution", "8", "--classifier_epochs", "2"], timeout=900)
+    return out, result
+
+
+def script_main(name: str):
+    """The `main(argv) -> exit code` of scripts/<name>.py, to run a script's quick cases (user errors) in this
+    process instead of paying an interpreter start-up for each."""
+    return runpy.run_path(str(REPO / "scripts" / f"{name}.py"), run_name=name)["main"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,7 +3,8 @@ format) written as class folders with a fixed class-balanced held-out split, and
 
 from __future__ import annotations
 
-import sys
+import csv
+import json
 
 import numpy as np
 import pytest
@@ -13,24 +14,7 @@ from flowers_ddpm.errors import UserError
 from flowers_ddpm.experiments import beds
 from flowers_ddpm.experiments.ablation import AblationSettings, Scorer
 
-from .conftest import run_command
-
-COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220)]
-
-
-def make_npz(path, per_class=(20, 30, 10), size=8):
-    """Class c is a noisy image of colour c; class sizes differ so a non-balanced split would show."""
-    rng = np.random.default_rng(0)
-    images, labels = [], []
-    for label, count in enumerate(per_class):
-        for _ in range(count):
-            noise = rng.integers(-30, 30, (size, size, 3))
-            images.append(np.clip(np.array(COLOURS[label]) + noise, 0, 255).astype(np.uint8))
-            labels.append(label)
-    order = rng.permutation(len(images))
-    np.savez(path, images=np.stack(images)[order], labels=np.array(labels, dtype=np.uint8)[order],
-             class_names=np.array(["red", "green", "blue"]))
-    return path
+from .conftest import make_npz, script_main
 
 
 def test_npz_bed_holds_out_a_fixed_class_balanced_tenth(tmp_path):
@@ -100,24 +84,14 @@ def test_bed_errors_are_one_line(tmp_path):
         AblationSettings(output_dir=tmp_path, conditioning=("maybe",)).validate()
 
 
-@pytest.mark.slow
-def test_script_refuses_a_bed_without_its_file(tmp_path):
-    result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(tmp_path / "x"),
-                          "--bed", "cifar10-5k"])
-    assert result.returncode == 2 and "needs --bed_path" in result.stderr
+def test_script_refuses_a_bed_without_its_file(tmp_path, capsys):
+    assert script_main("recipe_ablation")(["--output_dir", str(tmp_path / "x"), "--bed", "cifar10-5k"]) == 2
+    assert "needs --bed_path" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
-def test_ablation_on_an_npz_bed_reports_conditional_and_unconditional_rows(tmp_path):
-    import csv
-    import json
-
-    npz = make_npz(tmp_path / "tiny.npz", per_class=(100, 100, 100))
-    out = tmp_path / "ablation"
-    result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(out), "--bed", "cifar10-5k",
-                          "--bed_path", str(npz), "--budget_images", "48", "--variants", "small-data", "edm",
-                          "--conditioning", "class", "none", "--num_samples", "30", "--sampler_steps", "2",
-                          "--resolution", "8", "--classifier_epochs", "2"], timeout=900)
+def test_ablation_on_an_npz_bed_reports_conditional_and_unconditional_rows(npz_ablation):
+    out, result = npz_ablation
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

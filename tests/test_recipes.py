@@ -7,7 +7,6 @@ import csv
 import itertools
 import json
 import re
-import runpy
 import sys
 
 import pytest
@@ -19,7 +18,7 @@ from flowers_ddpm.experiments import ablation
 from flowers_ddpm.experiments.beds import BedData
 from flowers_ddpm.models.unet import PRESETS
 
-from .conftest import REPO, run_command
+from .conftest import REPO, main, run_command, script_main
 
 
 def test_recipe_fills_only_unset_settings():
@@ -65,11 +64,9 @@ def test_flowers_config_uses_the_recipe():
         assert values.get(key) == (pytest.approx(value) if isinstance(value, float) else value), key
 
 
-@pytest.mark.slow
-def test_unknown_recipe_is_a_user_error(tmp_path):
-    result = run_command([sys.executable, "-m", "flowers_ddpm.cli", "train", "--recipe", "big-data",
-                          "--max_train_steps", "1", "--output_dir", str(tmp_path)])
-    assert result.returncode == 2 and "recipe must be one of small-data" in result.stderr
+def test_unknown_recipe_is_a_user_error(tmp_path, capsys):
+    assert main(["train", "--recipe", "big-data", "--max_train_steps", "1", "--output_dir", str(tmp_path)]) == 2
+    assert "recipe must be one of small-data" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -100,16 +97,14 @@ def test_ablation_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "diffusers-defaults" / "result.json").is_file()
     # a later invocation into the same folder for one variant keeps the other's row in the table
     args[args.index("--variants"):args.index("--variants") + 3] = ["--variants", "wide"]
-    assert run_command(args, timeout=600).returncode == 0
+    assert script_main("recipe_ablation")(args[2:]) == 0  # nothing left to train: in this process
     with open(out / "results.csv") as f:
         assert sorted(r["variant"] for r in csv.DictReader(f)) == ["diffusers-defaults", "wide"]
 
 
-@pytest.mark.slow
-def test_ablation_rejects_unknown_variant(tmp_path):
-    result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(tmp_path),
-                          "--variants", "magic"])
-    assert result.returncode == 2 and "unknown variant 'magic'" in result.stderr
+def test_ablation_rejects_unknown_variant(tmp_path, capsys):
+    assert script_main("recipe_ablation")(["--output_dir", str(tmp_path), "--variants", "magic"]) == 2
+    assert "unknown variant 'magic'" in capsys.readouterr().err
 
 
 def test_ablation_refuses_to_mix_settings(tmp_path):
@@ -138,7 +133,7 @@ def test_real_baseline_has_the_samples_class_mix():
 
 
 @pytest.mark.slow
-def test_time_to_quality_reports_when_each_recipe_first_reaches_each_threshold(tmp_path):
+def test_time_to_quality_reports_when_each_recipe_first_reaches_each_threshold(tmp_path, capsys):
     out = tmp_path / "ttq"
     # a threshold every export meets and one none can: the first export reaches one, no export the other
     result = run_command([sys.executable, "scripts/recipe_ablation.py", "--time_to_quality", "--output_dir", str(out),
@@ -171,9 +166,9 @@ def test_time_to_quality_reports_when_each_recipe_first_reaches_each_threshold(t
     with open(out / "time_to_quality.csv") as f:
         assert len(list(csv.DictReader(f))) == 8
     assert (out / "time_to_quality.md").read_text().count("not reached") == 4  # images and seconds of each
-    other = run_command([sys.executable, "scripts/recipe_ablation.py", "--time_to_quality", "--output_dir", str(out),
-                         "--budget_images", "128", "--export_every_images", "16", "--resolution", "16"])
-    assert other.returncode == 2 and "other settings" in other.stderr  # finished runs of 64 images are not reused
+    other = script_main("recipe_ablation")(["--time_to_quality", "--output_dir", str(out), "--budget_images", "128",
+                                            "--export_every_images", "16", "--resolution", "16"])
+    assert other == 2 and "other settings" in capsys.readouterr().err  # finished runs of 64 images are not reused
 
 
 def test_time_to_quality_flags_a_threshold_the_reference_never_reached_as_a_lower_bound():
@@ -213,11 +208,8 @@ def test_train_seed_changes_only_the_training_seed(tmp_path):
 
 
 @pytest.mark.slow
-def test_sampler_table_scores_class_conditional_and_unconditional_models(tmp_path, capsys):
-    out = tmp_path / "ablation"
-    trained = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(out), "--budget_images",
-                           "48", "--variants", "small-data", "--conditioning", "class", "none", "--num_samples", "20",
-                           "--sampler_steps", "2", "--resolution", "16", "--classifier_epochs", "1"], timeout=600)
+def test_sampler_table_scores_class_conditional_and_unconditional_models(npz_ablation, capsys):
+    out, trained = npz_ablation  # its small-data rows: a class-conditional and an unconditional model
     assert trained.returncode == 0, trained.stderr[-3000:]
     table = [sys.executable, "scripts/sampler_table.py", "--ablation_dir", str(out)]
 
@@ -236,7 +228,7 @@ def test_sampler_table_scores_class_conditional_and_unconditional_models(tmp_pat
 
     # user errors: one sentence, exit 2, before the judge is trained or anything sampled (in this process: the
     # script's main, to spare three interpreter start-ups)
-    sampler_table = runpy.run_path(str(REPO / "scripts" / "sampler_table.py"), run_name="sampler_table")["main"]
+    sampler_table = script_main("sampler_table")
     for variant, cell, message in (("small-data-uncond", "ddim:2:1.5", "unconditional model, which has no guidance"),
                                    ("small-data", "heun:2:1.5", "scheduler must be one of"),
                                    ("small-data", "dpmsolver++:1000:1.5", "sampling steps")):
