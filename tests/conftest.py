@@ -14,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import runpy  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -49,20 +50,6 @@ def make_npz(path: Path, per_class=(20, 30, 10), size=8) -> Path:
     np.savez(path, images=np.stack(images)[order], labels=np.array(labels, dtype=np.uint8)[order],
              class_names=np.array(["red", "green", "blue"]))
     return path
-
-
-@pytest.fixture(scope="session")
-def npz_ablation(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One small recipe ablation on an .npz bed (DDPM and EDM variants, class-conditional and unconditional rows),
-    run once and shared: the tests that read its table and the sampler table's test, which scores its models."""
-    folder = tmp_path_factory.mktemp("npz-ablation")
-    npz = make_npz(folder / "tiny.npz", per_class=(100, 100, 100))
-    out = folder / "ablation"
-    result = run_command([sys.executable, "scripts/recipe_ablation.py", "--output_dir", str(out), "--bed",
-                          "cifar10-5k", "--bed_path", str(npz), "--budget_images", "48", "--variants", "small-data",
-                          "edm", "--conditioning", "class", "none", "--num_samples", "30", "--sampler_steps", "2",
-                          "--resolution", "8", "--classifier_epochs", "2"], timeout=900)
-    return out, result
 
 
 def script_main(name: str):
@@ -142,6 +129,14 @@ def run_command(args: list[str], env: dict | None = None, timeout: int = 300) ->
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     full_env = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
     return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+
+
+def free_port() -> int:
+    """A free local port for a test's `accelerate launch` of two processes: two such tests (or a test and anything
+    else on the machine) never share accelerate's default port 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def flowers_ddpm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ from flowers_ddpm.evaluation.reference import load_or_compute_reference
 from flowers_ddpm.models.unet import build_edm_scheduler, build_noise_scheduler, build_unet
 from flowers_ddpm.pipelines.export import export_pipeline
 
-from .conftest import REPO, run_command, tiny_train_args
+from .conftest import REPO, free_port, run_command, tiny_train_args
 from .feature_nets import tiny_conv_net
 
 FEATURE_NET = "tests.feature_nets:tiny_conv_net"
@@ -177,8 +177,8 @@ def test_two_processes_give_the_single_process_metrics(compared, pipeline_dir, i
     single_out, single_cache, _ = compared
     one = json.loads(single_out.read_text())["results"][2]  # DDIM-25
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              str(REPO / "scripts" / "evaluate.py")]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(free_port()), str(REPO / "scripts" / "evaluate.py")]
     out = tmp_path / "two.json"
     args = evaluate_args(pipeline_dir, image_folder, out, tmp_path / "cache", "--scheduler", "ddim", "--steps", "25",
                          "--dinov2_model", "none")

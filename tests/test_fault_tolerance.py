@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import time
@@ -27,7 +26,7 @@ from flowers_ddpm.experiments.soak import assert_same_final_state, read_data_ord
 from flowers_ddpm.training import checkpointing
 from flowers_ddpm.training.stopping import EXIT_NONFINITE, EXIT_PREEMPTED
 
-from .conftest import REPO, make_class_folder, tiny_train_args
+from .conftest import REPO, free_port, make_class_folder, tiny_train_args
 
 SECRET = "hf_fault_tolerance_test_token_4242"
 
@@ -190,12 +189,6 @@ def test_bad_files_are_skipped_with_one_warning_and_odd_ones_converted(tmp_path,
                for i in ids}
     assert trained == {"00.png", "01.jpg", "one_pixel.png", "cmyk.jpg", "sixteen_bit.png", "gray_alpha.png"}
     assert (out / "pipeline" / "model_index.json").is_file()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_two(args: list[str], env: dict | None = None) -> subprocess.Popen:

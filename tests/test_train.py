@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from flowers_ddpm.cli import main
 
-from .conftest import REPO, resume_from_copy, run_command, tiny_train_args
+from .conftest import REPO, free_port, resume_from_copy, run_command, tiny_train_args
 
 
 def read_order(path):
@@ -98,7 +98,7 @@ def test_two_processes_train_on_different_shards(image_folder, tmp_path):
     out = tmp_path / "ddp"
     result = run_command(
         ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", str(REPO / "scripts" / "train.py"),
+         "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(REPO / "scripts" / "train.py"),
          # the speed settings at their defaults (auto, unset): they are decided before the Accelerator exists
          *tiny_train_args(image_folder, out, max_train_steps=4, log_data_order=True, mixed_precision="auto",
                           channels_last=None, compile=None)],
