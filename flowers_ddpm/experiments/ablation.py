@@ -52,6 +52,9 @@ DIFFUSERS_DEFAULTS = {
 # The screening base: one factor is changed at a time from here (the diffusers defaults are the other reference).
 CANDIDATE = {**DIFFUSERS_DEFAULTS, **recipe_settings("small-data", "small"), "dropout": 0.0}
 
+# Adam betas (0.9, 0.99) with Improved DDPM's cosine noise schedule: the issue 16 screen's best pair on cifar10-5k.
+_ADAM_COSINE = {"adam_beta1": 0.9, "adam_beta2": 0.99, "ddpm_beta_schedule": "squaredcos_cap_v2"}
+
 # name -> overrides of CANDIDATE. Model variants keep the compute budget, so a bigger model gets fewer steps.
 VARIANTS: dict[str, dict] = {
     "candidate": {},
@@ -80,11 +83,20 @@ VARIANTS: dict[str, dict] = {
     # the screening base with another training seed (same judge and sampling seeds): how far one seed moves a row
     "train-seed-1": {"seed": 1},
     "adam+lognormal-t": {"adam_beta1": 0.9, "adam_beta2": 0.99, "timestep_sampling": "lognormal"},
-    "adam+cosine": {"adam_beta1": 0.9, "adam_beta2": 0.99, "ddpm_beta_schedule": "squaredcos_cap_v2"},
-    "adam+cosine+lr-constant": {"adam_beta1": 0.9, "adam_beta2": 0.99, "ddpm_beta_schedule": "squaredcos_cap_v2",
-                                "lr_scheduler": "constant_with_warmup"},
+    "adam+cosine": dict(_ADAM_COSINE),
+    "adam+cosine+lr-constant": {**_ADAM_COSINE, "lr_scheduler": "constant_with_warmup"},
     "adam+lognormal-t+lr-constant": {"adam_beta1": 0.9, "adam_beta2": 0.99, "timestep_sampling": "lognormal",
                                      "lr_scheduler": "constant_with_warmup"},
+    # one change at a time from adam+cosine, the best natural-image row (issue 16, seventh session)
+    "adam+cosine+lr-2e-3": {**_ADAM_COSINE, "learning_rate": 2e-3},
+    "adam+cosine+min-snr-5": {**_ADAM_COSINE, "snr_gamma": 5.0},
+    "adam+cosine+no-clip": {**_ADAM_COSINE, "max_grad_norm": 0.0},
+    "adam+cosine+scale-shift": {**_ADAM_COSINE, "unet_config": {"resnet_time_scale_shift": "scale_shift"}},
+    "adam+cosine+ema-diffusers": {**_ADAM_COSINE, "ema_power": 0.75, "ema_max_decay": 0.9999},
+    "adam+cosine+scale-shift+lr-2e-3": {**_ADAM_COSINE, "unet_config": {"resnet_time_scale_shift": "scale_shift"},
+                                        "learning_rate": 2e-3},
+    "adam+cosine+scale-shift+no-clip": {**_ADAM_COSINE, "unet_config": {"resnet_time_scale_shift": "scale_shift"},
+                                        "max_grad_norm": 0.0},
     # EDM-style training (Karras et al. 2022): preconditioning, log-normal noise levels, EDM loss weight
     "edm": {"objective": "edm", "prediction_type": "epsilon"},
     # non-leaking augmentation (EDM's augment pipe, conditioned on its labels; docs/recipes.md)
