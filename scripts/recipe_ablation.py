@@ -22,6 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
+from flowers_ddpm.config.recipes import RECIPES
 from flowers_ddpm.errors import UserError
 from flowers_ddpm.experiments.ablation import VARIANTS, AblationSettings, run_ablation
 from flowers_ddpm.experiments.time_to_quality import TimeToQualitySettings, format_table, run_time_to_quality
@@ -35,7 +36,8 @@ def parse_args(argv=None) -> tuple:
                         help="instead of minutes: a compute budget, the training FLOPs of this many images of the "
                              "screening base's UNet (independent of machine load)")
     parser.add_argument("--variants", nargs="+", default=["diffusers-defaults", "small-data"],
-                        help=f"'all', or names among diffusers-defaults, small-data, {', '.join(VARIANTS)}")
+                        help=f"'all', or names among diffusers-defaults, {', '.join(RECIPES)}, "
+                             f"{', '.join(VARIANTS)}")
     parser.add_argument("--bed", default="digits", choices=("digits", "cifar10-5k"),
                         help="test bed: scikit-learn's digits, or real colour photographs from --bed_path")
     parser.add_argument("--bed_path", type=Path, help="the bed's .npz file (images, labels, class_names); read in place")

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import yaml
+from diffusers import DDPMScheduler, UNet2DModel
 
 from flowers_ddpm.config.loading import build_config, load_yaml
 from flowers_ddpm.config.recipes import recipe_settings
@@ -18,7 +19,7 @@ from flowers_ddpm.experiments import ablation
 from flowers_ddpm.experiments.beds import BedData
 from flowers_ddpm.models.unet import PRESETS
 
-from .conftest import REPO, main, make_npz, run_command, script_main
+from .conftest import REPO, main, make_npz, run_command, script_main, tiny_train_args
 
 
 def test_recipe_fills_only_unset_settings():
@@ -31,6 +32,30 @@ def test_recipe_fills_only_unset_settings():
     assert cfg.model.ddpm_beta_schedule == recipe["ddpm_beta_schedule"]
     plain = build_config({"max_train_steps": 5}, {})
     assert (plain.model.prediction_type, plain.ema.ema_power) == ("epsilon", 0.75)  # no recipe: diffusers' defaults
+
+
+def test_photos_recipe_adds_its_betas_schedule_and_scale_shift_under_the_users_settings(tmp_path):
+    cfg = build_config({"recipe": "small-data-photos", "model_preset": "small",
+                        "unet_config": {"block_out_channels": [32, 64, 96]}}, {"adam_beta2": "0.999"})
+    assert (cfg.optim.adam_beta1, cfg.optim.adam_beta2) == (0.9, 0.999)  # the flag beats the recipe
+    assert cfg.model.ddpm_beta_schedule == "squaredcos_cap_v2" and cfg.optim.learning_rate == 1e-3
+    # the recipe's UNet setting joins the user's own UNet settings instead of replacing them
+    assert cfg.model.unet_config == {"resnet_time_scale_shift": "scale_shift", "block_out_channels": [32, 64, 96]}
+    mine = build_config({"recipe": "small-data-photos", "unet_config": {"resnet_time_scale_shift": "default"}}, {})
+    assert mine.model.unet_config == {"resnet_time_scale_shift": "default"}
+    # a UNet config file describes the whole architecture: the recipe leaves the UNet alone
+    named = build_config({"recipe": "small-data-photos", "model_config_name_or_path": str(tmp_path)}, {})
+    assert named.model.unet_config is None and named.model.ddpm_beta_schedule == "squaredcos_cap_v2"
+    assert build_config({"recipe": "small-data"}, {}).model.unet_config is None
+
+
+def test_photos_recipe_trains_a_pipeline_plain_diffusers_reads_with_its_settings(image_folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_train_args(image_folder, out, max_train_steps=2, recipe="small-data-photos")]) == 0
+    unet = UNet2DModel.load_config(out / "pipeline" / "unet")
+    scheduler = DDPMScheduler.load_config(out / "pipeline" / "scheduler")
+    assert unet["resnet_time_scale_shift"] == "scale_shift" and scheduler["beta_schedule"] == "squaredcos_cap_v2"
+    assert scheduler["prediction_type"] == "v_prediction"
 
 
 def documented_rates() -> dict[str, tuple[float, int]]:

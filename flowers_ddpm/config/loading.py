@@ -138,7 +138,13 @@ def _recipe_defaults(merged: dict) -> None:
         raise UserError(f"recipe must be one of {', '.join(RECIPES)}; got {merged['recipe']!r}")
     model_preset = merged.get("model_preset", FIELDS["model_preset"].default)
     for key, value in recipe_settings(merged["recipe"], model_preset).items():
-        merged.setdefault(key, value)
+        if key == "unet_config":
+            # UNet settings of the recipe join the user's own, under them; a UNet config file the user names
+            # (--model_config_name_or_path) describes the whole architecture, so the recipe leaves it alone
+            if merged.get("model_config_name_or_path") is None:
+                merged["unet_config"] = {**value, **(merged.get("unet_config") or {})}
+        else:
+            merged.setdefault(key, value)
 
 
 def _objective_defaults(merged: dict, explicit: frozenset) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .recipes import RECIPES
 # sampler names and sampling defaults (config/samplers.py, shared with the sampling code), re-exported for users of sections
 from .samplers import (  # noqa: F401
     DDPM_SAMPLERS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLERS, EDM_SAMPLERS, SAMPLE_SCHEDULERS)
@@ -172,7 +173,8 @@ class RunSettings:
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
     max_consecutive_nonfinite: int = _opt(10, "stop after this many consecutive steps with a non-finite loss or "
                                           "gradient (each such update is skipped)", minimum=1)
-    recipe: Optional[str] = _opt(None, "tuned defaults applied under your YAML and flags (see docs/recipes.md)", ("small-data",))
+    recipe: Optional[str] = _opt(None, "tuned defaults applied under your YAML and flags (see docs/recipes.md)",
+                                  RECIPES)
     debug: bool = _opt(False, "show tracebacks for user errors")
     local_rank: int = _opt(-1, "accepted for diffusers compatibility; the launcher (accelerate) sets each process's "
                            "rank")

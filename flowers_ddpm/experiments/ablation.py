@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .._util.atomic import atomic_write_text
 from .._util.tables import markdown_table
-from ..config.recipes import recipe_settings
+from ..config.recipes import RECIPES, recipe_settings
 from ..errors import UserError
 from ..evaluation.evaluate import images_to_tensor
 from ..evaluation.metrics import frechet_distance
@@ -110,20 +110,21 @@ EDM_SAMPLERS = {"dpmsolver++": "edm-dpmsolver++", "ddim": "edm-euler", "ddpm": "
 
 
 def variant_settings(name: str) -> dict:
-    """Full recipe of a variant: the diffusers defaults, the current small-data recipe, or CANDIDATE + overrides."""
+    """Full recipe of a variant: the diffusers defaults, a named recipe as it is now (`small-data`,
+    `small-data-photos`), or CANDIDATE + overrides."""
     if name == "diffusers-defaults":
         return dict(DIFFUSERS_DEFAULTS)
-    if name == "small-data":
-        return {**DIFFUSERS_DEFAULTS, **recipe_settings("small-data", "small")}
+    if name in RECIPES:
+        return {**DIFFUSERS_DEFAULTS, **recipe_settings(name, "small")}
     if name not in VARIANTS:
-        known = ", ".join(["diffusers-defaults", "small-data", *VARIANTS])
+        known = ", ".join(["diffusers-defaults", *RECIPES, *VARIANTS])
         raise UserError(f"unknown variant {name!r}; known variants: {known}")
     return {**CANDIDATE, **VARIANTS[name]}
 
 
 def describe(name: str) -> str:
     """What a variant changes, for the table."""
-    if name in ("diffusers-defaults", "small-data"):
+    if name == "diffusers-defaults" or name in RECIPES:
         return "the recipe itself"
     overrides = VARIANTS[name]
     return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(screening base)"
