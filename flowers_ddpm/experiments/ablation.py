@@ -54,6 +54,8 @@ CANDIDATE = {**DIFFUSERS_DEFAULTS, **recipe_settings("small-data", "small"), "dr
 
 # Adam betas (0.9, 0.99) with Improved DDPM's cosine noise schedule: the issue 16 screen's best pair on cifar10-5k.
 _ADAM_COSINE = {"adam_beta1": 0.9, "adam_beta2": 0.99, "ddpm_beta_schedule": "squaredcos_cap_v2"}
+# ADM's adaptive group norm: the time embedding scales and shifts each ResNet block's normalised activations
+_SCALE_SHIFT = {"unet_config": {"resnet_time_scale_shift": "scale_shift"}}
 
 # name -> overrides of CANDIDATE. Model variants keep the compute budget, so a bigger model gets fewer steps.
 VARIANTS: dict[str, dict] = {
@@ -73,8 +75,7 @@ VARIANTS: dict[str, dict] = {
     "wide": {"unet_config": {"block_out_channels": [48, 96, 96]}},
     "deep": {"unet_config": {"layers_per_block": 2}},
     "two-level-unet": {"model_preset": "tiny"},
-    # ADM's adaptive group norm: the time embedding scales and shifts each ResNet block's normalised activations
-    "scale-shift": {"unet_config": {"resnet_time_scale_shift": "scale_shift"}},
+    "scale-shift": dict(_SCALE_SHIFT),
     "no-attention": {"unet_config": {"down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}},
     "adam-0.9-0.99": {"adam_beta1": 0.9, "adam_beta2": 0.99},
     # EDM's log-normal training noise levels for the DDPM objective (--timestep_sampling lognormal)
@@ -91,12 +92,10 @@ VARIANTS: dict[str, dict] = {
     "adam+cosine+lr-2e-3": {**_ADAM_COSINE, "learning_rate": 2e-3},
     "adam+cosine+min-snr-5": {**_ADAM_COSINE, "snr_gamma": 5.0},
     "adam+cosine+no-clip": {**_ADAM_COSINE, "max_grad_norm": 0.0},
-    "adam+cosine+scale-shift": {**_ADAM_COSINE, "unet_config": {"resnet_time_scale_shift": "scale_shift"}},
+    "adam+cosine+scale-shift": {**_ADAM_COSINE, **_SCALE_SHIFT},  # = --recipe small-data-photos
     "adam+cosine+ema-diffusers": {**_ADAM_COSINE, "ema_power": 0.75, "ema_max_decay": 0.9999},
-    "adam+cosine+scale-shift+lr-2e-3": {**_ADAM_COSINE, "unet_config": {"resnet_time_scale_shift": "scale_shift"},
-                                        "learning_rate": 2e-3},
-    "adam+cosine+scale-shift+no-clip": {**_ADAM_COSINE, "unet_config": {"resnet_time_scale_shift": "scale_shift"},
-                                        "max_grad_norm": 0.0},
+    "adam+cosine+scale-shift+lr-2e-3": {**_ADAM_COSINE, **_SCALE_SHIFT, "learning_rate": 2e-3},
+    "adam+cosine+scale-shift+no-clip": {**_ADAM_COSINE, **_SCALE_SHIFT, "max_grad_norm": 0.0},
     # EDM-style training (Karras et al. 2022): preconditioning, log-normal noise levels, EDM loss weight
     "edm": {"objective": "edm", "prediction_type": "epsilon"},
     # non-leaking augmentation (EDM's augment pipe, conditioned on its labels; docs/recipes.md)
