@@ -28,7 +28,9 @@ from flowers_ddpm.errors import EXIT_STORAGE, UserError
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
 from flowers_ddpm.pipelines.export import export_pipeline
 from flowers_ddpm.training import checkpointing
-from flowers_ddpm.training.stopping import EXIT_NONFINITE, EXIT_PREEMPTED
+from flowers_ddpm.training import stopping
+from flowers_ddpm.training.stopping import (EXIT_NONFINITE, EXIT_PREEMPTED, InterruptOnSigterm, SignalStop,
+                                           StopOutsideSteps)
 
 from .conftest import REPO, make_class_folder, tiny_train_args
 
@@ -223,6 +225,46 @@ def test_sigterm_while_the_command_is_still_loading_says_so_and_exits_75(image_f
     assert process.returncode == EXIT_PREEMPTED, err
     last = err.strip().splitlines()[-1]  # while cli loads, or while the train command imports its stages
     assert last.startswith("stopped: stopped by SIGTERM") and "during start-up" in last
+
+
+SIGNAL_HANDLINGS = [(lambda: StopOutsideSteps("while testing", "rerun"), SignalStop),
+                    (InterruptOnSigterm, KeyboardInterrupt)]
+
+
+def _module_that_signals_itself(folder: Path, name: str) -> None:
+    # SIGTERM lands in the middle of the module's own import; the rest of the module still has to run
+    (folder / f"{name}.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\n"
+                                       "time.sleep(0.3)\nFINISHED = True\n")
+
+
+@pytest.mark.parametrize("handling, raised", SIGNAL_HANDLINGS)
+def test_a_signal_inside_an_import_stops_once_the_import_is_done(handling, raised, tmp_path, monkeypatch):
+    # raised inside the import it would leave a half-initialised module (under xdist's load a SIGTERM once landed
+    # in numpy's lazy `import numpy.dtypes`: a RecursionError and exit 1 instead of the stop and 75)
+    name = f"signals_itself_{raised.__name__.lower()}"
+    _module_that_signals_itself(tmp_path, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(raised):
+        with handling():
+            __import__(name)
+            time.sleep(5)  # the redelivered signal interrupts this at once
+    assert sys.modules[name].FINISHED is True
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_signal_still_pending_when_the_block_ends_stops_at_its_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(stopping._RaiseOutsideImports, "RETRY_S", 30.0)  # no redelivery within the test
+    _module_that_signals_itself(tmp_path, "signals_itself_at_the_end")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    with pytest.raises(SignalStop, match="stopped by SIGTERM while testing; rerun"):
+        with StopOutsideSteps("while testing", "rerun"):
+            __import__("signals_itself_at_the_end")
+    assert time.monotonic() - started < 10
+    assert sys.modules["signals_itself_at_the_end"].FINISHED is True
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 @pytest.mark.slow

@@ -96,6 +96,7 @@ VARIANTS: dict[str, dict] = {
     "adam+cosine+ema-diffusers": {**_ADAM_COSINE, "ema_power": 0.75, "ema_max_decay": 0.9999},
     "adam+cosine+scale-shift+lr-2e-3": {**_ADAM_COSINE, **_SCALE_SHIFT, "learning_rate": 2e-3},
     "adam+cosine+scale-shift+no-clip": {**_ADAM_COSINE, **_SCALE_SHIFT, "max_grad_norm": 0.0},
+    "adam+cosine+scale-shift+min-snr-5": {**_ADAM_COSINE, **_SCALE_SHIFT, "snr_gamma": 5.0},
     # EDM-style training (Karras et al. 2022): preconditioning, log-normal noise levels, EDM loss weight
     "edm": {"objective": "edm", "prediction_type": "epsilon"},
     # non-leaking augmentation (EDM's augment pipe, conditioned on its labels; docs/recipes.md)
