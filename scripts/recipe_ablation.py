@@ -60,6 +60,9 @@ def parse_args(argv=None) -> tuple:
                         help="training seed of every variant (default: --seed); the split, judge and sampling seeds "
                              "stay --seed, so rows of two training seeds are scored alike")
     parser.add_argument("--cache_dir", type=Path, help="where the judge classifier is cached (default: output_dir)")
+    parser.add_argument("--ema_sigma_rel", type=float, nargs="+", default=[], metavar="S", dest="ema_sigma_rels",
+                        help="also score these post-hoc EMA lengths of every variant (rows <variant>@sigma_rel-S): "
+                             "the variants train with post-hoc EMA snapshots (docs/recipes.md)")
     ttq = parser.add_argument_group("time to quality (--time_to_quality)")
     ttq.add_argument("--time_to_quality", action="store_true",
                      help="train small-data and diffusers-defaults for --budget_images images each (default 8000) "
@@ -74,7 +77,8 @@ def parse_args(argv=None) -> tuple:
         variants = ["diffusers-defaults", *VARIANTS]
     ttq_keys = ("time_to_quality", "export_every_images", "thresholds", "mixed_precision")
     values = {k: v for k, v in vars(args).items() if k not in ttq_keys}
-    settings = AblationSettings(**{**values, "variants": tuple(variants), "conditioning": tuple(args.conditioning)})
+    settings = AblationSettings(**{**values, "variants": tuple(variants), "conditioning": tuple(args.conditioning),
+                                   "ema_sigma_rels": tuple(args.ema_sigma_rels)})
     if not args.time_to_quality:
         return settings, None
     return settings, TimeToQualitySettings(args.budget_images or 8000, args.export_every_images,

@@ -105,3 +105,41 @@ def test_time_to_quality_flags_a_threshold_the_reference_never_reached_as_a_lowe
     assert strict["images_ratio"] == pytest.approx(3200 / 1600)
     table = format_table([loose, strict])
     assert ">1.3x" in table and "| 5x | 1,600 | 60.0 | not reached | not reached |" in table
+
+
+@pytest.mark.slow
+def test_ablation_scores_post_hoc_ema_lengths_beside_each_variants_own_ema(tmp_path):
+    out = tmp_path / "ablation"
+    args = ["--output_dir", str(out), "--budget_images", "48", "--variants", "small-data", "--num_samples", "20",
+            "--sampler_steps", "2", "--resolution", "16", "--classifier_epochs", "1", "--ema_sigma_rel", "0.05", "0.2"]
+    assert script_main("recipe_ablation")(args) == 0
+
+    def rows():
+        with open(out / "results.csv") as f:
+            return list(csv.DictReader(f))
+
+    first = rows()
+    assert [r["variant"] for r in first] == ["small-data", "small-data@sigma_rel-0.05", "small-data@sigma_rel-0.2"]
+    # one training run: its figures on every row; each EMA length's samples scored on their own
+    assert len({(r["steps"], r["train_images"], r["final_loss"]) for r in first}) == 1
+    assert len({r["frechet"] for r in first}) == 3
+    assert first[1]["changes"].endswith("post-hoc EMA sigma_rel 0.05")
+    run = out / "small-data" / "run"
+    assert yaml.safe_load((run / "pipeline" / "training_config.yaml").read_text())["phema_sigma_rel"] == "0.05,0.1"
+    assert len(list((run / "phema").glob("step-*.safetensors"))) == 6  # 6 steps, a snapshot every step
+    weights = [(run / "ema-reconstruct" / f"sigma_rel-{s}" / "unet" / "diffusion_pytorch_model.safetensors")
+               for s in ("0.05", "0.2")]
+    assert weights[0].read_bytes() != weights[1].read_bytes()
+    assert all((out / "small-data" / f"grid-sigma_rel-{s}.png").is_file() for s in ("0.05", "0.2"))
+
+    assert script_main("recipe_ablation")(args) == 0  # finished: nothing is trained or scored again
+    assert rows() == first
+    other = [*args[:-2], "0.1"]  # other lengths are other settings: refused for this folder
+    assert script_main("recipe_ablation")(other) == 2
+
+
+def test_ablation_refuses_ema_lengths_outside_the_power_function_range(tmp_path, capsys):
+    args = ["--output_dir", str(tmp_path / "out"), "--budget_images", "48", "--ema_sigma_rel", "0.05", "0.3"]
+    assert script_main("recipe_ablation")(args) == 2
+    assert "--ema_sigma_rel values must lie in (0, 0.28)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

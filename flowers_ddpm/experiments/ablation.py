@@ -38,6 +38,7 @@ from ..evaluation.metrics import frechet_distance
 from ..models.unet import build_unet
 from ..pipelines.sampling import generate, image_grid, load_pipeline
 from ..publish.run_log import read_records
+from ..training.phema import check_sigma_rels, export_reconstructions, reconstruction_folder
 from . import beds
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ class AblationSettings:
     bed: str = "digits"
     bed_path: Optional[Path] = None  # the bed's .npz file (cifar10-5k)
     conditioning: tuple = ("class",)  # "class" (class-conditional rows) and/or "none" (unconditional rows)
+    # post-hoc EMA lengths scored for every variant beside its own EMA (each variant then trains with snapshots)
+    ema_sigma_rels: tuple = ()
 
     def validate(self) -> None:
         """One-sentence errors before any work."""
@@ -169,6 +172,8 @@ class AblationSettings:
             raise UserError(f"budget_images must be >= 1; got {self.budget_images}")
         if self.num_samples < 20:
             raise UserError(f"num_samples must be >= 20; got {self.num_samples}")
+        if self.ema_sigma_rels:
+            check_sigma_rels(self.ema_sigma_rels, "--ema_sigma_rel")
 
     @property
     def training_seed(self) -> int:
@@ -207,7 +212,8 @@ def _write_config(folder: Path, recipe: dict, data: beds.BedData, settings: Abla
         "train_data_dir": str(data.train_dir), "resolution": settings.resolution, "class_conditional": conditional,
         "center_crop": True, "random_flip": data.random_flip,
         "decode_cache": True, "decode_cache_dir": str(settings.output_dir / "decode_cache"),
-        "shuffle_buffer_size": 2048, "seed": recipe.get("seed", settings.training_seed), "logger": "none", "logging_steps": 4,
+        "shuffle_buffer_size": 2048, "seed": recipe.get("seed", settings.training_seed), "logger": "none",
+        "logging_steps": 4,
         "output_dir": str(folder / "run"), "sample_scheduler": settings.sampler_for(recipe),
         "ddpm_num_inference_steps": settings.sampler_steps, "eval_batch_size": 10,
     }
@@ -284,7 +290,8 @@ class Scorer:
         s = self.settings
         pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
         start = time.perf_counter()
-        labels = {"class_labels": list(range(self.num_classes)), "guidance_scale": s.guidance_scale} if conditional else {}
+        labels = ({"class_labels": list(range(self.num_classes)), "guidance_scale": s.guidance_scale}
+                  if conditional else {})
         images = generate(pipe, s.num_samples, s.sampler_steps, s.seed, sampler, batch_size=100, progress=True,
                           **labels)
         sample_sec = time.perf_counter() - start
@@ -316,7 +323,8 @@ def run_variant(name: str, data: beds.BedData, scorer: Scorer, settings: Ablatio
     steps, probe_rate = plan_steps(config, folder, recipe, settings)
     logger.info("%s: %d steps planned (probe: %s images/s)", name, steps, probe_rate)
     seconds = _run_train(config, ["--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
-                                  "--save_images_steps", str(steps)], folder / "train.log")
+                                  "--save_images_steps", str(steps), *_phema_flags(settings, steps)],
+                         folder / "train.log")
     run_dir = folder / "run"
     losses = read_records(run_dir)
     sampler = settings.sampler_for(recipe)
@@ -327,12 +335,56 @@ def run_variant(name: str, data: beds.BedData, scorer: Scorer, settings: Ablatio
            "final_loss": losses[-1]["loss"], "real_vs_real": scorer.real_vs_real,
            **scorer.score(run_dir / "pipeline", folder / "grid.png", sampler, conditional)}
     row["frechet_ratio"] = row["frechet"] / scorer.real_vs_real
+    ema_rows = _score_ema_lengths(row, folder, scorer, settings, sampler, conditional)
+    atomic_write_text(folder / EMA_RESULTS, json.dumps(ema_rows, indent=2))
     atomic_write_text(result_path, json.dumps(row, indent=2))  # a half-written result would count as finished
     return row
 
 
-COLUMNS = ("variant", "changes", "conditioning", "sampler", "steps", "train_images", "images_per_sec", "train_sec", "final_loss", "frechet", "real_vs_real",
-           "frechet_ratio", "class_accuracy")
+# EDM2's two stored profiles (Karras et al. 2024); any length between and around them is reconstructed from them
+PHEMA_PROFILES = "0.05,0.1"
+PHEMA_SNAPSHOTS = 16  # snapshots per run (and one at the end)
+EMA_RESULTS = "result-ema.json"  # beside result.json: the rows of the post-hoc EMA lengths
+
+
+def _phema_flags(settings: AblationSettings, steps: int) -> list[str]:
+    """With `ema_sigma_rels`, every variant keeps post-hoc EMA snapshots (so all rows pay its small cost)."""
+    if not settings.ema_sigma_rels:
+        return []
+    return ["--phema_sigma_rel", PHEMA_PROFILES, "--phema_snapshot_steps", str(max(steps // PHEMA_SNAPSHOTS, 1))]
+
+
+def ema_row_name(name: str, sigma_rel: float) -> str:
+    return f"{name}@sigma_rel-{sigma_rel:g}"
+
+
+def _score_ema_lengths(row: dict, folder: Path, scorer: Scorer, settings: AblationSettings, sampler: str,
+                       conditional: bool) -> list[dict]:
+    """One row per post-hoc EMA length: the variant's run with its EMA weights replaced by the reconstruction
+    (`flowers-ddpm ema-reconstruct`), scored like the run's own export; training figures are the run's."""
+    if not settings.ema_sigma_rels:
+        return []
+    run_dir = folder / "run"
+    export_reconstructions(run_dir, settings.ema_sigma_rels)
+    rows = []
+    for sigma_rel in settings.ema_sigma_rels:
+        scored = scorer.score(reconstruction_folder(run_dir, sigma_rel), folder / f"grid-sigma_rel-{sigma_rel:g}.png",
+                              sampler, conditional)
+        rows.append({**row, **scored, "variant": ema_row_name(row["variant"], sigma_rel),
+                     "changes": f"{row['changes']}; post-hoc EMA sigma_rel {sigma_rel:g}",
+                     "frechet_ratio": scored["frechet"] / scorer.real_vs_real})
+    return rows
+
+
+def variant_rows(folder: Path) -> list[dict]:
+    """A finished variant's rows: its own (result.json), then those of its post-hoc EMA lengths."""
+    ema = folder / EMA_RESULTS
+    own = json.loads((folder / "result.json").read_text())
+    return [own, *(json.loads(ema.read_text()) if ema.is_file() else [])]
+
+
+COLUMNS = ("variant", "changes", "conditioning", "sampler", "steps", "train_images", "images_per_sec", "train_sec",
+           "final_loss", "frechet", "real_vs_real", "frechet_ratio", "class_accuracy")
 
 
 def _cell(value) -> str:
@@ -356,7 +408,9 @@ def write_table(rows: list[dict], output_dir: Path) -> Path:
 
 def _comparable(settings: AblationSettings) -> dict:
     """The settings every row of one table must share (the variant list may grow between runs)."""
-    return {k: v for k, v in json.loads(json.dumps(asdict(settings), default=str)).items() if k != "variants"}
+    values = json.loads(json.dumps(asdict(settings), default=str))
+    # without post-hoc EMA lengths the settings read as before they existed, so older folders can be added to
+    return {k: v for k, v in values.items() if k != "variants" and not (k == "ema_sigma_rels" and not v)}
 
 
 def saved_settings(output_dir: Path) -> AblationSettings:
@@ -396,10 +450,11 @@ def run_ablation(settings: AblationSettings) -> list[dict]:
     runs = [(name, mode == "class") for mode in settings.conditioning for name in settings.variants]
     # rows finished by earlier invocations into this folder (same settings, checked above) stay in the table
     ran = {variant_folder(name, conditional) for name, conditional in runs}
-    earlier = [json.loads(path.read_text()) for path in sorted(settings.output_dir.glob("*/result.json"))
-               if path.parent.name not in ran]
+    earlier = [row for path in sorted(settings.output_dir.glob("*/result.json")) if path.parent.name not in ran
+               for row in variant_rows(path.parent)]
     rows = []
     for name, conditional in tqdm(runs, desc="variants", dynamic_ncols=True):
-        rows.append(run_variant(name, data, scorer, settings, conditional))
+        run_variant(name, data, scorer, settings, conditional)
+        rows += variant_rows(settings.output_dir / variant_folder(name, conditional))
         write_table(rows + earlier, settings.output_dir)
     return rows
