@@ -4,7 +4,8 @@ data order with an uninterrupted run.
 
 Used by tests/test_kill_resume.py (a few interruptions) and `python scripts/soak_resume.py` (`main`, 50). Runs are
 forked from a multiprocessing forkserver that has imported torch, diffusers, datasets and the toolkit once, so each
-restart costs a second instead of a fresh interpreter; inside, each child is an ordinary `flowers-ddpm train` call.
+restart costs a second instead of a fresh interpreter; inside, each child runs the `flowers-ddpm train` command
+through its entry point (`python -m flowers_ddpm`, start-up signal handling included), as a user starts it.
 The runs train the `tiny` preset (the repository's configs/tiny.yaml) on a generated folder of coloured discs.
 """
 
@@ -15,7 +16,9 @@ import json
 import multiprocessing
 import os
 import random
+import runpy
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,7 +29,6 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from ..cli import main as cli_main
 from ..training import checkpointing
 from ..training.stopping import EXIT_PREEMPTED
 
@@ -78,10 +80,28 @@ def tiny_train_args(data: Path, out: Path, **overrides) -> list[str]:
 
 # -- interrupting and resuming ----------------------------------------------------------------------------------------
 def _train_child(args: list[str], log_path: str) -> None:
+    """A forkserver child: `python -m flowers_ddpm train ARGS`, output appended to `log_path`, exit code as the
+    command's."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    os._exit(cli_main(["train", *args]))
+    sys.argv = ["flowers-ddpm", "train", *args]
+    try:
+        runpy.run_module("flowers_ddpm", run_name="__main__", alter_sys=True)  # ends in sys.exit(main())
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_train_command(args: list[str], log_path: Path, timeout: float = 600) -> int:
+    """`flowers-ddpm train ARGS` in a forkserver child, to the end; its exit code."""
+    process = _context().Process(target=_train_child, args=(args, str(log_path)))
+    process.start()
+    process.join(timeout)
+    return process.exitcode
 
 
 def _context():
@@ -262,8 +282,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     straight, interrupted = work / "straight", work / "interrupted"
 
     started = time.monotonic()
-    if cli_main(["train", *tiny_train_args(data, straight, **flags)]) != 0:
-        print("the uninterrupted run failed")
+    if run_train_command(tiny_train_args(data, straight, **flags), straight.with_suffix(".log")) != 0:
+        print(f"the uninterrupted run failed; see {straight.with_suffix('.log')}")
         return 1
     report = interrupt_and_resume(tiny_train_args(data, interrupted, resume_from_checkpoint="latest", **flags),
                                   interrupted, modes, seed=args.seed)
