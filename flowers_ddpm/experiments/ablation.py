@@ -285,8 +285,9 @@ class Scorer:
         self.settings = settings
 
     def score(self, pipeline_dir: Path, grid_path: Path, sampler: str, conditional: bool = True) -> dict:
-        """Frechet distance of `num_samples` samples, and for class-conditional ones the class accuracy (image i
-        asks for class i % num_classes); unconditional samples get no class accuracy (None)."""
+        """Frechet distance of `num_samples` samples and its ratio to the real-vs-real baseline, and for
+        class-conditional ones the class accuracy (image i asks for class i % num_classes); unconditional samples
+        get no class accuracy (None)."""
         s = self.settings
         pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
         start = time.perf_counter()
@@ -300,7 +301,8 @@ class Scorer:
         features, predicted = beds.predict(self.classifier, images_to_tensor(images))
         requested = torch.arange(len(images)) % self.num_classes
         accuracy = float((predicted == requested).float().mean()) if conditional else None
-        return {"frechet": frechet_distance(self.reference, features), "class_accuracy": accuracy,
+        frechet = frechet_distance(self.reference, features)
+        return {"frechet": frechet, "frechet_ratio": frechet / self.real_vs_real, "class_accuracy": accuracy,
                 "sample_images_per_sec": len(images) / sample_sec}
 
 
@@ -334,9 +336,9 @@ def run_variant(name: str, data: beds.BedData, scorer: Scorer, settings: Ablatio
            "images_per_sec": _logged_images_per_sec(run_dir), "train_sec": seconds,
            "final_loss": losses[-1]["loss"], "real_vs_real": scorer.real_vs_real,
            **scorer.score(run_dir / "pipeline", folder / "grid.png", sampler, conditional)}
-    row["frechet_ratio"] = row["frechet"] / scorer.real_vs_real
     ema_rows = _score_ema_lengths(row, folder, scorer, settings, sampler, conditional)
-    atomic_write_text(folder / EMA_RESULTS, json.dumps(ema_rows, indent=2))
+    if ema_rows:
+        atomic_write_text(folder / EMA_RESULTS, json.dumps(ema_rows, indent=2))
     atomic_write_text(result_path, json.dumps(row, indent=2))  # a half-written result would count as finished
     return row
 
@@ -354,10 +356,6 @@ def _phema_flags(settings: AblationSettings, steps: int) -> list[str]:
     return ["--phema_sigma_rel", PHEMA_PROFILES, "--phema_snapshot_steps", str(max(steps // PHEMA_SNAPSHOTS, 1))]
 
 
-def ema_row_name(name: str, sigma_rel: float) -> str:
-    return f"{name}@sigma_rel-{sigma_rel:g}"
-
-
 def _score_ema_lengths(row: dict, folder: Path, scorer: Scorer, settings: AblationSettings, sampler: str,
                        conditional: bool) -> list[dict]:
     """One row per post-hoc EMA length: the variant's run with its EMA weights replaced by the reconstruction
@@ -370,9 +368,8 @@ def _score_ema_lengths(row: dict, folder: Path, scorer: Scorer, settings: Ablati
     for sigma_rel in settings.ema_sigma_rels:
         scored = scorer.score(reconstruction_folder(run_dir, sigma_rel), folder / f"grid-sigma_rel-{sigma_rel:g}.png",
                               sampler, conditional)
-        rows.append({**row, **scored, "variant": ema_row_name(row["variant"], sigma_rel),
-                     "changes": f"{row['changes']}; post-hoc EMA sigma_rel {sigma_rel:g}",
-                     "frechet_ratio": scored["frechet"] / scorer.real_vs_real})
+        rows.append({**row, **scored, "variant": f"{row['variant']}@sigma_rel-{sigma_rel:g}",
+                     "changes": f"{row['changes']}; post-hoc EMA sigma_rel {sigma_rel:g}"})
     return rows
 
 

@@ -97,9 +97,8 @@ def run_sampler_table(ablation_dir: Path, variant: str, cells: list[Cell], outpu
         load = os.getloadavg()[0]
         row = scorer.score(pipeline, out / f"{name}-{steps}-g{guidance:g}{f'-seed{seed}' if seed else ''}.png", name,
                            conditional=conditional)
-        row.update(sampler=name, steps=steps, guidance_scale=guidance, seed=seed, frechet_ratio=row["frechet"] /
-                   scorer.real_vs_real, real_vs_real=scorer.real_vs_real, load_before=load,
-                   load_after=os.getloadavg()[0])
+        row.update(sampler=name, steps=steps, guidance_scale=guidance, seed=seed, real_vs_real=scorer.real_vs_real,
+                   load_before=load, load_after=os.getloadavg()[0])
         rows.append(row)
         on_row(row)
         atomic_write_text(results_path, json.dumps(rows, indent=1))

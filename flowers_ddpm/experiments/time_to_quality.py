@@ -79,7 +79,7 @@ def judge_exports(run_dir: Path, scorer: ablation.Scorer, sampler: str, threshol
         step = _export_step(folder)
         score = scorer.score(folder, grids / f"step-{step:07d}.png", sampler)
         rows.append({"step": step, "train_images": step * batch_size, "training_seconds": info["training_seconds"],
-                     "frechet": score["frechet"], "frechet_ratio": score["frechet"] / scorer.real_vs_real,
+                     "frechet": score["frechet"], "frechet_ratio": score["frechet_ratio"],
                      "class_accuracy": score["class_accuracy"]})
         if rows[-1]["frechet_ratio"] <= min(thresholds):
             break
