@@ -288,8 +288,12 @@ class Scorer:
         """Frechet distance of `num_samples` samples and its ratio to the real-vs-real baseline, and for
         class-conditional ones the class accuracy (image i asks for class i % num_classes); unconditional samples
         get no class accuracy (None)."""
+        return self.score_pipeline(load_pipeline(str(pipeline_dir), torch.device("cpu")), grid_path, sampler,
+                                   conditional)
+
+    def score_pipeline(self, pipe, grid_path: Path, sampler: str, conditional: bool = True) -> dict:
+        """`score` of a loaded pipeline."""
         s = self.settings
-        pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
         start = time.perf_counter()
         labels = ({"class_labels": list(range(self.num_classes)), "guidance_scale": s.guidance_scale}
                   if conditional else {})
