@@ -72,9 +72,8 @@ def load_pretrained_scheduler(init_from: str):
         config = DDPMScheduler.load_config(path, subfolder="scheduler")
     except (OSError, ValueError):
         return None
-    # pipelines may ship a DDIM or other scheduler; its betas and prediction type are what the UNet learnt. The
-    # timestep spacing is a sampling setting, not learnt: our exports' "trailing" (build_noise_scheduler)
-    return DDPMScheduler.from_config(config, timestep_spacing="trailing")
+    # pipelines may ship a DDIM or other scheduler; its betas and prediction type are what the UNet learnt
+    return DDPMScheduler.from_config(config)
 
 
 def add_class_conditioning(unet, num_class_embeds: int):
