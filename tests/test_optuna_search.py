@@ -22,7 +22,7 @@ from flowers_ddpm.experiments import optuna_search
 from flowers_ddpm.experiments.optuna_search import Param, parse_param, report_to
 from flowers_ddpm.training import checkpointing
 
-from .conftest import REPO, make_class_folder
+from .conftest import REPO, free_port, make_class_folder, run_command
 from .test_sweep import FEATURE_NET, TINY, _logged_steps
 
 PARAMS = ["learning_rate=log:1e-4:1e-3", "prediction_type=epsilon,v_prediction"]
@@ -209,6 +209,49 @@ def test_a_trial_worse_than_earlier_ones_at_an_evaluation_stops_there(base_confi
     assert not (folder / "pipeline").exists() and not (folder / "metrics.json").exists()
     table = (out / "results.md").read_text()
     assert "(1 trials)" in table and f"| {result['status']} |" in table and "| - |" in table
+
+
+def launch_two(args: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch scripts/sweep.py ARGS` as two real CPU processes."""
+    return run_command(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                        str(REPO / "scripts" / "sweep.py"), *args[1:]],
+                       env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_main_process_trials_and_prune_together(base_config, tmp_path):
+    """Under `accelerate launch` with two processes the main process alone asks the study: the first launch's trial
+    is trained and evaluated on both processes and recorded once; after two better trials are added to the study,
+    the next launch's trial is pruned at its step-2 evaluation on both processes (a process that trained on alone
+    would wait for the other at its next step's gradient all-reduce, and the launch would time out)."""
+    out = tmp_path / "two"
+    args = study_args(base_config, out, n_trials=1)
+    args = args[:args.index("--phema_sigma_rel")]
+    first = launch_two(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "on 2 process(es)" in first.stderr
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name="sweep", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]  # one trial: the other process asked none
+    folder = out / "trials" / study.trials[0].user_attrs["folder"]
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [folder.name]
+    assert _logged_steps(folder) == [1, 2, 3, 4]
+    assert study.trials[0].value == json.loads((folder / "result.json").read_text())["metrics"]["fid"]
+
+    distributions = study.trials[0].distributions
+    for rate in (2e-4, 4e-4):
+        study.add_trial(optuna.trial.create_trial(
+            params={"learning_rate": rate, "prediction_type": "epsilon"}, distributions=distributions, value=0.001,
+            intermediate_values={2: 0.001, 4: 0.001}))
+    second = launch_two(study_args(base_config, out, n_trials=4)[:len(args)])
+    assert second.returncode == 0, second.stderr[-3000:]
+    trials = optuna.load_study(study_name="sweep", storage=storage).trials
+    assert len(trials) == 4 and trials[3].state.name == "PRUNED" and list(trials[3].intermediate_values) == [2]
+    pruned = out / "trials" / trials[3].user_attrs["folder"]
+    assert _logged_steps(pruned) == [1, 2]
+    assert json.loads((pruned / "result.json").read_text())["status"].startswith("pruned at step 2")
+    assert len(list((out / "trials").iterdir())) == 2
 
 
 def test_grid_and_param_flags_belong_to_their_search(base_config, tmp_path, capsys):

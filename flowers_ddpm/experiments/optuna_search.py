@@ -7,6 +7,11 @@ study's record in `<sweep>/study.db` (SQLite, so a rerun of the same command con
 in-training FID: with `--eval_steps`, each in-training evaluation is reported to the trial, and Optuna's median
 pruner stops a trial whose FID is worse than the median of earlier trials at the same step.
 
+Under `accelerate launch` (several processes) the main process alone holds the study: it asks Optuna for each trial,
+sends the trial's number, settings and folder to the other processes, and sends each pruning decision, so every
+process trains the same trial on the process group it already has and stops it at the same step (the grid's
+way of running on several GPUs, sweep.py).
+
 Resuming: a trial still RUNNING in the database when the sweep starts was interrupted. If its `result.json` exists
 it finished and only its outcome is recorded; otherwise it is marked FAIL and its settings are enqueued again with
 its folder, so the new trial continues training from that folder's latest checkpoint (as a grid trial does).
@@ -21,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from .._util.distributed import process_state
+from .._util.ranks import is_main_process
 from ..config.loading import setting_type
 from ..errors import UserError
 from .sweep import (
@@ -184,24 +192,64 @@ def recover_interrupted(study, sweep_dir: Path) -> None:
         logger.info("trial %s was interrupted; it continues from its latest checkpoint", folder or frozen.number)
 
 
+def from_main(value):
+    """`value` as the main process has it, on every process of a launch (as is in a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+@dataclass
+class FollowedTrial:
+    """A trial as the processes other than the main one see it: the settings the main process's Optuna trial
+    chose, and its pruning decisions (received from the main process, which alone reports to the study)."""
+
+    number: int
+    params: dict
+    user_attrs: dict
+
+    def set_user_attr(self, key: str, value) -> None:
+        self.user_attrs[key] = value
+
+
+def shared_trial(study, distributions: dict, n_trials: int):
+    """The next trial to run, the same on every process: the main process asks the study (None when it has
+    `n_trials` finished trials) and the others get a FollowedTrial with its number, settings and folder."""
+    trial = None
+    if study is not None:
+        ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        if len(study.get_trials(deepcopy=False, states=ended)) < n_trials:
+            trial = study.ask(distributions)
+    message = from_main(None if trial is None else (trial.number, dict(trial.params), dict(trial.user_attrs)))
+    if trial is None and message is not None:
+        trial = FollowedTrial(*message)
+    return trial
+
+
 def report_to(trial):
-    """The in-training evaluation hook: report the FID at this step, stop the training when Optuna prunes."""
+    """The in-training evaluation hook: report the FID at this step, stop the training when Optuna prunes (the
+    main process's decision, on every process)."""
     def report(step: int, row: dict) -> None:
-        trial.report(row["fid"], step)
-        if trial.should_prune():
+        prune = None
+        if not isinstance(trial, FollowedTrial):
+            trial.report(row["fid"], step)
+            prune = trial.should_prune()
+        if from_main(prune):
             raise optuna.TrialPruned(f"pruned at step {step} (FID {row['fid']:.2f} in training)")
     return report
 
 
 def run_one(study, trial, params: dict[str, Param], base: dict, max_train_steps: int, sweep_dir: Path,
             evaluation, ema_sigma_rels: Sequence[float] = ()) -> None:
+    """Train and evaluate one trial and tell the study (`study` None: a process other than the main one)."""
     values = {name: trial.params[name] for name in params}
     name = trial.user_attrs.get(FOLDER_ATTR) or folder_name(trial.number + 1, values)
     trial.set_user_attr(FOLDER_ATTR, name)
     try:
         planned = make_trial(base, values, name, max_train_steps, sweep_dir)
     except UserError:  # a combination the config refuses: not retried by a rerun
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if study is not None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     logger.info("trial %s", planned.name)
     if planned.finished:
@@ -211,8 +259,9 @@ def run_one(study, trial, params: dict[str, Param], base: dict, max_train_steps:
             with sweep_stops(planned):
                 result = run_trial(planned, evaluation, report_to(trial), ema_sigma_rels)
         except optuna.TrialPruned as e:
-            result = write_result(planned, {**pruned_result(planned), "status": str(e)})
-    tell_result(study, trial.number, result)
+            result = write_result(planned, {**pruned_result(planned), "status": str(e)}) if study is not None else None
+    if study is not None:
+        tell_result(study, trial.number, result)
 
 
 def pruned_result(trial: Trial) -> dict:
@@ -227,9 +276,6 @@ def run_search(config: str, param_items: list[str], n_trials: int, max_train_ste
     require_optuna()
     if n_trials < 1:
         raise UserError(f"n_trials must be >= 1; got {n_trials}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("sweep --search optuna runs in one process (each trial's settings and pruning are decided "
-                        "by one Optuna study); run it without accelerate launch, or use the grid on several GPUs")
     base = base_settings(config, overrides, max_train_steps)
     params = parse_params(param_items)
     sweep_dir = sweep_folder(base, output_dir)
@@ -243,21 +289,27 @@ def run_search(config: str, param_items: list[str], n_trials: int, max_train_ste
                              "params": {name: p.spec() for name, p in params.items()},
                              "sampler_seed": sampler_seed, "max_train_steps": max_train_steps,
                              "evaluation": evaluation_settings(evaluation), "ema_sigma_rel": ema_sigma_rels})
-    study = open_study(sweep_dir, sampler_seed)
-    recover_interrupted(study, sweep_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        process_state()  # the process group the trials' messages travel on (and every trial's Accelerator uses)
+    study = None
+    if is_main_process():  # the main process alone holds the study (SQLite) and asks Optuna
+        study = open_study(sweep_dir, sampler_seed)
+        recover_interrupted(study, sweep_dir)
     distributions = {name: p.distribution() for name, p in params.items()}
     ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = len(study.get_trials(deepcopy=False, states=ended))
+    done = len(study.get_trials(deepcopy=False, states=ended)) if study is not None else 0
     if done:
         logger.info("%d of %d trials already finished", min(done, n_trials), n_trials)
     try:
-        with tqdm(total=n_trials, initial=min(done, n_trials), desc="sweep", unit="trial") as bar:
-            while len(study.get_trials(deepcopy=False, states=ended)) < n_trials:
-                run_one(study, study.ask(distributions), params, base, max_train_steps, sweep_dir, evaluation,
-                        ema_sigma_rels or ())
+        with tqdm(total=n_trials, initial=min(done, n_trials), desc="sweep", unit="trial",
+                  disable=study is None) as bar:
+            while (trial := shared_trial(study, distributions, n_trials)) is not None:
+                run_one(study, trial, params, base, max_train_steps, sweep_dir, evaluation, ema_sigma_rels or ())
                 bar.update(1)
     finally:
         end_process_group()
+    if study is None:
+        return None
     finished = sorted(study.get_trials(deepcopy=False, states=ended), key=lambda t: t.number)
     # trials added to the study through Optuna's own API (a warm start) have no folder and no row
     results = [json.loads((sweep_dir / TRIALS_DIR / t.user_attrs[FOLDER_ATTR] / RESULT_FILE).read_text())
