@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Optional, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from .._util.distributed import together
 from ..errors import StorageError, UserError, storage_fault
 from ..publish import run_log
 from . import checkpointing
@@ -402,7 +403,10 @@ class Trainer:
 
     def export(self, step: int) -> None:
         self.check_weights_finite(step)
-        if self.accelerator.is_main_process:
+
+        def write() -> None:
+            if not self.accelerator.is_main_process:
+                return
             with self.ema_weights():
                 try:
                     self.publisher.export(self._unwrapped(), step, self.training_seconds())
@@ -415,7 +419,8 @@ class Trainer:
                         f"{fault} while exporting the pipeline at step {step} to {folder} (the partial export was "
                         f"removed); {checkpointing.kept_checkpoint(self.settings.output_dir)}; free space or fix the "
                         "permissions, then rerun with --resume_from_checkpoint latest to export it") from e
-        self.accelerator.wait_for_everyone()
+
+        together(self.accelerator, write)  # the main process's export error is raised on every process
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
