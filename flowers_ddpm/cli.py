@@ -67,6 +67,9 @@ def _sample(args: argparse.Namespace) -> None:
 
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
+        raise UserError(f"--guidance_interval takes two noise levels 0 <= LO < HI; got "
+                        f"{' '.join(f'{v:g}' for v in args.guidance_interval)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else None
     classifier = load_classifier(args.classifier, device) if args.classifier else None
@@ -74,10 +77,13 @@ def _sample(args: argparse.Namespace) -> None:
     if classifier is not None:
         pipe = with_classifier(pipe, classifier)
     labels = resolve_conditioning(pipe, args.class_labels, args.guidance_scale, classifier, args.classifier_scale)
+    if args.guidance_interval is not None and getattr(pipe, "num_classes", None) is None:
+        raise UserError("--guidance_interval needs a class-conditional pipeline; this model is unconditional")
     scheduler = args.scheduler or default_sampler(pipe.scheduler.config)
     images = generate(pipe, args.num_images, args.steps, args.seed, scheduler, args.batch_size,
                       class_labels=labels, guidance_scale=args.guidance_scale, classifier=classifier,
-                      classifier_scale=args.classifier_scale, progress=True)
+                      classifier_scale=args.classifier_scale, progress=True,
+                      guidance_interval=args.guidance_interval)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(args.output)
     if args.output_dir:
@@ -406,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="noise-aware classifier (the --output_dir of train-classifier) for classifier guidance "
                              "towards --class_labels; works for unconditional and class-conditional models (default: "
                              "the classifier the pipeline carries, if any)")
+    sample.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="classifier-free guidance only at noise levels LO <= sigma <= HI (sigma = "
+                             "sqrt((1 - alpha_bar) / alpha_bar)), the conditional model elsewhere (default: the "
+                             "pipeline's saved interval, else every step); docs/sampling.md")
     sample.add_argument("--classifier_scale", type=float, default=None,
                         help="classifier guidance scale s (default: the pipeline's saved one, else 1; the paper uses "
                              "1-10; 0 turns off a saved classifier)")

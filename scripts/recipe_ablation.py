@@ -51,6 +51,8 @@ def parse_args(argv=None) -> tuple:
     parser.add_argument("--guidance_scale", type=float, default=1.5,
                         help="classifier-free guidance of the scored samples (docs/recipes.md: 1.5 balances "
                              "class accuracy and diversity)")
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="class-conditional rows: guidance only at noise levels LO <= sigma <= HI")
     parser.add_argument("--model_preset", default="small")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--probe_steps", type=int, default=12, help="steps of the probe run that sizes the budget")
@@ -78,7 +80,8 @@ def parse_args(argv=None) -> tuple:
     ttq_keys = ("time_to_quality", "export_every_images", "thresholds", "mixed_precision")
     values = {k: v for k, v in vars(args).items() if k not in ttq_keys}
     settings = AblationSettings(**{**values, "variants": tuple(variants), "conditioning": tuple(args.conditioning),
-                                   "ema_sigma_rels": tuple(args.ema_sigma_rels)})
+                                   "ema_sigma_rels": tuple(args.ema_sigma_rels),
+                                   "guidance_interval": args.guidance_interval and tuple(args.guidance_interval)})
     if not args.time_to_quality:
         return settings, None
     return settings, TimeToQualitySettings(args.budget_images or 8000, args.export_every_images,

@@ -143,6 +143,7 @@ class AblationSettings:
     sampler: str = "dpmsolver++"
     sampler_steps: int = 20
     guidance_scale: float = 1.5
+    guidance_interval: Optional[tuple] = None  # (lo, hi) noise levels of classifier-free guidance; None: every step
     model_preset: str = "small"
     resolution: int = 32
     probe_steps: int = 12
@@ -174,6 +175,8 @@ class AblationSettings:
             raise UserError(f"num_samples must be >= 20; got {self.num_samples}")
         if self.ema_sigma_rels:
             check_sigma_rels(self.ema_sigma_rels, "--ema_sigma_rel")
+        if self.guidance_interval is not None and not 0 <= self.guidance_interval[0] < self.guidance_interval[1]:
+            raise UserError(f"guidance_interval takes two noise levels 0 <= lo < hi; got {self.guidance_interval}")
 
     @property
     def training_seed(self) -> int:
@@ -295,8 +298,8 @@ class Scorer:
         """`score` of a loaded pipeline."""
         s = self.settings
         start = time.perf_counter()
-        labels = ({"class_labels": list(range(self.num_classes)), "guidance_scale": s.guidance_scale}
-                  if conditional else {})
+        labels = ({"class_labels": list(range(self.num_classes)), "guidance_scale": s.guidance_scale,
+                   "guidance_interval": s.guidance_interval} if conditional else {})
         images = generate(pipe, s.num_samples, s.sampler_steps, s.seed, sampler, batch_size=100, progress=True,
                           **labels)
         sample_sec = time.perf_counter() - start
@@ -410,8 +413,10 @@ def write_table(rows: list[dict], output_dir: Path) -> Path:
 def _comparable(settings: AblationSettings) -> dict:
     """The settings every row of one table must share (the variant list may grow between runs)."""
     values = json.loads(json.dumps(asdict(settings), default=str))
-    # without post-hoc EMA lengths the settings read as before they existed, so older folders can be added to
-    return {k: v for k, v in values.items() if k != "variants" and not (k == "ema_sigma_rels" and not v)}
+    # without post-hoc EMA lengths or a guidance interval the settings read as before they existed, so older
+    # folders can be added to
+    return {k: v for k, v in values.items()
+            if k != "variants" and not (k in ("ema_sigma_rels", "guidance_interval") and not v)}
 
 
 def saved_settings(output_dir: Path) -> AblationSettings:

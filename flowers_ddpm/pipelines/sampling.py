@@ -123,7 +123,7 @@ def _load_guided(model: str, dtype):
         if classifier_class != NoiseAwareClassifier.__name__:
             raise UserError(f"{model} carries a classifier of unknown type {classifier_class}")
         classifier = NoiseAwareClassifier.from_pretrained(model, subfolder="classifier").eval().requires_grad_(False)
-    defaults = {k: index[k] for k in ("guidance_scale", "classifier_scale") if k in index}
+    defaults = {k: index[k] for k in ("guidance_scale", "classifier_scale", "guidance_interval") if k in index}
     return GuidedDDPMPipeline(unet=unet, scheduler=scheduler, classifier=classifier,
                               class_names=index.get("class_names"), **defaults)
 
@@ -234,12 +234,14 @@ def with_classifier(pipe, classifier):
 def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[str] = None,
              batch_size: int = 16, class_labels: Optional[list[int]] = None,
              guidance_scale: Optional[float] = None, classifier=None,
-             classifier_scale: Optional[float] = None, progress: bool = False) -> list[Image.Image]:
+             classifier_scale: Optional[float] = None, progress: bool = False,
+             guidance_interval: Optional[tuple[float, float]] = None) -> list[Image.Image]:
     """Generate images; image i uses its own generator seeded with seed + i, so batch size does not change them.
 
     With `class_labels` image i is of class `class_labels[i % len(class_labels)]` (class-conditional pipelines, or
     any GuidedDDPMPipeline with a noise-aware `classifier` or a saved one, which guides with `classifier_scale`).
-    Scales left out (None) take the pipeline's defaults. The pipeline's own progress bar (one per batch) is off;
+    Scales (and `guidance_interval`, GuidedDDPMPipeline's noise levels lo, hi of classifier-free guidance) left
+    out (None) take the pipeline's defaults. The pipeline's own progress bar (one per batch) is off;
     `progress` shows one bar over all images instead.
     """
     if scheduler:
@@ -256,7 +258,7 @@ def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[s
             for start in range(0, num_images, batch_size):
                 count = min(batch_size, num_images - start)
                 images += _generate_batch(pipe, start, count, steps, seed, class_labels, guidance_scale, classifier,
-                                          classifier_scale)
+                                          classifier_scale, guidance_interval)
                 bar.update(count)
     finally:
         pipe.set_progress_bar_config(**bar_config)
@@ -264,7 +266,7 @@ def generate(pipe, num_images: int, steps: int, seed: int, scheduler: Optional[s
 
 
 def _generate_batch(pipe, start: int, count: int, steps: int, seed: int, class_labels, guidance_scale, classifier,
-                    classifier_scale) -> list[Image.Image]:
+                    classifier_scale, guidance_interval=None) -> list[Image.Image]:
     """Images start .. start + count - 1 of `generate`."""
     generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
     extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
@@ -272,6 +274,8 @@ def _generate_batch(pipe, start: int, count: int, steps: int, seed: int, class_l
         extra["classifier"] = classifier
     if classifier_scale is not None:
         extra["classifier_scale"] = classifier_scale
+    if guidance_interval is not None:
+        extra["guidance_interval"] = guidance_interval
     if class_labels:
         extra["class_labels"] = [class_labels[(start + i) % len(class_labels)] for i in range(count)]
     return pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="pil", **extra).images
