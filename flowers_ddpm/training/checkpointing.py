@@ -32,7 +32,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -260,29 +260,16 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state: 
     """
     root = checkpoints_root(output_dir)
     tmp = root / f"checkpoint-{step}.tmp"
-
-    def as_storage_error(stage: Callable[[], None]) -> Callable[[], None]:
-        """The stage, with a write the disk refused raised as the StorageError, decided on the process that failed
-        while the partial folder is still there (torch's zip writer is recognised by the free space it left), so
-        the other processes receive the same error."""
-        def run() -> None:
-            try:
-                stage()
-            except Exception as e:
-                fault = storage_fault(e, tmp)
-                if fault is None:
-                    raise
-                raise StorageError(f"{fault} while writing {tmp} (removed); {kept_checkpoint(output_dir)}; free space "
-                                   "or fix the permissions, then rerun with --resume_from_checkpoint latest") from e
-        return run
-
     try:
-        return _save_checkpoint(accelerator, output_dir, step, data_state, write_extra, settings, total_limit,
-                                as_storage_error)
-    except Exception:
+        return _save_checkpoint(accelerator, output_dir, step, data_state, write_extra, settings, total_limit)
+    except Exception as e:
+        fault = storage_fault(e, tmp)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if fault is None:
+            raise
+        raise StorageError(f"{fault} while writing {tmp} (removed); {kept_checkpoint(output_dir)}; free space or fix "
+                           "the permissions, then rerun with --resume_from_checkpoint latest") from e
 
 
 def kept_checkpoint(output_dir: str | Path) -> str:
@@ -292,7 +279,7 @@ def kept_checkpoint(output_dir: str | Path) -> str:
 
 
 def _save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state: dict, write_extra,
-                     settings: Optional[dict], total_limit: Optional[int], wrap: Callable) -> Path:
+                     settings: Optional[dict], total_limit: Optional[int]) -> Path:
     root = checkpoints_root(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
     main = accelerator.is_main_process
@@ -323,7 +310,7 @@ def _save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state:
 
     # each stage ends with every process knowing whether any failed: a refused write on one is an error on all
     for stage in (make_folder, write_state, complete):
-        together(accelerator, wrap(stage))
+        together(accelerator, stage)
     return final
 
 
