@@ -40,7 +40,6 @@ from accelerate.utils import load as accelerate_load
 from accelerate.utils.constants import RNG_STATE_NAME
 
 from .._util.atomic import atomic_write_text, fsync_file, move_into_place
-from .._util.distributed import together
 from ..errors import StorageError, UserError, storage_fault
 
 logger = logging.getLogger(__name__)
@@ -282,35 +281,27 @@ def _save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state:
                      settings: Optional[dict], total_limit: Optional[int]) -> Path:
     root = checkpoints_root(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
-    main = accelerator.is_main_process
-
-    def make_folder() -> None:
-        if main:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob("checkpoint-*.*"):  # leftovers of saves or deletions cut short by a crash
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
-
-    def write_state() -> None:
-        accelerator.save_state(str(tmp))
-        dump_json(data_state, tmp / f"data_state_rank{accelerator.process_index}.json")
-        if main:
-            write_extra(tmp)
-            if settings is not None:
-                (tmp / CONFIG_FILE).write_text(json.dumps(settings, indent=1, default=str))
-
-    def complete() -> None:
-        if main:
-            write_manifest(tmp)
-            atomic_write_text(tmp / MARKER, f"step={step}\nnum_processes={accelerator.num_processes}\n", durable=True)
-            move_into_place(tmp, final)
-            _verified.add(final)
-            if total_limit:
-                rotate_checkpoints(output_dir, final, total_limit)
-
-    # each stage ends with every process knowing whether any failed: a refused write on one is an error on all
-    for stage in (make_folder, write_state, complete):
-        together(accelerator, stage)
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("checkpoint-*.*"):  # leftovers of saves or deletions cut short by a crash
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    dump_json(data_state, tmp / f"data_state_rank{accelerator.process_index}.json")
+    if accelerator.is_main_process:
+        write_extra(tmp)
+        if settings is not None:
+            (tmp / CONFIG_FILE).write_text(json.dumps(settings, indent=1, default=str))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_manifest(tmp)
+        atomic_write_text(tmp / MARKER, f"step={step}\nnum_processes={accelerator.num_processes}\n", durable=True)
+        move_into_place(tmp, final)
+        _verified.add(final)
+        if total_limit:
+            rotate_checkpoints(output_dir, final, total_limit)
+    accelerator.wait_for_everyone()
     return final
 
 

@@ -15,7 +15,6 @@ from typing import Iterable, Iterator, Optional, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .._util.distributed import together
 from ..errors import StorageError, UserError, storage_fault
 from ..publish import run_log
 from . import checkpointing
@@ -403,10 +402,7 @@ class Trainer:
 
     def export(self, step: int) -> None:
         self.check_weights_finite(step)
-
-        def write() -> None:
-            if not self.accelerator.is_main_process:
-                return
+        if self.accelerator.is_main_process:
             with self.ema_weights():
                 try:
                     self.publisher.export(self._unwrapped(), step, self.training_seconds())
@@ -419,8 +415,7 @@ class Trainer:
                         f"{fault} while exporting the pipeline at step {step} to {folder} (the partial export was "
                         f"removed); {checkpointing.kept_checkpoint(self.settings.output_dir)}; free space or fix the "
                         "permissions, then rerun with --resume_from_checkpoint latest to export it") from e
-
-        together(self.accelerator, write)  # the main process's export error is raised on every process
+        self.accelerator.wait_for_everyone()
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
