@@ -62,14 +62,17 @@ def _sample(args: argparse.Namespace) -> None:
     import torch
 
     from .pipelines.conditioning import resolve_conditioning
+    from .pipelines.guided import check_interval
     from .pipelines.sampling import (default_sampler, generate, image_grid, load_classifier, load_pipeline,
                                      with_classifier)
 
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
-    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
+    try:
+        check_interval(args.guidance_interval)
+    except ValueError:
         raise UserError(f"--guidance_interval takes two noise levels 0 <= LO < HI; got "
-                        f"{' '.join(f'{v:g}' for v in args.guidance_interval)}")
+                        f"{' '.join(f'{v:g}' for v in args.guidance_interval)}") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else None
     classifier = load_classifier(args.classifier, device) if args.classifier else None

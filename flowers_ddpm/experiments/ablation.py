@@ -36,6 +36,7 @@ from ..errors import UserError
 from ..evaluation.evaluate import images_to_tensor
 from ..evaluation.metrics import frechet_distance
 from ..models.unet import build_unet
+from ..pipelines.guided import check_interval
 from ..pipelines.sampling import generate, image_grid, load_pipeline
 from ..publish.run_log import read_records
 from ..training.phema import check_sigma_rels, export_reconstructions, reconstruction_folder
@@ -175,8 +176,11 @@ class AblationSettings:
             raise UserError(f"num_samples must be >= 20; got {self.num_samples}")
         if self.ema_sigma_rels:
             check_sigma_rels(self.ema_sigma_rels, "--ema_sigma_rel")
-        if self.guidance_interval is not None and not 0 <= self.guidance_interval[0] < self.guidance_interval[1]:
-            raise UserError(f"guidance_interval takes two noise levels 0 <= lo < hi; got {self.guidance_interval}")
+        try:
+            check_interval(self.guidance_interval)
+        except ValueError:
+            raise UserError(f"guidance_interval takes two noise levels 0 <= lo < hi; got {self.guidance_interval}"
+                            ) from None
 
     @property
     def training_seed(self) -> int:
@@ -291,12 +295,8 @@ class Scorer:
         """Frechet distance of `num_samples` samples and its ratio to the real-vs-real baseline, and for
         class-conditional ones the class accuracy (image i asks for class i % num_classes); unconditional samples
         get no class accuracy (None)."""
-        return self.score_pipeline(load_pipeline(str(pipeline_dir), torch.device("cpu")), grid_path, sampler,
-                                   conditional)
-
-    def score_pipeline(self, pipe, grid_path: Path, sampler: str, conditional: bool = True) -> dict:
-        """`score` of a loaded pipeline."""
         s = self.settings
+        pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
         start = time.perf_counter()
         labels = ({"class_labels": list(range(self.num_classes)), "guidance_scale": s.guidance_scale,
                    "guidance_interval": s.guidance_interval} if conditional else {})

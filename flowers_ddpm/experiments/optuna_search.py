@@ -65,6 +65,7 @@ STUDY_FILE, STUDY_NAME = "study.db", "sweep"
 FOLDER_ATTR = "folder"  # the trial folder's name, kept with the Optuna trial (and given to its re-enqueued copy)
 TPE_STARTUP_TRIALS = 4  # random trials before TPE models the results (Optuna's default, 10, suits long studies)
 PRUNER_STARTUP_TRIALS = 2  # no pruning before this many trials have finished
+ENDED = ("COMPLETE", "PRUNED")  # the trial states that count towards --n_trials
 SYNTAX = "setting=low:high, setting=log:low:high, setting=low:high:step or setting=value1,value2"
 
 
@@ -212,13 +213,16 @@ class FollowedTrial:
         self.user_attrs[key] = value
 
 
+def ended_states() -> tuple:
+    return tuple(optuna.trial.TrialState[name] for name in ENDED)
+
+
 def shared_trial(study, distributions: dict, n_trials: int):
     """The next trial to run, the same on every process: the main process asks the study (None when it has
     `n_trials` finished trials) and the others get a FollowedTrial with its number, settings and folder."""
     trial = None
     if study is not None:
-        ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        if len(study.get_trials(deepcopy=False, states=ended)) < n_trials:
+        if len(study.get_trials(deepcopy=False, states=ended_states())) < n_trials:
             trial = study.ask(distributions)
     message = from_main(None if trial is None else (trial.number, dict(trial.params), dict(trial.user_attrs)))
     if trial is None and message is not None:
@@ -296,7 +300,7 @@ def run_search(config: str, param_items: list[str], n_trials: int, max_train_ste
         study = open_study(sweep_dir, sampler_seed)
         recover_interrupted(study, sweep_dir)
     distributions = {name: p.distribution() for name, p in params.items()}
-    ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ended = ended_states()
     done = len(study.get_trials(deepcopy=False, states=ended)) if study is not None else 0
     if done:
         logger.info("%d of %d trials already finished", min(done, n_trials), n_trials)
