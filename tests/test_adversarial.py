@@ -213,13 +213,29 @@ def python_env() -> dict:
     return {**os.environ, "PYTHONPATH": pythonpath}
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (Linux: the SigCgt mask in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:  # it has ended
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
 @pytest.mark.slow
 def test_sigterm_while_the_command_is_still_loading_says_so_and_exits_75(image_folder, tmp_path):
     # the `flowers-ddpm` entry point: the imports alone take seconds, so this lands before the first step
     process = subprocess.Popen([sys.executable, "-m", "flowers_ddpm", "train",
                                 *tiny_train_args(image_folder, tmp_path / "out")],
                                env=python_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    # once the process catches SIGTERM (its start-up handling is in place): a fixed sleep raced the interpreter's
+    # own start-up on a loaded machine, where the default handler would still end it by the signal
+    deadline = time.monotonic() + 60
+    while not catches(process.pid, signal.SIGTERM) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == EXIT_PREEMPTED, err
