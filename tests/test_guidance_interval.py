@@ -1,23 +1,32 @@
 """Classifier-free guidance in a limited interval of noise levels (GuidedDDPMPipeline `guidance_interval`): guided
 steps inside it, the conditional model alone outside, the interval saved with the pipeline and honoured by plain
-diffusers, and the command line's mistakes as one sentence."""
+diffusers, and the command line's mistakes as one sentence. A setting of the whole tool: `sample_guidance_interval`
+of a training run guides its grids and evaluations and becomes its exports' default, and `evaluate` takes and
+records `--guidance_interval` like `sample`."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from flowers_ddpm.cli import main
-from flowers_ddpm.models.unet import build_noise_scheduler
+from flowers_ddpm.config.loading import add_train_arguments, build_config, load_yaml, parse_train_config
+from flowers_ddpm.experiments.ablation import AblationSettings, _write_config, variant_settings
+from flowers_ddpm.experiments.beds import BedData
+from flowers_ddpm.models.classifier import classifier_for_unet
+from flowers_ddpm.models.unet import build_noise_scheduler, unet_kwargs
 from flowers_ddpm.pipelines.export import save_pipeline
 from flowers_ddpm.pipelines.guided import GuidedDDPMPipeline
 from flowers_ddpm.pipelines.sampling import load_pipeline
+from flowers_ddpm.training.phema import export_reconstructions
 
-from .conftest import in_plain_diffusers
+from .conftest import in_plain_diffusers, script_main, tiny_train_args
 
 STEPS = 5
 LABELS = [0, 1]
@@ -112,11 +121,108 @@ def test_sample_command_takes_the_interval_and_refuses_it_where_it_cannot_apply(
     capsys.readouterr()
     assert main([*base, "--guidance_interval", "4", "1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --guidance_interval takes two noise levels 0 <= LO < HI; got 4 1"
-    unconditional = tmp_path / "unconditional"
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(unconditional))
+    unconditional = unconditional_pipeline(tmp_path / "unconditional")
     assert main(["sample", "--model", str(unconditional), "--num_images", "1", "--steps", "2", "--output",
                  str(out), "--guidance_interval", "0", "4"]) == 2
     assert "needs a class-conditional pipeline" in capsys.readouterr().err
+
+
+def unconditional_pipeline(folder):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(folder))
+    return folder
+
+
+# -- the training setting -----------------------------------------------------------------------------------------
+def parse_train(*argv: str):
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return parse_train_config(parser.parse_args(list(argv)))
+
+
+def test_the_training_setting_reads_from_flags_and_yaml_and_round_trips(tmp_path):
+    cfg = parse_train("--class_conditional", "--sample_guidance_interval", "0.5", "4")
+    assert cfg.run.sample_guidance_interval == [0.5, 4.0]
+    assert parse_train().run.sample_guidance_interval is None  # the default: guidance at every step
+    effective = tmp_path / "effective.yaml"
+    cfg.save_yaml(effective)
+    assert yaml.safe_load(effective.read_text())["sample_guidance_interval"] == [0.5, 4.0]
+    assert parse_train("--config", str(effective)) == cfg
+    written = tmp_path / "written.yaml"
+    written.write_text("class_conditional: true\nsample_guidance_interval: [0, 3]\n")
+    assert parse_train("--config", str(written)).run.sample_guidance_interval == [0.0, 3.0]
+    # a flag overrides the file, and `none` unsets it as it does other settings
+    assert parse_train("--config", str(written), "--sample_guidance_interval", "1", "2"
+                       ).run.sample_guidance_interval == [1.0, 2.0]
+    assert parse_train("--config", str(written), "--sample_guidance_interval", "none").run.sample_guidance_interval is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--class_conditional", "--sample_guidance_interval", "5", "1"],
+     "sample_guidance_interval takes two noise levels 0 <= LO < HI; got 5 1"),
+    (["--class_conditional", "--sample_guidance_interval", "1", "2", "3"],
+     "sample_guidance_interval takes two noise levels 0 <= LO < HI; got 1 2 3"),
+    (["--class_conditional", "--sample_guidance_interval", "0", "inf"],
+     "sample_guidance_interval must be a finite number; got [0.0, inf]"),
+    (["--class_conditional", "--sample_guidance_interval", "low", "high"],
+     "sample_guidance_interval must be a list of float, got ['low', 'high']"),
+    (["--sample_guidance_interval", "0", "4"], "sample_guidance_interval needs class_conditional"),
+])
+def test_bad_training_intervals_are_one_line_errors_before_any_work(image_folder, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_train_args(image_folder, out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_training_run_guides_in_its_interval_and_its_exports_keep_it_as_their_default(image_folder, tmp_path):
+    """The exported pipeline (and best/, the post-hoc EMA reconstructions, and the pipeline with a classifier
+    attached) carry the run's interval, and sample with it when called without one."""
+    out, interval = tmp_path / "run", [0.0, 1.0]
+    args = tiny_train_args(image_folder, out, resolution=8, max_train_steps=2, class_conditional=True,
+                           phema_sigma_rel="0.1", eval_steps=2, eval_num_images=4,
+                           eval_feature_network="tests.feature_nets:tiny_conv_net",
+                           reference_cache_dir=str(tmp_path / "cache"))
+    assert main(["train", *args, "--sample_guidance_interval", "0", "1"]) == 0
+    index = json.loads((out / "pipeline" / "model_index.json").read_text())
+    assert index["guidance_interval"] == interval
+    assert yaml.safe_load((out / "pipeline" / "training_config.yaml").read_text())["sample_guidance_interval"] == interval
+    best = out / "best"
+    assert json.loads((best / "metrics.json").read_text())["guidance_interval"] == interval  # evaluated with it
+    assert json.loads((best / "model_index.json").read_text())["guidance_interval"] == interval
+
+    exported = load_pipeline(str(out / "pipeline"), torch.device("cpu"))
+    exported.set_progress_bar_config(disable=True)
+    saved = draw(exported, guidance_scale=5.0)  # a strong scale: the interval visibly changes the images
+    np.testing.assert_array_equal(saved, draw(exported, guidance_scale=5.0, guidance_interval=(0.0, 1.0)))
+    assert np.abs(saved - draw(exported, guidance_scale=5.0, guidance_interval=(0.0, 1e9))).max() > 1e-3
+
+    [reconstruction] = export_reconstructions(out, [0.1])
+    assert json.loads((reconstruction / "model_index.json").read_text())["guidance_interval"] == interval
+    schedule = {k: exported.scheduler.config[k] for k in ("num_train_timesteps", "beta_schedule")}
+    classifier = classifier_for_unet(unet_kwargs("tiny", resolution=8), 8, index["class_names"], schedule)
+    classifier.save_pretrained(str(tmp_path / "classifier"))
+    assert main(["attach-classifier", "--model", str(out / "pipeline"), "--classifier", str(tmp_path / "classifier"),
+                 "--output", str(tmp_path / "with-classifier")]) == 0
+    assert json.loads((tmp_path / "with-classifier" / "model_index.json").read_text())["guidance_interval"] == interval
+
+
+# -- the recipe ablation ------------------------------------------------------------------------------------------
+def test_the_ablation_trains_its_conditional_variants_with_the_interval_it_scores_with(image_folder, tmp_path):
+    bed = BedData("colours", image_folder, image_folder, 16, 3, False)
+    settings = AblationSettings(output_dir=tmp_path, guidance_interval=(0.0, 4.5))
+    recipe = variant_settings("small-data")
+    conditional = build_config(load_yaml(str(_write_config(tmp_path / "class", recipe, bed, settings))), {})
+    assert conditional.run.sample_guidance_interval == [0.0, 4.5]  # its grids and export guide as it is scored
+    unconditional = build_config(load_yaml(str(_write_config(tmp_path / "none", recipe, bed, settings, False))), {})
+    assert unconditional.run.sample_guidance_interval is None
+
+
+def test_the_ablation_refuses_a_reversed_interval_in_one_line(tmp_path, capsys):
+    args = ["--output_dir", str(tmp_path / "out"), "--budget_images", "48", "--guidance_interval", "5", "1"]
+    assert script_main("recipe_ablation")(args) == 2
+    assert "--guidance_interval takes two noise levels 0 <= LO < HI; got 5 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

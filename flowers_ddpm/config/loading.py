@@ -24,10 +24,21 @@ _TYPES = {name: hint for section in SECTIONS.values() for name, hint in typing.g
 
 
 def setting_type(name: str) -> type:
-    """The type of a setting's values (bool, int, float, str or dict), without Optional."""
+    """The type of a setting's values (bool, int, float, str, dict, or a list such as list[float]), without
+    Optional."""
     tp = _TYPES[name]
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return args[0] if args else tp
+
+
+def _list_item_type(tp) -> type | None:
+    """The item type of a list setting (float for list[float]); None for other settings."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+
+
+def _type_name(tp) -> str:
+    item = _list_item_type(tp)
+    return f"a list of {item.__name__}" if item is not None else tp.__name__
 
 
 # Other names of a setting: diffusers' newer example scripts call --logger --report_to.
@@ -62,17 +73,27 @@ def _add_flag(group, f: dataclasses.Field, shown: bool = True) -> None:
         group.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
     elif f.metadata["choices"]:
         group.add_argument(*names, type=str, metavar="{" + ",".join(f.metadata["choices"]) + "}", **common)
+    elif _list_item_type(tp) is not None:  # `--name V1 V2 ...`; its length is checked with the setting
+        group.add_argument(*names, type=str, nargs="+", metavar=_list_item_type(tp).__name__.upper(), **common)
     else:
         group.add_argument(*names, type=str, metavar=tp.__name__.upper(), **common)
 
 
 def _coerce(name: str, value: Any) -> Any:
     tp = setting_type(name)
+    item = _list_item_type(tp)
     if value is None:
         return None
+    if item is not None and isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]  # one word after a list flag (`--name none`): read as the same word in YAML
     if isinstance(value, str) and value.lower() in ("none", "null") and _TYPES[name] != tp:
         return None
     try:
+        if item is not None:  # a YAML list, the words of a list flag, or one string of them ("0.5 4", a sweep grid)
+            values = value.split() if isinstance(value, str) else value
+            if not isinstance(values, (list, tuple)):
+                raise ValueError
+            return [item(v) for v in values]
         if tp is bool:
             if isinstance(value, bool):
                 return value
@@ -93,7 +114,7 @@ def _coerce(name: str, value: Any) -> Any:
             return value
         return str(value)
     except (TypeError, ValueError):
-        raise UserError(f"{name} must be {tp.__name__}, got {value!r}") from None
+        raise UserError(f"{name} must be {_type_name(tp)}, got {value!r}") from None
 
 
 def load_yaml(path: str) -> dict:

@@ -170,6 +170,11 @@ class RunSettings:
     sample_guidance_scale: float = _opt(DEFAULT_GUIDANCE_SCALE, "classifier-free guidance scale of the sample grids and in-training "
                                         "evaluation of class-conditional runs (1.5: the best measured, "
                                         "docs/sampling.md)", minimum=0.0)
+    sample_guidance_interval: Optional[list[float]] = _opt(None, "two noise levels LO HI: classifier-free guidance "
+                                                           "of the sample grids and in-training evaluation only at "
+                                                           "LO <= sigma <= HI, saved as the exported pipeline's "
+                                                           "default (class-conditional runs; unset = every step; "
+                                                           "docs/sampling.md)")
     log_data_order: bool = _opt(False, "write the ids of the examples each process trains on to <output_dir>/data_order/")
     max_consecutive_nonfinite: int = _opt(10, "stop after this many consecutive steps with a non-finite loss or "
                                           "gradient (each such update is skipped)", minimum=1)

@@ -15,12 +15,13 @@ def validate(cfg: TrainConfig) -> None:
     for name, f in FIELDS.items():
         value = cfg.get(name)
         choices, minimum = f.metadata["choices"], f.metadata["min"]
-        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
-            raise UserError(f"{name} must be a finite number; got {value!r}")
-        if choices and value is not None and value not in choices:
-            raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-        if minimum is not None and value is not None and value < minimum:
-            raise UserError(f"{name} must be >= {minimum}; got {value!r}")
+        for item in value if isinstance(value, list) else [value]:  # a list setting: each of its values
+            if isinstance(item, float) and not math.isfinite(item):  # nan passes every comparison
+                raise UserError(f"{name} must be a finite number; got {value!r}")
+            if choices and item is not None and item not in choices:
+                raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+            if minimum is not None and item is not None and item < minimum:
+                raise UserError(f"{name} must be >= {minimum}; got {value!r}")
     if cfg.data.train_data_dir is not None and not Path(cfg.data.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {cfg.data.train_data_dir} does not exist or is not a directory")
     validate_optimizer(cfg)
@@ -31,6 +32,7 @@ def validate(cfg: TrainConfig) -> None:
     validate_finetune(cfg)
     validate_lr_schedule(cfg)
     validate_classifier(cfg)
+    validate_guidance(cfg)
 
 
 def classifier_eval_timesteps(cfg: TrainConfig) -> list[int]:
@@ -51,6 +53,14 @@ def validate_classifier(cfg: TrainConfig) -> None:
     if not levels or not all(0 <= t < cfg.model.ddpm_num_steps for t in levels):
         raise UserError(f"classifier_eval_timesteps must lie in [0, {cfg.model.ddpm_num_steps - 1}] (ddpm_num_steps - 1); "
                         f"got {cfg.classifier.classifier_eval_timesteps!r}")
+
+
+def validate_guidance(cfg: TrainConfig) -> None:
+    """Classifier-free guidance settings apply to class-conditional runs. The interval's own rule (two noise levels
+    0 <= LO < HI) is GuidedDDPMPipeline's, checked with the pipelines when the run starts (training/run_setup.py)."""
+    if cfg.run.sample_guidance_interval is not None and not cfg.model.class_conditional:
+        raise UserError("sample_guidance_interval needs class_conditional (classifier-free guidance guides "
+                        "class-conditional models)")
 
 
 def validate_optimizer(cfg: TrainConfig) -> None:

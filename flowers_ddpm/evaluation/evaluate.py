@@ -29,6 +29,7 @@ class SamplingSettings:
     batch_size: int = 16
     class_labels: Optional[list[int]] = None  # class-conditional models: image i is of class_labels[i % len]
     guidance_scale: Optional[float] = None  # classifier-free guidance (None: the pipeline's default, 1)
+    guidance_interval: Optional[list] = None  # [lo, hi] noise levels of that guidance (None: the pipeline's default)
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -50,7 +51,7 @@ def generated_features(accelerator, pipe, networks: dict, sampling: SamplingSett
             began = time.perf_counter()
             images = generate(pipe, len(block), sampling.steps, sampling.seed + block[0], sampling.scheduler,
                               batch_size=len(block), class_labels=_block_labels(sampling.class_labels, block),
-                              guidance_scale=sampling.guidance_scale)
+                              guidance_scale=sampling.guidance_scale, guidance_interval=sampling.guidance_interval)
             seconds += time.perf_counter() - began
             pixels = images_to_tensor(images).to(accelerator.device)
             for name, network in networks.items():
@@ -70,13 +71,19 @@ def _block_labels(class_labels: Optional[list[int]], block: list[int]) -> Option
     return [class_labels[i % len(class_labels)] for i in block]
 
 
-def conditioning_record(pipe, labels: Optional[list[int]], guidance_scale: Optional[float]) -> Optional[dict]:
-    """What metrics.json records about the labels the images were drawn with (None when unconditional)."""
+def conditioning_record(pipe, labels: Optional[list[int]], guidance_scale: Optional[float],
+                        guidance_interval: Optional[list] = None) -> Optional[dict]:
+    """What metrics.json records about the labels the images were drawn with (None when unconditional), with the
+    guidance interval in effect (the given one, else the pipeline's saved one) where there is one."""
     if labels is None:
         return None
     names = pipe.config.class_names
-    return {"class_labels": labels, "class_names": [names[i] for i in labels] if names else None,
-            "guidance_scale": 1.0 if guidance_scale is None else guidance_scale}
+    record = {"class_labels": labels, "class_names": [names[i] for i in labels] if names else None,
+              "guidance_scale": 1.0 if guidance_scale is None else guidance_scale}
+    interval = guidance_interval if guidance_interval is not None else pipe.config.get("guidance_interval")
+    if interval is not None:  # guidance at every step is recorded as before the interval existed
+        record["guidance_interval"] = [float(v) for v in interval]
+    return record
 
 
 def evaluate_pipeline(accelerator, pipe, networks: dict, reference: dict, sampling: SamplingSettings,

@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..evaluation.evaluate import images_to_tensor
 from ..evaluation.metrics import frechet_distance
 from ..models.unet import build_unet
-from ..pipelines.guided import check_interval
+from ..pipelines.conditioning import check_guidance_interval
 from ..pipelines.sampling import generate, image_grid, load_pipeline
 from ..publish.run_log import read_records
 from ..training.phema import check_sigma_rels, export_reconstructions, reconstruction_folder
@@ -176,11 +176,7 @@ class AblationSettings:
             raise UserError(f"num_samples must be >= 20; got {self.num_samples}")
         if self.ema_sigma_rels:
             check_sigma_rels(self.ema_sigma_rels, "--ema_sigma_rel")
-        try:
-            check_interval(self.guidance_interval)
-        except ValueError:
-            raise UserError(f"guidance_interval takes two noise levels 0 <= lo < hi; got {self.guidance_interval}"
-                            ) from None
+        check_guidance_interval(self.guidance_interval)
 
     @property
     def training_seed(self) -> int:
@@ -226,6 +222,8 @@ def _write_config(folder: Path, recipe: dict, data: beds.BedData, settings: Abla
     }
     if recipe.get("snr_gamma") is None:
         values.pop("snr_gamma", None)
+    if conditional and settings.guidance_interval is not None:  # the grids and the export guide as scored
+        values["sample_guidance_interval"] = list(settings.guidance_interval)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(values, sort_keys=False))

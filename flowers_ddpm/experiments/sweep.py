@@ -42,7 +42,7 @@ from ..errors import UserError
 from ..evaluation.command import rank_models, run_evaluation
 from ..evaluation.features import load_factory, resolve_inception_weights
 from ..models.unet import check_preset
-from ..pipelines.conditioning import class_ids
+from ..pipelines.conditioning import check_guidance_interval, class_ids
 from ..publish.run_log import read_records
 from ..training.diffusion_run import run_training
 from ..training.phema import check_sigma_rels, export_reconstructions, reconstruction_folder
@@ -123,6 +123,7 @@ def make_trial(base: dict, values: dict, name: str, max_train_steps: int, sweep_
     try:
         cfg = build_config(base, overrides)
         check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
+        check_guidance_interval(cfg.run.sample_guidance_interval, "sample_guidance_interval")
     except UserError as e:
         raise UserError(f"trial {', '.join(f'{k}={v}' for k, v in values.items())}: {e}") from None
     if cfg.speed.mixed_precision == "auto":  # one precision for every trial, so that they compare

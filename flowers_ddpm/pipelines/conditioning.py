@@ -1,5 +1,5 @@
-"""Class labels and guidance scales: the one place that resolves and checks them, for `sample`, `evaluate` and
-`sweep` (before its trials train).
+"""Class labels, guidance scales and the guidance interval: the one place that resolves and checks them, for
+`sample`, `evaluate`, `sweep` (before its trials train) and training (`sample_guidance_interval`).
 
 Labels are class indices, digit strings or class names (case-insensitive); a class-conditional pipeline names its
 own classes, an unconditional one guided by a noise-aware classifier takes the classifier's. GuidedDDPMPipeline
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from ..errors import UserError
+from .guided import check_interval
 
 
 def class_ids(class_labels: Sequence, class_names: Optional[Sequence[str]], num_classes: Optional[int]) -> list[int]:
@@ -30,6 +31,17 @@ def class_ids(class_labels: Sequence, class_names: Optional[Sequence[str]], num_
         if not 0 <= ids[-1] < (num_classes or 0):
             raise UserError(f"class index {ids[-1]} is out of range for {num_classes} classes")
     return ids
+
+
+def check_guidance_interval(interval: Optional[Sequence[float]], name: str = "--guidance_interval"
+                            ) -> Optional[list[float]]:
+    """`interval` as [lo, hi] noise levels by GuidedDDPMPipeline's rule (`check_interval`: 0 <= lo < hi), None
+    for guidance at every step; a one-sentence error naming the flag or setting `name` otherwise."""
+    try:
+        return check_interval(interval)
+    except ValueError:
+        raise UserError(f"{name} takes two noise levels 0 <= LO < HI; got "
+                        f"{' '.join(f'{v:g}' for v in interval)}") from None
 
 
 def resolve_conditioning(pipe, class_labels: Optional[Sequence], guidance_scale: Optional[float] = None,

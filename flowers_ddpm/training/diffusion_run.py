@@ -58,11 +58,15 @@ logger = logging.getLogger(__name__)
 
 def class_guidance(model, cfg: TrainConfig) -> dict:
     """Class-conditional models are sampled (grids, evaluation) cycling through all classes with the configured
-    classifier-free guidance; unconditional models take no extra arguments."""
+    classifier-free guidance (scale, and interval of noise levels when set); unconditional models take no extra
+    arguments."""
     if model.config.num_class_embeds is None:
         return {}
     labels = list(range(model.config.num_class_embeds - 1))  # the last embedding is the "no class" token
-    return {"class_labels": labels, "guidance_scale": cfg.run.sample_guidance_scale}
+    guidance = {"class_labels": labels, "guidance_scale": cfg.run.sample_guidance_scale}
+    if cfg.run.sample_guidance_interval is not None:
+        guidance["guidance_interval"] = cfg.run.sample_guidance_interval
+    return guidance
 
 
 class PipelinePublisher:
@@ -78,7 +82,8 @@ class PipelinePublisher:
         return class_guidance(model, self.cfg)
 
     def sample_grid(self, model, step: int):
-        pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names)
+        pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names,
+                              self.cfg.run.sample_guidance_interval)
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
@@ -100,7 +105,8 @@ class PipelinePublisher:
 
         with without_augment_conditioning(merged_unet(model)) as unet:  # the trained model at augment labels 0
             path = export_pipeline(unet, self.noise_scheduler, self.output_dir / "pipeline",
-                                   yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra)
+                                   yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra,
+                                   self.cfg.run.sample_guidance_interval)
         logger.info("exported pipeline at step %d to %s", step, path)
         if self.cfg.run.keep_exports:
             with atomic_folder(self.output_dir / "exports" / f"step-{step:07d}") as copy:
@@ -129,7 +135,8 @@ class TrainingEvaluator:
 
     def __call__(self, model, step: int) -> dict:
         cfg = self.cfg
-        pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names)
+        pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names,
+                              cfg.run.sample_guidance_interval)
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
@@ -150,7 +157,8 @@ class TrainingEvaluator:
                 with without_augment_conditioning(merged_unet(model)) as unet:
                     export_pipeline(unet, self.noise_scheduler, self.best_dir,
                                     yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names,
-                                    lambda folder: (folder / "metrics.json").write_text(metrics))
+                                    lambda folder: (folder / "metrics.json").write_text(metrics),
+                                    cfg.run.sample_guidance_interval)
                 logger.info("step %d: FID %.4f, the best so far; pipeline written to %s", step, row["fid"], self.best_dir)
         self.accelerator.wait_for_everyone()
         if self.on_result is not None:

@@ -22,6 +22,7 @@ from ..data.cache import build_cached_batches, open_cache
 from ..data.stream import DataSource, build_train_batches, open_source
 from ..errors import UserError
 from ..models.unet import check_preset
+from ..pipelines.conditioning import check_guidance_interval
 from ..publish.hub import require_token
 from . import checkpointing
 from .device import DeviceBatches, set_cpu_threads
@@ -220,6 +221,7 @@ def start_run(cfg: TrainConfig, classes_of, probe_of, select_source=None):
     `record_effective_precision`)."""
     # cheap checks first: nothing expensive happens before these pass
     check_preset(cfg.model, cfg.data.resolution, pretrained=cfg.finetune.init_from is not None)
+    check_guidance_interval(cfg.run.sample_guidance_interval, "sample_guidance_interval")
     check_environment(cfg)
     check_writable(cfg.run.output_dir)
     resume_from = checkpointing.resolve_resume_path(cfg.run.output_dir, cfg.run.resume_from_checkpoint,
