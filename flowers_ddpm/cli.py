@@ -61,27 +61,21 @@ def _sample(args: argparse.Namespace) -> None:
 
     import torch
 
-    from .pipelines.conditioning import resolve_conditioning
-    from .pipelines.guided import check_interval
+    from .pipelines.conditioning import check_guidance_interval, resolve_conditioning
     from .pipelines.sampling import (default_sampler, generate, image_grid, load_classifier, load_pipeline,
                                      with_classifier)
 
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("num_images, steps and batch_size must be >= 1")
-    try:
-        check_interval(args.guidance_interval)
-    except ValueError:
-        raise UserError(f"--guidance_interval takes two noise levels 0 <= LO < HI; got "
-                        f"{' '.join(f'{v:g}' for v in args.guidance_interval)}") from None
+    check_guidance_interval(args.guidance_interval)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else None
     classifier = load_classifier(args.classifier, device) if args.classifier else None
     pipe = load_pipeline(args.model, device, dtype, trust_remote_code=args.trust_remote_code)
     if classifier is not None:
         pipe = with_classifier(pipe, classifier)
-    labels = resolve_conditioning(pipe, args.class_labels, args.guidance_scale, classifier, args.classifier_scale)
-    if args.guidance_interval is not None and getattr(pipe, "num_classes", None) is None:
-        raise UserError("--guidance_interval needs a class-conditional pipeline; this model is unconditional")
+    labels = resolve_conditioning(pipe, args.class_labels, args.guidance_scale, classifier, args.classifier_scale,
+                                  guidance_interval=args.guidance_interval)
     scheduler = args.scheduler or default_sampler(pipe.scheduler.config)
     images = generate(pipe, args.num_images, args.steps, args.seed, scheduler, args.batch_size,
                       class_labels=labels, guidance_scale=args.guidance_scale, classifier=classifier,
@@ -129,9 +123,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     _check_scales(args, "guidance_scale")
 
     from .evaluation.command import DATA_SETTINGS, EvaluateOptions, markdown_table, rank_models, run_evaluation
+    from .pipelines.conditioning import check_guidance_interval
 
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("steps and batch_size must be >= 1")
+    check_guidance_interval(args.guidance_interval)
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
         raise UserError(f"train_data_dir {args.train_data_dir} does not exist or is not a directory")
     models = args.model
@@ -200,6 +196,10 @@ def _add_conditioning_arguments(parser: argparse.ArgumentParser,
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="classifier-free guidance scale: 1 = conditional model, 0 = unconditional, >1 stronger "
                              "(default: the pipeline's saved scale, 1.5 in class-conditional models trained here)")
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="classifier-free guidance only at noise levels LO <= sigma <= HI (sigma = "
+                             "sqrt((1 - alpha_bar) / alpha_bar)), the conditional model elsewhere (default: the "
+                             "pipeline's saved interval, else every step); docs/sampling.md")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -213,7 +213,9 @@ def _sweep(args: argparse.Namespace) -> None:
     from .evaluation.command import EvaluateOptions
     from .experiments.optuna_search import run_search
     from .experiments.sweep import run_sweep
+    from .pipelines.conditioning import check_guidance_interval
 
+    check_guidance_interval(args.guidance_interval)
     evaluation = EvaluateOptions(model="", **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
                                              if f.name != "model" and hasattr(args, f.name)})
     overrides = {name: value for name, value in vars(args).items() if name in FIELDS and name not in args.sweep_flags}
@@ -415,10 +417,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="noise-aware classifier (the --output_dir of train-classifier) for classifier guidance "
                              "towards --class_labels; works for unconditional and class-conditional models (default: "
                              "the classifier the pipeline carries, if any)")
-    sample.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="classifier-free guidance only at noise levels LO <= sigma <= HI (sigma = "
-                             "sqrt((1 - alpha_bar) / alpha_bar)), the conditional model elsewhere (default: the "
-                             "pipeline's saved interval, else every step); docs/sampling.md")
     sample.add_argument("--classifier_scale", type=float, default=None,
                         help="classifier guidance scale s (default: the pipeline's saved one, else 1; the paper uses "
                              "1-10; 0 turns off a saved classifier)")

@@ -210,6 +210,42 @@ def test_a_training_run_guides_in_its_interval_and_its_exports_keep_it_as_their_
     assert json.loads((tmp_path / "with-classifier" / "model_index.json").read_text())["guidance_interval"] == interval
 
 
+# -- evaluate ---------------------------------------------------------------------------------------------------------
+def evaluate(model, data, out, *extra):
+    return main(["evaluate", "--model", str(model), "--train_data_dir", str(data), "--num_images", "4",
+                 "--batch_size", "2", "--steps", "3", "--feature_network", "tests.feature_nets:tiny_conv_net",
+                 "--dinov2_model", "none", "--reference_cache_dir", str(out.parent / "cache"), "--output", str(out),
+                 *extra])
+
+
+def test_evaluate_takes_the_interval_and_records_it(image_folder, tmp_path):
+    model = save_pipeline(tiny_pipeline(), tmp_path / "model")
+    assert evaluate(model, image_folder, tmp_path / "interval.json", "--guidance_interval", "0", "4") == 0
+    assert evaluate(model, image_folder, tmp_path / "every-step.json") == 0
+    interval, every_step = (json.loads((tmp_path / name).read_text()) for name in ("interval.json", "every-step.json"))
+    assert interval["conditioning"]["guidance_interval"] == [0.0, 4.0]
+    assert "guidance_interval" not in every_step["conditioning"]  # guided at every step, recorded as before
+    assert interval["results"][0]["fid"] != every_step["results"][0]["fid"]
+    assert "at noise levels 0 <= sigma <= 4" in (tmp_path / "interval.md").read_text()
+
+    # without the flag a pipeline's saved interval is used, and recorded
+    saved = save_pipeline(tiny_pipeline(guidance_interval=(0.0, 4.0)), tmp_path / "saved")
+    assert evaluate(saved, image_folder, tmp_path / "saved.json") == 0
+    report = json.loads((tmp_path / "saved.json").read_text())
+    assert report["conditioning"]["guidance_interval"] == [0.0, 4.0]
+    assert report["results"][0]["fid"] == interval["results"][0]["fid"]
+
+
+def test_evaluate_refuses_an_interval_it_cannot_use_before_any_work(image_folder, tmp_path, capsys):
+    model = save_pipeline(tiny_pipeline(), tmp_path / "model")
+    assert evaluate(model, image_folder, tmp_path / "x.json", "--guidance_interval", "4", "1") == 2
+    assert capsys.readouterr().err.strip() == "error: --guidance_interval takes two noise levels 0 <= LO < HI; got 4 1"
+    plain = unconditional_pipeline(tmp_path / "unconditional")
+    assert evaluate(plain, image_folder, tmp_path / "y.json", "--guidance_interval", "0", "4") == 2
+    assert "--guidance_interval needs a class-conditional pipeline" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before any reference features were computed
+
+
 # -- the recipe ablation ------------------------------------------------------------------------------------------
 def test_the_ablation_trains_its_conditional_variants_with_the_interval_it_scores_with(image_folder, tmp_path):
     bed = BedData("colours", image_folder, image_folder, 16, 3, False)

@@ -162,7 +162,14 @@ def test_ctrl_c_during_a_trials_evaluation_exits_75_with_advice_and_the_rerun_fi
     (["prediction_type=epsilon,eps"], [], "error: trial prediction_type=eps: prediction_type must be one of"),
     (["output_dir=a,b"], [], "error: grid key 'output_dir' cannot be swept"),
     (["learning_rate"], [], "error: grid entry 'learning_rate' must look like setting=value1,value2"),
-    (GRID, ["--class_labels", "red"], "error: --class_labels and --guidance_scale need class-conditional trials"),
+    (GRID, ["--class_labels", "red"],
+     "error: --class_labels, --guidance_scale and --guidance_interval need class-conditional trials"),
+    (GRID, ["--guidance_interval", "0", "4"],
+     "error: --class_labels, --guidance_scale and --guidance_interval need class-conditional trials"),
+    (["class_conditional=true"], ["--guidance_interval", "4", "1"],
+     "error: --guidance_interval takes two noise levels 0 <= LO < HI; got 4 1"),
+    (["sample_guidance_interval=5 1"], ["--class_conditional"], "error: trial sample_guidance_interval=5 1: "
+     "sample_guidance_interval takes two noise levels 0 <= LO < HI; got 5 1"),
     (["class_conditional=true"], ["--class_labels", "purple"], "error: unknown class 'purple'; classes are blue, red"),
 ])
 def test_grid_and_evaluation_mistakes_are_one_sentence_before_any_training(base_config, tmp_path, capsys, grid,
@@ -172,6 +179,19 @@ def test_grid_and_evaluation_mistakes_are_one_sentence_before_any_training(base_
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_trial_trains_with_its_grid_interval_and_is_evaluated_with_the_sweeps(base_config, tmp_path):
+    """`--grid sample_guidance_interval=...` becomes the trial's exported default; `--guidance_interval` replaces it
+    in the evaluation, which records it (and the manifest keeps it)."""
+    out = tmp_path / "interval-sweep"
+    assert main(["sweep", *sweep_args(base_config, out, "sample_guidance_interval=0 1"), "--class_conditional",
+                 "--guidance_interval", "0", "4", "--no-precision_recall"]) == 0
+    [trial] = (out / "trials").iterdir()
+    assert trial.name == "01-sample_guidance_interval=0_1"
+    assert json.loads((trial / "pipeline" / "model_index.json").read_text())["guidance_interval"] == [0.0, 1.0]
+    assert json.loads((trial / "metrics.json").read_text())["conditioning"]["guidance_interval"] == [0.0, 4.0]
+    assert json.loads((out / "sweep.json").read_text())["evaluation"]["guidance_interval"] == [0.0, 4.0]
 
 
 def test_training_flags_override_the_base_config_of_every_trial(base_config, tmp_path, capsys):

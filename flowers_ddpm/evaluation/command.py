@@ -39,6 +39,9 @@ def write_report(report: dict, json_path: Path) -> Path:
         classes = [str(c) for c in conditioning["class_names"] or conditioning["class_labels"]]
         listed = ", ".join(classes[:8]) + (f", ... ({len(classes)} labels)" if len(classes) > 8 else "")
         drawn = f"; images drawn for classes {listed} in turn, guidance scale {conditioning['guidance_scale']}"
+        if conditioning.get("guidance_interval"):
+            lo, hi = conditioning["guidance_interval"]
+            drawn += f" at noise levels {lo:g} <= sigma <= {hi:g}"
     network = report["feature_networks"]["inception"]
     features = "" if network == STANDARD_NETWORK else (
         f"\n\nFID, KID, IS and precision/recall in features of `{network}` (a custom feature network): not "
@@ -97,6 +100,7 @@ class EvaluateOptions:
     precision_recall: bool = True
     class_labels: Optional[list] = None  # indices or names; default for class-conditional models: every class
     guidance_scale: Optional[float] = None
+    guidance_interval: Optional[list] = None  # [lo, hi] noise levels of classifier-free guidance; None: the saved one
 
 
 def feature_networks(options: EvaluateOptions) -> dict:
@@ -132,7 +136,8 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict, write_output: boo
     pipe = load_pipeline(options.model, accelerator.device, dtype)
     pipe.set_progress_bar_config(disable=True)
     # class-conditional: the requested classes, else every class in turn
-    labels = resolve_conditioning(pipe, options.class_labels, options.guidance_scale, every_class=True)
+    labels = resolve_conditioning(pipe, options.class_labels, options.guidance_scale, every_class=True,
+                                  guidance_interval=options.guidance_interval)
     config = pipe.scheduler.config
     if options.compare_schedulers:
         runs = EDM_SCHEDULER_COMPARISON if is_edm_config(config) else SCHEDULER_COMPARISON
@@ -146,7 +151,7 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict, write_output: boo
     rows = []
     for scheduler, steps in runs:
         sampling = SamplingSettings(options.num_images, scheduler, steps, options.seed, options.batch_size,
-                                    labels, options.guidance_scale)
+                                    labels, options.guidance_scale, options.guidance_interval)
         rows.append(evaluate_pipeline(accelerator, pipe, networks, reference, sampling, options.precision_recall))
     if not accelerator.is_main_process:
         return None
@@ -155,7 +160,7 @@ def run_evaluation(options: EvaluateOptions, data_flags: dict, write_output: boo
               "feature_networks": {name: getattr(n, "name", type(n).__name__) for name, n in networks.items()},
               "reference": reference_record(data, len(reference["inception"]["features"])),
               "results": rows}
-    conditioning = conditioning_record(pipe, labels, options.guidance_scale)
+    conditioning = conditioning_record(pipe, labels, options.guidance_scale, options.guidance_interval)
     if conditioning is not None:
         report["conditioning"] = conditioning
     if write_output:

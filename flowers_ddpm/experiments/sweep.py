@@ -241,12 +241,13 @@ def check_evaluation(evaluation) -> None:
 
 
 def check_conditioning(evaluation, trials: list[Trial]) -> None:
-    """--class_labels/--guidance_scale need class-conditional trials, and labels the training data has (checked
-    here, because a trial's evaluation would only find out after its training)."""
-    if not evaluation.class_labels and evaluation.guidance_scale is None:
+    """--class_labels/--guidance_scale/--guidance_interval need class-conditional trials, and labels the training
+    data has (checked here, because a trial's evaluation would only find out after its training)."""
+    if not evaluation.class_labels and evaluation.guidance_scale is None and evaluation.guidance_interval is None:
         return
     if not all(trial.cfg.model.class_conditional for trial in trials):
-        raise UserError("--class_labels and --guidance_scale need class-conditional trials (class_conditional: true)")
+        raise UserError("--class_labels, --guidance_scale and --guidance_interval need class-conditional trials "
+                        "(class_conditional: true)")
     if evaluation.class_labels:
         names = open_source(trials[0].cfg.data).class_names or []
         class_ids(evaluation.class_labels, names, len(names))
@@ -257,8 +258,10 @@ NOT_IN_MANIFEST = ("model", "output", "compare_schedulers", "batch_size", "refer
 
 
 def evaluation_settings(evaluation) -> dict:
-    """The evaluation arguments that make results comparable (part of the manifest)."""
-    return {k: v for k, v in dataclasses.asdict(evaluation).items() if k not in NOT_IN_MANIFEST}
+    """The evaluation arguments that make results comparable (part of the manifest); without a guidance interval
+    they read as before it existed, so sweeps begun then can be continued."""
+    return {k: v for k, v in dataclasses.asdict(evaluation).items()
+            if k not in NOT_IN_MANIFEST and not (k == "guidance_interval" and v is None)}
 
 
 def base_settings(config: str, overrides: Optional[dict], max_train_steps: int) -> dict:

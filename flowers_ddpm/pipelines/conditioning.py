@@ -46,13 +46,16 @@ def check_guidance_interval(interval: Optional[Sequence[float]], name: str = "--
 
 def resolve_conditioning(pipe, class_labels: Optional[Sequence], guidance_scale: Optional[float] = None,
                          classifier=None, classifier_scale: Optional[float] = None,
-                         every_class: bool = False) -> Optional[list[int]]:
+                         every_class: bool = False, guidance_interval: Optional[Sequence[float]] = None
+                         ) -> Optional[list[int]]:
     """The class indices to draw images of (None: unconditional), after checking that the labels, the
-    classifier-free `guidance_scale`, the guiding `classifier` (one passed in; else the pipeline's saved one) and
-    its `classifier_scale` fit the pipeline; one-sentence errors otherwise. Without labels a class-conditional
-    pipeline draws every class in turn when `every_class` (evaluation), else unlabelled images through its "no
-    class" token (sampling)."""
+    classifier-free `guidance_scale` and `guidance_interval`, the guiding `classifier` (one passed in; else the
+    pipeline's saved one) and its `classifier_scale` fit the pipeline; one-sentence errors otherwise. Without
+    labels a class-conditional pipeline draws every class in turn when `every_class` (evaluation), else unlabelled
+    images through its "no class" token (sampling)."""
     num_classes = getattr(pipe, "num_classes", None)
+    if guidance_interval is not None and num_classes is None:
+        raise UserError("--guidance_interval needs a class-conditional pipeline; this model is unconditional")
     guide = classifier if classifier is not None else getattr(pipe, "classifier", None)
     if classifier_scale is not None and guide is None:
         raise UserError("--classifier_scale needs --classifier (the folder written by train-classifier) or a "
