@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flowers_ddpm.cli import main
+from flowers_ddpm.config.samplers import DEFAULT_GUIDANCE_SCALE
 from flowers_ddpm.models.unet import build_noise_scheduler, build_unet
 from flowers_ddpm.pipelines.export import export_pipeline
 
@@ -46,11 +47,13 @@ def test_evaluate_draws_the_requested_labels_and_records_them(conditional_pipeli
     assert report["results"][0]["num_images"] == 5 and report["results"][0]["fid"] > 0
     assert "classes red, blue in turn, guidance scale 2.5" in out.with_suffix(".md").read_text()
 
-    # no labels: every class in turn, the conditional model (guidance 1)
-    default = tmp_path / "default.json"
+    # no labels: every class in turn, with the pipeline's saved guidance scale (what the images were drawn with)
+    default, explicit = tmp_path / "default.json", tmp_path / "explicit.json"
     assert _evaluate(conditional_pipeline, data, default, cache) == 0
     assert json.loads(default.read_text())["conditioning"] == {
-        "class_labels": [0, 1, 2], "class_names": ["blue", "green", "red"], "guidance_scale": 1.0}
+        "class_labels": [0, 1, 2], "class_names": ["blue", "green", "red"], "guidance_scale": DEFAULT_GUIDANCE_SCALE}
+    assert _evaluate(conditional_pipeline, data, explicit, cache, "--guidance_scale", str(DEFAULT_GUIDANCE_SCALE)) == 0
+    assert json.loads(explicit.read_text())["results"][0]["fid"] == json.loads(default.read_text())["results"][0]["fid"]
 
 
 def test_evaluate_rejects_labels_it_cannot_use(conditional_pipeline, data, tmp_path, capsys):

@@ -73,13 +73,14 @@ def _block_labels(class_labels: Optional[list[int]], block: list[int]) -> Option
 
 def conditioning_record(pipe, labels: Optional[list[int]], guidance_scale: Optional[float],
                         guidance_interval: Optional[list] = None) -> Optional[dict]:
-    """What metrics.json records about the labels the images were drawn with (None when unconditional), with the
-    guidance interval in effect (the given one, else the pipeline's saved one) where there is one."""
+    """What metrics.json records about the labels the images were drawn with (None when unconditional): the
+    guidance scale and interval in effect (the given ones, else the pipeline's saved ones), the interval only where
+    there is one."""
     if labels is None:
         return None
     names = pipe.config.class_names
     record = {"class_labels": labels, "class_names": [names[i] for i in labels] if names else None,
-              "guidance_scale": 1.0 if guidance_scale is None else guidance_scale}
+              "guidance_scale": guidance_scale if guidance_scale is not None else pipe.config.get("guidance_scale", 1.0)}
     interval = guidance_interval if guidance_interval is not None else pipe.config.get("guidance_interval")
     if interval is not None:  # guidance at every step is recorded as before the interval existed
         record["guidance_interval"] = [float(v) for v in interval]
