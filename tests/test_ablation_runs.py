@@ -27,7 +27,7 @@ def test_ablation_runs_end_to_end_and_resumes(tmp_path):
     assert [r["variant"] for r in rows] == ["diffusers-defaults", "wide"]
     for row in rows:
         assert 0.0 <= float(row["class_accuracy"]) <= 1.0 and float(row["frechet"]) > 0
-        assert float(row["real_vs_real"]) > 0
+        assert float(row["real_vs_real"]) > 0 and row["guidance"] == "every step"
     # the same compute: the wider UNet costs more FLOPs per image, so it gets fewer images (and steps)
     assert int(rows[1]["train_images"]) < int(rows[0]["train_images"])
     assert (out / "wide" / "grid.png").is_file() and (out / "results.md").read_text().count("\n") == 4

@@ -49,6 +49,17 @@ def test_photos_recipe_adds_its_betas_schedule_and_scale_shift_under_the_users_s
     assert build_config({"recipe": "small-data"}, {}).model.unet_config is None
 
 
+def test_photos_recipe_guides_class_conditional_runs_only_at_low_noise():
+    photos = {"recipe": "small-data-photos", "class_conditional": True}
+    assert build_config(photos, {}).run.sample_guidance_interval == [0.0, 4.5]
+    assert build_config(photos, {"sample_guidance_interval": ["0", "8"]}).run.sample_guidance_interval == [0.0, 8.0]
+    assert build_config({**photos, "sample_guidance_interval": None}, {}).run.sample_guidance_interval is None
+    # an unconditional run has no guidance to limit (and the setting would be refused there)
+    assert build_config({"recipe": "small-data-photos"}, {}).run.sample_guidance_interval is None
+    assert build_config({**photos, "class_conditional": False}, {}).run.sample_guidance_interval is None
+    assert build_config({"recipe": "small-data", "class_conditional": True}, {}).run.sample_guidance_interval is None
+
+
 def test_photos_recipe_trains_a_pipeline_plain_diffusers_reads_with_its_settings(image_folder, tmp_path):
     out = tmp_path / "run"
     assert main(["train", *tiny_train_args(image_folder, out, max_train_steps=2, recipe="small-data-photos")]) == 0
@@ -56,6 +67,11 @@ def test_photos_recipe_trains_a_pipeline_plain_diffusers_reads_with_its_settings
     scheduler = DDPMScheduler.load_config(out / "pipeline" / "scheduler")
     assert unet["resnet_time_scale_shift"] == "scale_shift" and scheduler["beta_schedule"] == "squaredcos_cap_v2"
     assert scheduler["prediction_type"] == "v_prediction"
+    # class-conditional: the export's saved guidance interval is the recipe's
+    conditional = tmp_path / "conditional"
+    assert main(["train", *tiny_train_args(image_folder, conditional, max_train_steps=2, recipe="small-data-photos",
+                                           class_conditional=True)]) == 0
+    assert json.loads((conditional / "pipeline" / "model_index.json").read_text())["guidance_interval"] == [0.0, 4.5]
 
 
 def documented_rates() -> dict[str, tuple[float, int]]:

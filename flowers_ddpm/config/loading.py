@@ -158,7 +158,8 @@ def _recipe_defaults(merged: dict) -> None:
     if merged["recipe"] not in RECIPES:
         raise UserError(f"recipe must be one of {', '.join(RECIPES)}; got {merged['recipe']!r}")
     model_preset = merged.get("model_preset", FIELDS["model_preset"].default)
-    for key, value in recipe_settings(merged["recipe"], model_preset).items():
+    class_conditional = bool(merged.get("class_conditional", FIELDS["class_conditional"].default))
+    for key, value in recipe_settings(merged["recipe"], model_preset, class_conditional).items():
         if key == "unet_config":
             # UNet settings of the recipe join the user's own, under them; a UNet config file the user names
             # (--model_config_name_or_path) describes the whole architecture, so the recipe leaves it alone

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import yaml
@@ -111,13 +111,13 @@ VARIANTS: dict[str, dict] = {
 EDM_SAMPLERS = {"dpmsolver++": "edm-dpmsolver++", "ddim": "edm-euler", "ddpm": "edm-euler"}
 
 
-def variant_settings(name: str) -> dict:
+def variant_settings(name: str, conditional: bool = True) -> dict:
     """Full recipe of a variant: the diffusers defaults, a named recipe as it is now (`small-data`,
-    `small-data-photos`), or CANDIDATE + overrides."""
+    `small-data-photos`, for a class-conditional or unconditional run), or CANDIDATE + overrides."""
     if name == "diffusers-defaults":
         return dict(DIFFUSERS_DEFAULTS)
     if name in RECIPES:
-        return {**DIFFUSERS_DEFAULTS, **recipe_settings(name, "small")}
+        return {**DIFFUSERS_DEFAULTS, **recipe_settings(name, "small", conditional)}
     if name not in VARIANTS:
         known = ", ".join(["diffusers-defaults", *RECIPES, *VARIANTS])
         raise UserError(f"unknown variant {name!r}; known variants: {known}")
@@ -307,8 +307,21 @@ class Scorer:
         requested = torch.arange(len(images)) % self.num_classes
         accuracy = float((predicted == requested).float().mean()) if conditional else None
         frechet = frechet_distance(self.reference, features)
+        # the guidance interval the samples were drawn with: the ablation's, else the pipeline's saved default
+        interval = (s.guidance_interval or pipe.config.get("guidance_interval")) if conditional else None
         return {"frechet": frechet, "frechet_ratio": frechet / self.real_vs_real, "class_accuracy": accuracy,
-                "sample_images_per_sec": len(images) / sample_sec}
+                "guidance": guidance_label(conditional, interval), "sample_images_per_sec": len(images) / sample_sec}
+
+
+def guidance_label(conditional: bool, interval: Optional[Sequence[float]]) -> Optional[str]:
+    """How a row's samples were guided, for the table: "every step", "sigma <= HI", "LO <= sigma <= HI", or None
+    for unconditional samples."""
+    if not conditional:
+        return None
+    if interval is None:
+        return "every step"
+    lo, hi = interval
+    return f"sigma <= {hi:g}" if lo == 0 else f"{lo:g} <= sigma <= {hi:g}"
 
 
 def variant_folder(name: str, conditional: bool) -> str:
@@ -325,7 +338,7 @@ def run_variant(name: str, data: beds.BedData, scorer: Scorer, settings: Ablatio
         return json.loads(result_path.read_text())
     for leftover in ("run", "probe"):  # an unfinished variant starts over: its budget must be spent in one go
         shutil.rmtree(folder / leftover, ignore_errors=True)
-    recipe = variant_settings(name)
+    recipe = variant_settings(name, conditional)
     config = _write_config(folder, recipe, data, settings, conditional)
     steps, probe_rate = plan_steps(config, folder, recipe, settings)
     logger.info("%s: %d steps planned (probe: %s images/s)", name, steps, probe_rate)
@@ -385,7 +398,7 @@ def variant_rows(folder: Path) -> list[dict]:
     return [own, *(json.loads(ema.read_text()) if ema.is_file() else [])]
 
 
-COLUMNS = ("variant", "changes", "conditioning", "sampler", "steps", "train_images", "images_per_sec", "train_sec",
+COLUMNS = ("variant", "changes", "conditioning", "sampler", "guidance", "steps", "train_images", "images_per_sec", "train_sec",
            "final_loss", "frechet", "real_vs_real", "frechet_ratio", "class_accuracy")
 
 
