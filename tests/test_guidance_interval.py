@@ -180,19 +180,20 @@ def test_bad_training_intervals_are_one_line_errors_before_any_work(image_folder
 
 def test_a_training_run_guides_in_its_interval_and_its_exports_keep_it_as_their_default(image_folder, tmp_path):
     """The exported pipeline (and best/, the post-hoc EMA reconstructions, and the pipeline with a classifier
-    attached) carry the run's interval, and sample with it when called without one."""
+    attached) carry the run's interval and guidance scale, and sample with them when called without."""
     out, interval = tmp_path / "run", [0.0, 1.0]
     args = tiny_train_args(image_folder, out, resolution=8, max_train_steps=2, class_conditional=True,
                            phema_sigma_rel="0.1", eval_steps=2, eval_num_images=4,
                            eval_feature_network="tests.feature_nets:tiny_conv_net",
                            reference_cache_dir=str(tmp_path / "cache"))
-    assert main(["train", *args, "--sample_guidance_interval", "0", "1"]) == 0
+    assert main(["train", *args, "--sample_guidance_interval", "0", "1", "--sample_guidance_scale", "2.5"]) == 0
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
-    assert index["guidance_interval"] == interval
+    assert index["guidance_interval"] == interval and index["guidance_scale"] == 2.5
     assert yaml.safe_load((out / "pipeline" / "training_config.yaml").read_text())["sample_guidance_interval"] == interval
     best = out / "best"
     assert json.loads((best / "metrics.json").read_text())["guidance_interval"] == interval  # evaluated with it
-    assert json.loads((best / "model_index.json").read_text())["guidance_interval"] == interval
+    best_index = json.loads((best / "model_index.json").read_text())
+    assert best_index["guidance_interval"] == interval and best_index["guidance_scale"] == 2.5
 
     exported = load_pipeline(str(out / "pipeline"), torch.device("cpu"))
     exported.set_progress_bar_config(disable=True)
@@ -253,6 +254,7 @@ def test_the_ablation_trains_its_conditional_variants_with_the_interval_it_score
     recipe = variant_settings("small-data")
     conditional = build_config(load_yaml(str(_write_config(tmp_path / "class", recipe, bed, settings))), {})
     assert conditional.run.sample_guidance_interval == [0.0, 4.5]  # its grids and export guide as it is scored
+    assert conditional.run.sample_guidance_scale == settings.guidance_scale
     unconditional = build_config(load_yaml(str(_write_config(tmp_path / "none", recipe, bed, settings, False))), {})
     assert unconditional.run.sample_guidance_interval is None
 

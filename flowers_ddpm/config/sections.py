@@ -168,8 +168,8 @@ class RunSettings:
                                  f"evaluation (with --objective edm: {DEFAULT_SAMPLERS['edm']} unless given)",
                                  SAMPLE_SCHEDULERS)
     sample_guidance_scale: float = _opt(DEFAULT_GUIDANCE_SCALE, "classifier-free guidance scale of the sample grids and in-training "
-                                        "evaluation of class-conditional runs (1.5: the best measured, "
-                                        "docs/sampling.md)", minimum=0.0)
+                                        "evaluation of class-conditional runs, saved as the exported pipeline's "
+                                        "default (1.5: the best measured, docs/sampling.md)", minimum=0.0)
     sample_guidance_interval: Optional[list[float]] = _opt(None, "two noise levels LO HI: classifier-free guidance "
                                                            "of the sample grids and in-training evaluation only at "
                                                            "LO <= sigma <= HI, saved as the exported pipeline's "

@@ -219,6 +219,7 @@ def _write_config(folder: Path, recipe: dict, data: beds.BedData, settings: Abla
         "logging_steps": 4,
         "output_dir": str(folder / "run"), "sample_scheduler": settings.sampler_for(recipe),
         "ddpm_num_inference_steps": settings.sampler_steps, "eval_batch_size": 10,
+        "sample_guidance_scale": settings.guidance_scale,
     }
     if recipe.get("snr_gamma") is None:
         values.pop("snr_gamma", None)

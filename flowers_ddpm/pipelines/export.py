@@ -35,15 +35,18 @@ def needs_guided_pipeline(unet, noise_scheduler=None) -> bool:
             or (noise_scheduler is not None and is_edm_scheduler(noise_scheduler)))
 
 
-def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None,
+def build_pipeline(unet, noise_scheduler, class_names: Optional[list] = None, guidance_scale: Optional[float] = None,
                    guidance_interval: Optional[Sequence[float]] = None):
-    """A plain diffusers DDPMPipeline for an unconditional DDPM UNet, a GuidedDDPMPipeline otherwise (saving the
-    measured best classifier-free guidance scale as its default when the UNet is class-conditional, and
-    `guidance_interval`, the noise levels lo, hi of that guidance, when given)."""
+    """A plain diffusers DDPMPipeline for an unconditional DDPM UNet, a GuidedDDPMPipeline otherwise, whose saved
+    defaults are, when the UNet is class-conditional, the classifier-free `guidance_scale` (None: the measured best,
+    DEFAULT_GUIDANCE_SCALE) and `guidance_interval`, the noise levels lo, hi of that guidance, when given."""
     if guidance_interval is not None and not unet.config.num_class_embeds:
         raise ValueError("guidance_interval needs a class-conditional UNet (classifier-free guidance)")
     if needs_guided_pipeline(unet, noise_scheduler):
-        guidance = DEFAULT_GUIDANCE_SCALE if unet.config.num_class_embeds else 1.0
+        if not unet.config.num_class_embeds:
+            guidance = 1.0  # no classifier-free guidance without classes
+        else:
+            guidance = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
         return GuidedDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names,
                                   guidance_scale=guidance, guidance_interval=guidance_interval)
     return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
@@ -83,16 +86,18 @@ def save_pipeline(pipe, path: str | Path, write_extra: Optional[Callable[[Path],
 
 def export_pipeline(unet, noise_scheduler, path: str | Path, training_config_yaml: Optional[str] = None,
                     class_names: Optional[list] = None, write_extra: Optional[Callable[[Path], None]] = None,
+                    guidance_scale: Optional[float] = None,
                     guidance_interval: Optional[Sequence[float]] = None) -> Path:
     """Export a trained UNet and its noise scheduler as a pipeline folder at `path` (see `save_pipeline`), with
-    `guidance_interval` as its default where given (see `build_pipeline`)."""
+    the guidance scale and interval given as its defaults (see `build_pipeline`)."""
     def extras(folder: Path) -> None:
         if training_config_yaml is not None:
             (folder / TRAINING_CONFIG_NAME).write_text(training_config_yaml)
         if write_extra is not None:
             write_extra(folder)
 
-    return save_pipeline(build_pipeline(unet, noise_scheduler, class_names, guidance_interval), path, extras)
+    return save_pipeline(build_pipeline(unet, noise_scheduler, class_names, guidance_scale, guidance_interval), path,
+                         extras)
 
 
 def attach_classifier(model: str, classifier_dir: str, output: str | Path, classifier_scale: float = 1.0,

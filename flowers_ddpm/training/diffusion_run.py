@@ -69,6 +69,12 @@ def class_guidance(model, cfg: TrainConfig) -> dict:
     return guidance
 
 
+def guidance_defaults(cfg: TrainConfig) -> dict:
+    """The classifier-free guidance a run samples with, which its exports save as their defaults (so that `sample`
+    and `evaluate` draw what the grids and the in-training FID showed)."""
+    return {"guidance_scale": cfg.run.sample_guidance_scale, "guidance_interval": cfg.run.sample_guidance_interval}
+
+
 class PipelinePublisher:
     """Sample grids (PNG under <output_dir>/samples/) and pipeline exports (<output_dir>/pipeline/)."""
 
@@ -83,7 +89,7 @@ class PipelinePublisher:
 
     def sample_grid(self, model, step: int):
         pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names,
-                              self.cfg.run.sample_guidance_interval)
+                              **guidance_defaults(self.cfg))
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
@@ -106,7 +112,7 @@ class PipelinePublisher:
         with without_augment_conditioning(merged_unet(model)) as unet:  # the trained model at augment labels 0
             path = export_pipeline(unet, self.noise_scheduler, self.output_dir / "pipeline",
                                    yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.class_names, write_extra,
-                                   self.cfg.run.sample_guidance_interval)
+                                   **guidance_defaults(self.cfg))
         logger.info("exported pipeline at step %d to %s", step, path)
         if self.cfg.run.keep_exports:
             with atomic_folder(self.output_dir / "exports" / f"step-{step:07d}") as copy:
@@ -135,8 +141,7 @@ class TrainingEvaluator:
 
     def __call__(self, model, step: int) -> dict:
         cfg = self.cfg
-        pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names,
-                              cfg.run.sample_guidance_interval)
+        pipe = build_pipeline(sampling_unet(model), self.noise_scheduler, self.class_names, **guidance_defaults(cfg))
         pipe.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
@@ -158,7 +163,7 @@ class TrainingEvaluator:
                     export_pipeline(unet, self.noise_scheduler, self.best_dir,
                                     yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.class_names,
                                     lambda folder: (folder / "metrics.json").write_text(metrics),
-                                    cfg.run.sample_guidance_interval)
+                                    **guidance_defaults(cfg))
                 logger.info("step %d: FID %.4f, the best so far; pipeline written to %s", step, row["fid"], self.best_dir)
         self.accelerator.wait_for_everyone()
         if self.on_result is not None:
