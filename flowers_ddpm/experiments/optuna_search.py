@@ -65,7 +65,6 @@ STUDY_FILE, STUDY_NAME = "study.db", "sweep"
 FOLDER_ATTR = "folder"  # the trial folder's name, kept with the Optuna trial (and given to its re-enqueued copy)
 TPE_STARTUP_TRIALS = 4  # random trials before TPE models the results (Optuna's default, 10, suits long studies)
 PRUNER_STARTUP_TRIALS = 2  # no pruning before this many trials have finished
-ENDED = ("COMPLETE", "PRUNED")  # the trial states that count towards --n_trials
 SYNTAX = "setting=low:high, setting=log:low:high, setting=low:high:step or setting=value1,value2"
 
 
@@ -213,8 +212,9 @@ class FollowedTrial:
         self.user_attrs[key] = value
 
 
-def ended_states() -> tuple:
-    return tuple(optuna.trial.TrialState[name] for name in ENDED)
+def ended_trials(study) -> list:
+    """The study's trials that count towards --n_trials: completed and pruned ones."""
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
 
 
 def shared_trial(study, distributions: dict, n_trials: int):
@@ -222,7 +222,7 @@ def shared_trial(study, distributions: dict, n_trials: int):
     `n_trials` finished trials) and the others get a FollowedTrial with its number, settings and folder."""
     trial = None
     if study is not None:
-        if len(study.get_trials(deepcopy=False, states=ended_states())) < n_trials:
+        if len(ended_trials(study)) < n_trials:
             trial = study.ask(distributions)
     message = from_main(None if trial is None else (trial.number, dict(trial.params), dict(trial.user_attrs)))
     if trial is None and message is not None:
@@ -300,8 +300,7 @@ def run_search(config: str, param_items: list[str], n_trials: int, max_train_ste
         study = open_study(sweep_dir, sampler_seed)
         recover_interrupted(study, sweep_dir)
     distributions = {name: p.distribution() for name, p in params.items()}
-    ended = ended_states()
-    done = len(study.get_trials(deepcopy=False, states=ended)) if study is not None else 0
+    done = len(ended_trials(study)) if study is not None else 0
     if done:
         logger.info("%d of %d trials already finished", min(done, n_trials), n_trials)
     try:
@@ -314,7 +313,7 @@ def run_search(config: str, param_items: list[str], n_trials: int, max_train_ste
         end_process_group()
     if study is None:
         return None
-    finished = sorted(study.get_trials(deepcopy=False, states=ended), key=lambda t: t.number)
+    finished = sorted(ended_trials(study), key=lambda t: t.number)
     # trials added to the study through Optuna's own API (a warm start) have no folder and no row
     results = [json.loads((sweep_dir / TRIALS_DIR / t.user_attrs[FOLDER_ATTR] / RESULT_FILE).read_text())
                for t in finished if FOLDER_ATTR in t.user_attrs]

@@ -56,23 +56,20 @@ from .trainer import Trainer
 logger = logging.getLogger(__name__)
 
 
+def guidance_defaults(cfg: TrainConfig) -> dict:
+    """The classifier-free guidance a run samples with, which its exports save as their defaults (so that `sample`
+    and `evaluate` draw what the grids and the in-training FID showed)."""
+    return {"guidance_scale": cfg.run.sample_guidance_scale, "guidance_interval": cfg.run.sample_guidance_interval}
+
+
 def class_guidance(model, cfg: TrainConfig) -> dict:
-    """Class-conditional models are sampled (grids, evaluation) cycling through all classes with the configured
+    """Class-conditional models are sampled (grids, evaluation) cycling through all classes with the run's
     classifier-free guidance (scale, and interval of noise levels when set); unconditional models take no extra
     arguments."""
     if model.config.num_class_embeds is None:
         return {}
     labels = list(range(model.config.num_class_embeds - 1))  # the last embedding is the "no class" token
-    guidance = {"class_labels": labels, "guidance_scale": cfg.run.sample_guidance_scale}
-    if cfg.run.sample_guidance_interval is not None:
-        guidance["guidance_interval"] = cfg.run.sample_guidance_interval
-    return guidance
-
-
-def guidance_defaults(cfg: TrainConfig) -> dict:
-    """The classifier-free guidance a run samples with, which its exports save as their defaults (so that `sample`
-    and `evaluate` draw what the grids and the in-training FID showed)."""
-    return {"guidance_scale": cfg.run.sample_guidance_scale, "guidance_interval": cfg.run.sample_guidance_interval}
+    return {"class_labels": labels, **{k: v for k, v in guidance_defaults(cfg).items() if v is not None}}
 
 
 class PipelinePublisher:
