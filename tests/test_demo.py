@@ -1,9 +1,11 @@
 """The demo page (`flowers-ddpm demo`) on a tiny class-conditional pipeline with random weights.
 
-Without a browser: a request draws exactly the grid `sample` writes, its strip shows x_t of the first image, and
-input mistakes are one-sentence UserErrors. In a real browser (Debian's chromium and chromedriver through Selenium,
-against the command serving on 127.0.0.1): the image the page shows, decoded by the browser, equals `sample`'s
-PNG for the same seed and settings; wrong input is a message on the page and a later request still works.
+Without a browser: a request draws exactly the grid `sample` writes (also with a guidance interval), its strip shows
+x_t of the first image, a pipeline's saved guidance interval is the page's default and a blank field guides every
+step, and input mistakes are one-sentence UserErrors. In a real browser (Debian's chromium and chromedriver through
+Selenium, against the command serving on 127.0.0.1): the image the page shows, decoded by the browser, equals
+`sample`'s PNG for the same seed and settings; wrong input (an unknown class, steps out of range, a reversed
+guidance interval) is a message on the page and a later request still works.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from PIL import Image
 
 from flowers_ddpm.cli import main
-from flowers_ddpm.demo.app import sampler_choices
+from flowers_ddpm.demo.app import build_demo, sampler_choices
 from flowers_ddpm.demo.generation import OWN_SAMPLER, DemoModel, Request
 from flowers_ddpm.errors import UserError
 from flowers_ddpm.models.unet import build_edm_scheduler, build_noise_scheduler, build_unet
@@ -38,12 +40,17 @@ from .conftest import REPO
 CLASSES = ["blue", "red"]
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
+def export_tiny(path, guidance_interval=None):
+    """A tiny class-conditional pipeline, the same random weights each time."""
     torch.manual_seed(0)
     return export_pipeline(build_unet("tiny", 16, num_classes=len(CLASSES)),
-                           build_noise_scheduler(1000, "linear", "epsilon"),
-                           tmp_path_factory.mktemp("demo") / "pipeline", class_names=CLASSES)
+                           build_noise_scheduler(1000, "linear", "epsilon"), path, class_names=CLASSES,
+                           guidance_interval=guidance_interval)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return export_tiny(tmp_path_factory.mktemp("demo") / "pipeline")
 
 
 def sample_grid(pipeline_dir, out, *flags: str) -> np.ndarray:
@@ -103,6 +110,57 @@ def test_the_default_sampler_is_samples_default_for_the_models_family(pipeline_d
         edm.run(Request(sampler="ddim"))
 
 
+# 4 DDIM steps of the linear schedule are at sigma 17.4, 3.44, 0.96 and 0.01: guidance at sigma <= 4.5 skips the first
+GUIDED = {"num_images": 2, "seed": 3, "steps": 4, "classes": ["red", "blue"], "guidance_scale": 3.0}
+GUIDED_FLAGS = ("--num_images", "2", "--seed", "3", "--steps", "4", "--class_labels", "red", "blue",
+                "--guidance_scale", "3")
+
+
+def test_a_request_with_a_guidance_interval_draws_the_grid_sample_writes(pipeline_dir, tmp_path):
+    model = DemoModel(str(pipeline_dir), "cpu")
+    assert model.default_guidance_interval is None
+    result = model.run(Request(**GUIDED, guidance_interval="0 4.5"))
+    expected = sample_grid(pipeline_dir, tmp_path / "a.png", *GUIDED_FLAGS, "--guidance_interval", "0", "4.5")
+    assert np.array_equal(np.asarray(result.grid), expected)
+    assert result.summary.startswith("2 images, ddim with 4 steps, seed 3, guidance 3 at sigma <= 4.5: ")
+
+
+def test_the_saved_interval_is_the_default_and_a_blank_field_guides_every_step(pipeline_dir, tmp_path):
+    saved_dir = export_tiny(tmp_path / "saved", guidance_interval=[0, 4.5])  # pipeline_dir's weights
+    saved = DemoModel(str(saved_dir), "cpu")
+    assert saved.default_guidance_interval == [0, 4.5]
+    limited = saved.run(Request(**GUIDED))
+    assert np.array_equal(np.asarray(limited.grid), sample_grid(saved_dir, tmp_path / "a.png", *GUIDED_FLAGS))
+    assert ", guidance 3 at sigma <= 4.5: " in limited.summary
+
+    every_step = np.asarray(DemoModel(str(pipeline_dir), "cpu").run(Request(**GUIDED)).grid)
+    blank = saved.run(Request(**GUIDED, guidance_interval=""))
+    assert np.array_equal(np.asarray(blank.grid), every_step)
+    assert not np.array_equal(every_step, np.asarray(limited.grid))
+    assert blank.summary.startswith("2 images, ddim with 4 steps, seed 3: ")
+    # the command line says "every step" to such a pipeline as [0, inf]
+    assert np.array_equal(sample_grid(saved_dir, tmp_path / "b.png", *GUIDED_FLAGS, "--guidance_interval", "0",
+                                      "inf"), every_step)
+
+
+def test_the_page_shows_the_saved_interval_for_class_conditional_models_only(pipeline_dir, tmp_path):
+    pytest.importorskip("gradio")
+    demo = build_demo(DemoModel(str(pipeline_dir), "cpu"))
+    field = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "guidance_interval")
+    assert field.value == "" and field.visible and "blank: every step" in field.label
+    load = next(function for function in demo.fns.values() if function.name == "on_load")
+
+    def field_after_loading(folder) -> dict:  # the Load model button's update of the field
+        return dict(zip([output.elem_id for output in load.outputs], load.fn(str(folder))))["guidance_interval"]
+
+    assert field_after_loading(export_tiny(tmp_path / "saved", guidance_interval=[0, 4.5])) == {
+        "__type__": "update", "value": "0 4.5", "visible": True}
+    torch.manual_seed(0)
+    unconditional = export_pipeline(build_unet("tiny", 8), build_noise_scheduler(1000, "linear", "epsilon"),
+                                    tmp_path / "unconditional")
+    assert field_after_loading(unconditional)["visible"] is False
+
+
 @pytest.mark.parametrize("request_, message", [
     (Request(classes=["tulip"]), "unknown class 'tulip'; classes are blue, red"),
     (Request(steps=0), "0 sampling steps: this sampler takes 1 to 1000 steps"),
@@ -111,6 +169,10 @@ def test_the_default_sampler_is_samples_default_for_the_models_family(pipeline_d
     (Request(seed=1.5), "seed must be a whole number; got 1.5"),
     (Request(steps=None), "steps must be a whole number; got None"),
     (Request(sampler="euler"), "sampler must be one of ddpm, ddim, dpmsolver++; got 'euler'"),
+    (Request(guidance_interval="abc"), "guidance interval takes two noise levels 0 <= LO < HI; got abc"),
+    (Request(guidance_interval="4.5"), "guidance interval takes two noise levels 0 <= LO < HI; got 4.5"),
+    (Request(guidance_interval="5 2"), "guidance interval takes two noise levels 0 <= LO < HI; got 5 2"),
+    (Request(guidance_interval=(-1, 2)), "guidance interval takes two noise levels 0 <= LO < HI; got -1 2"),
 ])
 def test_input_mistakes_are_one_sentence_user_errors(pipeline_dir, request_, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -216,6 +278,11 @@ class Page:
         field.send_keys(self.keys.CONTROL, "a")
         field.send_keys(str(value))
 
+    def type_text(self, elem_id: str, text: str) -> None:
+        field = self.find(f"#{elem_id} textarea, #{elem_id} input")
+        field.send_keys(self.keys.CONTROL, "a")
+        field.send_keys(self.keys.BACKSPACE, text)
+
     def add_class(self, name: str) -> None:
         field = self.find("#classes input")
         field.send_keys(name)
@@ -288,5 +355,9 @@ def test_wrong_input_is_a_message_on_the_page_and_the_server_keeps_serving(serve
                                "with 1000 timesteps")
 
     page.type_number("steps", 2)
-    assert page.generate().startswith("4 images, ddim with 2 steps, seed 0: ")
+    page.type_text("guidance_interval", "5 2")
+    assert page.generate() == "error: guidance interval takes two noise levels 0 <= LO < HI; got 5 2"
+
+    page.type_text("guidance_interval", "0 4.5")
+    assert page.generate().startswith("4 images, ddim with 2 steps, seed 0, guidance 1.5 at sigma <= 4.5: ")
     assert page.shown_grid().shape == (32, 32, 3)

@@ -13,7 +13,7 @@ import logging
 from typing import Optional
 
 from ..errors import UserError
-from .generation import MAX_IMAGES, OWN_SAMPLER, DemoModel, Request
+from .generation import MAX_IMAGES, OWN_SAMPLER, DemoModel, Request, interval_text
 
 logger = logging.getLogger(__name__)
 INSTALL_HINT = 'the demo needs gradio, which is not installed: pip install -e ".[demo]" (or pip install gradio)'
@@ -42,6 +42,7 @@ def build_demo(model: str | DemoModel, device: Optional[str] = None, allow_model
         names = m.class_names
         return [gr.update(choices=names or [], value=[], visible=names is not None),
                 gr.update(value=m.default_guidance_scale, visible=m.conditional),
+                gr.update(value=interval_text(m.default_guidance_interval), visible=m.conditional),
                 gr.update(value=m.default_classifier_scale, visible=m.classifier is not None),
                 gr.update(choices=sampler_choices(m), value=m.default_sampler)]
 
@@ -49,16 +50,16 @@ def build_demo(model: str | DemoModel, device: Optional[str] = None, allow_model
         try:
             current["model"] = DemoModel(name.strip(), device)
         except UserError as e:
-            return [gr.update()] * 4 + [f"error: {e} (still serving {current['model'].model})"]
+            return [gr.update()] * 5 + [f"error: {e} (still serving {current['model'].model})"]
         except Exception as e:  # the page shows one line; the server log keeps the traceback
             logger.exception("loading %s failed", name)
-            return [gr.update()] * 4 + [f"error: cannot load {name}: {type(e).__name__}: {_first_line(e)}"]
+            return [gr.update()] * 5 + [f"error: cannot load {name}: {type(e).__name__}: {_first_line(e)}"]
         return conditioning_updates(current["model"]) + [f"loaded {name}"]
 
-    def on_generate(num_images, seed, sampler, steps, classes, guidance_scale, classifier_scale):
+    def on_generate(num_images, seed, sampler, steps, classes, guidance_scale, guidance_interval, classifier_scale):
         request = Request(num_images=num_images, seed=seed, sampler=sampler or None, steps=steps,
                           classes=list(classes or []), guidance_scale=guidance_scale,
-                          classifier_scale=classifier_scale)
+                          guidance_interval=guidance_interval or "", classifier_scale=classifier_scale)
         try:
             result = current["model"].run(request)
         except UserError as e:
@@ -90,6 +91,11 @@ def build_demo(model: str | DemoModel, device: Optional[str] = None, allow_model
                 guidance = gr.Slider(0, 10, value=loaded.default_guidance_scale, step=0.1,
                                      label="classifier-free guidance scale (1: the conditional model)",
                                      visible=loaded.conditional, elem_id="guidance_scale")
+                interval = gr.Textbox(interval_text(loaded.default_guidance_interval),
+                                      label="guidance interval: noise levels LO HI, classifier-free guidance only "
+                                            "at LO <= sigma <= HI (blank: every step)",
+                                      placeholder="every step", visible=loaded.conditional,
+                                      elem_id="guidance_interval")
                 classifier_scale = gr.Slider(0, 20, value=loaded.default_classifier_scale, step=0.1,
                                              label="classifier guidance scale (0: off)",
                                              visible=loaded.classifier is not None, elem_id="classifier_scale")
@@ -101,9 +107,9 @@ def build_demo(model: str | DemoModel, device: Optional[str] = None, allow_model
                 strip = gr.Image(label="denoising: x_t of the first image", type="pil", format="png",
                                  interactive=False, elem_id="strip")
         # one pipeline serves everyone: loading and generating take turns
-        button.click(on_generate, [num_images, seed, sampler, steps, classes, guidance, classifier_scale],
+        button.click(on_generate, [num_images, seed, sampler, steps, classes, guidance, interval, classifier_scale],
                      [grid, strip, status], concurrency_id="pipeline", concurrency_limit=1)
-        load.click(on_load, [model_box], [classes, guidance, classifier_scale, sampler, status],
+        load.click(on_load, [model_box], [classes, guidance, interval, classifier_scale, sampler, status],
                    concurrency_id="pipeline", concurrency_limit=1)
     return demo
 

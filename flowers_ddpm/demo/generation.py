@@ -16,20 +16,24 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..pipelines.conditioning import resolve_conditioning
+from ..pipelines.conditioning import check_guidance_interval, resolve_conditioning
 from ..pipelines.sampling import default_sampler, generate, image_grid, load_pipeline, samplers_for
 from ..publish.report import labelled_row, strip_indices, tensor_to_image
 
 MAX_IMAGES = 16
 OWN_SAMPLER = "own"  # Request.sampler for the pipeline's own scheduler
 STRIP_COLUMNS = 6
+# guidance at every step, whatever interval the pipeline saved: its rule needs lo < hi, and every sigma is <= inf
+EVERY_STEP = (0.0, math.inf)
 
 
 @dataclasses.dataclass
 class Request:
     """The page's controls. `sampler` None is the model's default sampler (the one `sample` uses without
     --scheduler), OWN_SAMPLER the pipeline's own scheduler; scales None are the pipeline's saved defaults; `classes`
-    are names or indices, image i gets class i mod len(classes) (none: unconditional)."""
+    are names or indices, image i gets class i mod len(classes) (none: unconditional). `guidance_interval` (noise
+    levels lo, hi of classifier-free guidance, as "LO HI" text or two numbers) None is the pipeline's saved
+    interval, blank ("" or ()) guidance at every step; unconditional models ignore it."""
 
     num_images: int = 4
     seed: int = 0
@@ -38,6 +42,7 @@ class Request:
     classes: Sequence[str] = ()
     guidance_scale: Optional[float] = None
     classifier_scale: Optional[float] = None
+    guidance_interval: str | Sequence[float] | None = None
 
 
 @dataclasses.dataclass
@@ -51,7 +56,7 @@ class Result:
 
 class DemoModel:
     """A pipeline loaded once (on the GPU in fp16 when there is one, as `sample` does) and what the page offers
-    for it: class names, and guidance scales where they apply."""
+    for it: class names, and guidance scales and interval where they apply."""
 
     def __init__(self, model: str, device: Optional[str] = None):
         self.model = model
@@ -86,6 +91,12 @@ class DemoModel:
         return float(self.pipe.config.get("guidance_scale", 1.0))
 
     @property
+    def default_guidance_interval(self) -> Optional[list[float]]:
+        """The noise levels [lo, hi] the pipeline saved for classifier-free guidance; None: every step."""
+        interval = self.pipe.config.get("guidance_interval")
+        return None if interval is None else [float(v) for v in interval]
+
+    @property
     def default_classifier_scale(self) -> float:
         return float(self.pipe.config.get("classifier_scale", 1.0))
 
@@ -113,8 +124,10 @@ class DemoModel:
         sampler = request.sampler or self.default_sampler
         if sampler != OWN_SAMPLER and sampler not in self.samplers:
             raise UserError(f"sampler must be one of {', '.join(self.samplers)}; got {sampler!r}")
+        interval = _guidance_interval(request.guidance_interval) if self.conditional else None
         self.pipe.scheduler = self._scheduler
-        labels = resolve_conditioning(self.pipe, [c for c in request.classes if str(c).strip()] or None)
+        labels = resolve_conditioning(self.pipe, [c for c in request.classes if str(c).strip()] or None,
+                                      guidance_interval=interval)
         # as `sample`: guidance scales only with labels, the classifier's only for a pipeline that carries one
         guidance_scale = request.guidance_scale if labels and self.conditional else None
         classifier_scale = request.classifier_scale if labels and self.classifier is not None else None
@@ -131,15 +144,44 @@ class DemoModel:
         try:
             images = generate(self.pipe, num_images, steps, seed, None if sampler == OWN_SAMPLER else sampler,
                               batch_size=min(num_images, MAX_IMAGES), class_labels=labels,
-                              guidance_scale=guidance_scale, classifier_scale=classifier_scale)
+                              guidance_scale=guidance_scale, classifier_scale=classifier_scale,
+                              guidance_interval=interval)
         finally:
             hook.remove()
         seconds = time.perf_counter() - start
         if sampler == OWN_SAMPLER:
             sampler = self.own_sampler
-        summary = (f"{num_images} image{'s' if num_images > 1 else ''}, {sampler} with {steps} steps, seed {seed}: "
-                   f"{seconds:.2f} s on {self.device.type}")
+        guidance = self._limited_guidance(guidance_scale, interval) if labels and self.conditional else ""
+        summary = (f"{num_images} image{'s' if num_images > 1 else ''}, {sampler} with {steps} steps, seed {seed}"
+                   f"{guidance}: {seconds:.2f} s on {self.device.type}")
         return Result(images, image_grid(images), _strip(states, images[0], steps), seconds, summary)
+
+    def _limited_guidance(self, scale: Optional[float], interval: Optional[Sequence[float]]) -> str:
+        """', guidance 1.5 at sigma <= 4.5' for the summary where classifier-free guidance (the request's scale and
+        interval, else the saved ones) runs at part of the noise levels only; nothing where it runs at every step
+        or not at all."""
+        scale = self.default_guidance_scale if scale is None else scale
+        interval = self.default_guidance_interval if interval is None else interval
+        if scale == 1 or interval is None or tuple(interval) == EVERY_STEP:
+            return ""
+        lo, hi = interval
+        where = (f"sigma <= {hi:g}" if lo == 0 else f"sigma >= {lo:g}" if math.isinf(hi)
+                 else f"{lo:g} <= sigma <= {hi:g}")
+        return f", guidance {scale:g} at {where}"
+
+
+def interval_text(interval: Optional[Sequence[float]]) -> str:
+    """A guidance interval as the page's field shows it: "LO HI" ("0 4.5"), blank for guidance at every step."""
+    return "" if interval is None else " ".join(f"{v:g}" for v in interval)
+
+
+def _guidance_interval(value) -> Optional[list[float]]:
+    """Request.guidance_interval as the pipeline takes it: None (its saved interval), EVERY_STEP when blank, else
+    [lo, hi] by `check_guidance_interval`'s rule."""
+    if value is None:
+        return None
+    values = value.split() if isinstance(value, str) else list(value)
+    return check_guidance_interval(values, "guidance interval") if values else EVERY_STEP
 
 
 def _strip(states: list[tuple[Image.Image, int]], image: Image.Image, steps: int) -> Image.Image:

@@ -35,13 +35,14 @@ def class_ids(class_labels: Sequence, class_names: Optional[Sequence[str]], num_
 
 def check_guidance_interval(interval: Optional[Sequence[float]], name: str = "--guidance_interval"
                             ) -> Optional[list[float]]:
-    """`interval` as [lo, hi] noise levels by GuidedDDPMPipeline's rule (`check_interval`: 0 <= lo < hi), None
-    for guidance at every step; a one-sentence error naming the flag or setting `name` otherwise."""
+    """`interval` (numbers, or their text as typed into the demo's field) as [lo, hi] noise levels by
+    GuidedDDPMPipeline's rule (`check_interval`: 0 <= lo < hi), None for guidance at every step; a one-sentence
+    error naming the flag or setting `name` otherwise."""
     try:
         return check_interval(interval)
     except ValueError:
-        raise UserError(f"{name} takes two noise levels 0 <= LO < HI; got "
-                        f"{' '.join(f'{v:g}' for v in interval)}") from None
+        got = " ".join(value if isinstance(value, str) else f"{value:g}" for value in interval)
+        raise UserError(f"{name} takes two noise levels 0 <= LO < HI; got {got}") from None
 
 
 def resolve_conditioning(pipe, class_labels: Optional[Sequence], guidance_scale: Optional[float] = None,
