@@ -227,7 +227,7 @@ def test_evaluate_takes_the_interval_and_records_it(image_folder, tmp_path):
     assert interval["conditioning"]["guidance_interval"] == [0.0, 4.0]
     assert "guidance_interval" not in every_step["conditioning"]  # guided at every step, recorded as before
     assert interval["results"][0]["fid"] != every_step["results"][0]["fid"]
-    assert "at noise levels 0 <= sigma <= 4" in (tmp_path / "interval.md").read_text()
+    assert "at noise levels sigma <= 4" in (tmp_path / "interval.md").read_text()
 
     # without the flag a pipeline's saved interval is used, and recorded
     saved = save_pipeline(tiny_pipeline(guidance_interval=(0.0, 4.0)), tmp_path / "saved")
@@ -235,6 +235,12 @@ def test_evaluate_takes_the_interval_and_records_it(image_folder, tmp_path):
     report = json.loads((tmp_path / "saved.json").read_text())
     assert report["conditioning"]["guidance_interval"] == [0.0, 4.0]
     assert report["results"][0]["fid"] == interval["results"][0]["fid"]
+    # `--guidance_interval 0 inf` guides every step whatever the pipeline saved, and is recorded as every step
+    # (metrics.json stays standard JSON: no Infinity)
+    assert evaluate(saved, image_folder, tmp_path / "override.json", "--guidance_interval", "0", "inf") == 0
+    text = (tmp_path / "override.json").read_text()
+    assert "Infinity" not in text and "guidance_interval" not in json.loads(text)["conditioning"]
+    assert json.loads(text)["results"][0]["fid"] == every_step["results"][0]["fid"]
 
 
 def test_evaluate_refuses_an_interval_it_cannot_use_before_any_work(image_folder, tmp_path, capsys):

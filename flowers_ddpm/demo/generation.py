@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..pipelines.conditioning import check_guidance_interval, resolve_conditioning
+from ..pipelines.conditioning import check_guidance_interval, guides_every_step, interval_label, resolve_conditioning
 from ..pipelines.sampling import default_sampler, generate, image_grid, load_pipeline, samplers_for
 from ..publish.report import labelled_row, strip_indices, tensor_to_image
 
@@ -162,12 +162,9 @@ class DemoModel:
         or not at all."""
         scale = self.default_guidance_scale if scale is None else scale
         interval = self.default_guidance_interval if interval is None else interval
-        if scale == 1 or interval is None or tuple(interval) == EVERY_STEP:
+        if scale == 1 or guides_every_step(interval):
             return ""
-        lo, hi = interval
-        where = (f"sigma <= {hi:g}" if lo == 0 else f"sigma >= {lo:g}" if math.isinf(hi)
-                 else f"{lo:g} <= sigma <= {hi:g}")
-        return f", guidance {scale:g} at {where}"
+        return f", guidance {scale:g} at {interval_label(interval)}"
 
 
 def interval_text(interval: Optional[Sequence[float]]) -> str:

@@ -17,7 +17,7 @@ from .._util import tables
 from .._util.hub_ids import shown_name
 from ..config.sections import DataSettings
 from ..errors import UserError
-from ..pipelines.conditioning import resolve_conditioning
+from ..pipelines.conditioning import interval_label, resolve_conditioning
 from ..pipelines.export import TRAINING_CONFIG_NAME
 from ..pipelines.sampling import default_sampler, is_edm_config, load_pipeline, make_scheduler
 from .evaluate import SamplingSettings, conditioning_record, evaluate_pipeline
@@ -40,8 +40,7 @@ def write_report(report: dict, json_path: Path) -> Path:
         listed = ", ".join(classes[:8]) + (f", ... ({len(classes)} labels)" if len(classes) > 8 else "")
         drawn = f"; images drawn for classes {listed} in turn, guidance scale {conditioning['guidance_scale']}"
         if conditioning.get("guidance_interval"):
-            lo, hi = conditioning["guidance_interval"]
-            drawn += f" at noise levels {lo:g} <= sigma <= {hi:g}"
+            drawn += f" at noise levels {interval_label(conditioning['guidance_interval'])}"
     network = report["feature_networks"]["inception"]
     features = "" if network == STANDARD_NETWORK else (
         f"\n\nFID, KID, IS and precision/recall in features of `{network}` (a custom feature network): not "

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._util.distributed import gather_rows
+from ..pipelines.conditioning import guides_every_step
 from ..pipelines.sampling import generate
 from .metrics import compute_metrics
 
@@ -82,7 +83,7 @@ def conditioning_record(pipe, labels: Optional[list[int]], guidance_scale: Optio
     record = {"class_labels": labels, "class_names": [names[i] for i in labels] if names else None,
               "guidance_scale": guidance_scale if guidance_scale is not None else pipe.config.get("guidance_scale", 1.0)}
     interval = guidance_interval if guidance_interval is not None else pipe.config.get("guidance_interval")
-    if interval is not None:  # guidance at every step is recorded as before the interval existed
+    if not guides_every_step(interval):  # guidance at every step is recorded as before the interval existed
         record["guidance_interval"] = [float(v) for v in interval]
     return record
 

@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..evaluation.evaluate import images_to_tensor
 from ..evaluation.metrics import frechet_distance
 from ..models.unet import build_unet
-from ..pipelines.conditioning import check_guidance_interval
+from ..pipelines.conditioning import check_guidance_interval, interval_label
 from ..pipelines.sampling import generate, image_grid, load_pipeline
 from ..publish.run_log import read_records
 from ..training.phema import check_sigma_rels, export_reconstructions, reconstruction_folder
@@ -315,14 +315,8 @@ class Scorer:
 
 
 def guidance_label(conditional: bool, interval: Optional[Sequence[float]]) -> Optional[str]:
-    """How a row's samples were guided, for the table: "every step", "sigma <= HI", "LO <= sigma <= HI", or None
-    for unconditional samples."""
-    if not conditional:
-        return None
-    if interval is None:
-        return "every step"
-    lo, hi = interval
-    return f"sigma <= {hi:g}" if lo == 0 else f"{lo:g} <= sigma <= {hi:g}"
+    """How a row's samples were guided, for the table (`interval_label`), or None for unconditional samples."""
+    return interval_label(interval) if conditional else None
 
 
 def variant_folder(name: str, conditional: bool) -> str:

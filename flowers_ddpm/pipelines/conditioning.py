@@ -9,6 +9,7 @@ only torch and diffusers.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 from ..errors import UserError
@@ -31,6 +32,21 @@ def class_ids(class_labels: Sequence, class_names: Optional[Sequence[str]], num_
         if not 0 <= ids[-1] < (num_classes or 0):
             raise UserError(f"class index {ids[-1]} is out of range for {num_classes} classes")
     return ids
+
+
+def guides_every_step(interval: Optional[Sequence[float]]) -> bool:
+    """Whether classifier-free guidance under `interval` runs at every noise level: None, or [0, inf] (how `sample`
+    and the demo override a pipeline's saved interval)."""
+    return interval is None or (interval[0] == 0 and math.isinf(interval[1]))
+
+
+def interval_label(interval: Optional[Sequence[float]]) -> str:
+    """Where guidance runs, for tables and summaries: "every step", "sigma <= HI", "sigma >= LO" or
+    "LO <= sigma <= HI"."""
+    if guides_every_step(interval):
+        return "every step"
+    lo, hi = interval
+    return f"sigma <= {hi:g}" if lo == 0 else f"sigma >= {lo:g}" if math.isinf(hi) else f"{lo:g} <= sigma <= {hi:g}"
 
 
 def check_guidance_interval(interval: Optional[Sequence[float]], name: str = "--guidance_interval"
