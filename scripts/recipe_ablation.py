@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from flowers_ddpm.config.recipes import RECIPES
+from flowers_ddpm.config.samplers import DDPM_SAMPLERS
 from flowers_ddpm.errors import UserError
 from flowers_ddpm.experiments.ablation import VARIANTS, AblationSettings, run_ablation
 from flowers_ddpm.experiments.time_to_quality import TimeToQualitySettings, format_table, run_time_to_quality
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> tuple:
                         help="train each variant class-conditionally ('class'), unconditionally ('none'), or both")
     parser.add_argument("--num_samples", type=int, default=200,
                         help="samples scored per variant (a multiple of the bed's class count)")
-    parser.add_argument("--sampler", default="dpmsolver++", choices=("ddpm", "ddim", "dpmsolver++"),
+    parser.add_argument("--sampler", default="dpmsolver++", choices=DDPM_SAMPLERS,
                         help="EDM-trained variants use the EDM counterpart (edm-dpmsolver++, edm-euler)")
     parser.add_argument("--sampler_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=1.5,

@@ -101,12 +101,13 @@ def test_the_default_sampler_is_samples_default_for_the_models_family(pipeline_d
     edm_dir = export_pipeline(build_unet("tiny", 8), build_edm_scheduler(), tmp_path / "edm")
     edm = DemoModel(str(edm_dir), "cpu")
     assert edm.default_sampler == "edm-dpmsolver++"
-    assert [value for _, value in sampler_choices(edm)] == [OWN_SAMPLER, "edm-dpmsolver++", "edm-euler"]
+    assert [value for _, value in sampler_choices(edm)] == [OWN_SAMPLER, "edm-dpmsolver++", "edm-sde-dpmsolver++",
+                                                              "edm-euler"]
     result = edm.run(Request(num_images=2, seed=1, steps=3))
     assert result.summary.startswith("2 images, edm-dpmsolver++ with 3 steps")
     assert np.array_equal(np.asarray(result.grid), sample_grid(edm_dir, tmp_path / "b.png", "--num_images", "2",
                                                                "--seed", "1", "--steps", "3"))
-    with pytest.raises(UserError, match="sampler must be one of edm-dpmsolver.., edm-euler; got 'ddim'"):
+    with pytest.raises(UserError, match="sampler must be one of edm-dpmsolver.., edm-sde-dpmsolver.., edm-euler; got 'ddim'"):
         edm.run(Request(sampler="ddim"))
 
 
@@ -168,7 +169,7 @@ def test_the_page_shows_the_saved_interval_for_class_conditional_models_only(pip
     (Request(num_images=17), "number of images must be 1 to 16; got 17"),
     (Request(seed=1.5), "seed must be a whole number; got 1.5"),
     (Request(steps=None), "steps must be a whole number; got None"),
-    (Request(sampler="euler"), "sampler must be one of ddpm, ddim, dpmsolver++; got 'euler'"),
+    (Request(sampler="euler"), "sampler must be one of ddpm, ddim, dpmsolver++, sde-dpmsolver++; got 'euler'"),
     (Request(guidance_interval="abc"), "guidance interval takes two noise levels 0 <= LO < HI; got abc"),
     (Request(guidance_interval="4.5"), "guidance interval takes two noise levels 0 <= LO < HI; got 4.5"),
     (Request(guidance_interval="5 2"), "guidance interval takes two noise levels 0 <= LO < HI; got 5 2"),

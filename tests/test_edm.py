@@ -91,7 +91,10 @@ def test_samplers_of_the_other_family_are_refused_in_one_line():
     edm, ddpm = build_edm_scheduler().config, build_noise_scheduler(1000, "linear", "epsilon").config
     assert type(make_scheduler("edm-euler", edm)).__name__ == "EDMEulerScheduler"
     assert type(make_scheduler("edm-dpmsolver++", edm)).__name__ == "EDMDPMSolverMultistepScheduler"
-    for name, config, fits in (("ddim", edm, "edm-dpmsolver++, edm-euler"), ("edm-euler", ddpm, "ddpm, ddim")):
+    sde = make_scheduler("edm-sde-dpmsolver++", edm)
+    assert type(sde).__name__ == "EDMDPMSolverMultistepScheduler" and sde.config.algorithm_type == "sde-dpmsolver++"
+    for name, config, fits in (("ddim", edm, "edm-dpmsolver++, edm-sde-dpmsolver++, edm-euler"),
+                               ("edm-euler", ddpm, "ddpm, ddim, dpmsolver++, sde-dpmsolver++")):
         with pytest.raises(UserError, match=re.escape(f" model; use one of {fits}")) as e:
             make_scheduler(name, config)
         assert "\n" not in str(e.value)
@@ -140,7 +143,7 @@ def dominant_channels(images) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["edm-dpmsolver++", "edm-euler"])
+@pytest.mark.parametrize("sampler", ["edm-dpmsolver++", "edm-sde-dpmsolver++", "edm-euler"])
 def test_class_conditional_edm_draws_the_requested_colour_with_guidance(conditional, sampler):
     pipe = load_pipeline(str(conditional), torch.device("cpu"))
     assert type(pipe.scheduler).__name__ == "EDMDPMSolverMultistepScheduler"

@@ -38,7 +38,8 @@ def test_same_seed_same_images_and_files(pipeline_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name, cls", [("ddpm", "DDPMScheduler"), ("ddim", "DDIMScheduler"),
-                                       ("dpmsolver++", "DPMSolverMultistepScheduler")])
+                                       ("dpmsolver++", "DPMSolverMultistepScheduler"),
+                                       ("sde-dpmsolver++", "DPMSolverMultistepScheduler")])
 def test_scheduler_and_steps_are_honoured(pipeline_dir, name, cls):
     pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)
@@ -46,6 +47,8 @@ def test_scheduler_and_steps_are_honoured(pipeline_dir, name, cls):
     pipe.unet.register_forward_hook(lambda *args: calls.append(1))
     images = generate(pipe, 2, steps=4, seed=0, scheduler=name)
     assert type(pipe.scheduler).__name__ == cls
+    if cls == "DPMSolverMultistepScheduler":
+        assert pipe.scheduler.config.algorithm_type == name
     assert len(calls) == 4  # one UNet evaluation per step (the batch of 2 goes through together)
     assert len(images) == 2
 
@@ -53,6 +56,15 @@ def test_scheduler_and_steps_are_honoured(pipeline_dir, name, cls):
 def test_different_schedulers_give_different_images(pipeline_dir, tmp_path):
     assert sample(pipeline_dir, tmp_path / "a.png", "--scheduler", "ddim") != sample(
         pipeline_dir, tmp_path / "b.png", "--scheduler", "ddpm")
+
+
+def test_the_stochastic_solver_draws_its_fresh_noise_from_each_images_generator(pipeline_dir, tmp_path):
+    """sde-dpmsolver++ adds noise at every step: still the same images for a seed whatever the batch size (image i's
+    noise comes from its own generator), and not the deterministic solver's images."""
+    first = sample(pipeline_dir, tmp_path / "a.png", "--scheduler", "sde-dpmsolver++")
+    assert first == sample(pipeline_dir, tmp_path / "b.png", "--scheduler", "sde-dpmsolver++", "--batch_size", "2")
+    assert first != sample(pipeline_dir, tmp_path / "c.png", "--scheduler", "dpmsolver++")
+    assert first != sample(pipeline_dir, tmp_path / "d.png", "--scheduler", "sde-dpmsolver++", "--seed", "1")
 
 
 def test_step_counts_the_sampler_cannot_take_are_one_line_errors(tmp_path, capsys):

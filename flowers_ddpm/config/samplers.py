@@ -2,8 +2,9 @@
 config (flag choices, the training grids' default) and the sampling code (`sample`, `evaluate`, the demo, through
 sampling.default_sampler) share them. Why these defaults: docs/sampling.md."""
 
-DDPM_SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # for models trained with --objective ddpm
-EDM_SAMPLERS = ("edm-dpmsolver++", "edm-euler")  # for models trained with --objective edm
+# for models trained with --objective ddpm; sde-dpmsolver++ is DPM-Solver++ with fresh noise at every step
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+EDM_SAMPLERS = ("edm-dpmsolver++", "edm-sde-dpmsolver++", "edm-euler")  # for models trained with --objective edm
 SAMPLE_SCHEDULERS = DDPM_SAMPLERS + EDM_SAMPLERS
 DEFAULT_SAMPLERS = {"ddpm": "ddim", "edm": "edm-dpmsolver++"}  # family (objective) -> default sampler
 # Classifier-free guidance where none is given: the training grids and what a class-conditional export saves as

@@ -108,7 +108,8 @@ VARIANTS: dict[str, dict] = {
 
 # The EDM counterpart of each DDPM-family sampler (an EDM model refuses DDPM-family samplers and vice versa), so
 # every row of a table uses the same kind of solver: DPM-Solver++ (2nd order, multistep) or a first-order one.
-EDM_SAMPLERS = {"dpmsolver++": "edm-dpmsolver++", "ddim": "edm-euler", "ddpm": "edm-euler"}
+EDM_SAMPLERS = {"dpmsolver++": "edm-dpmsolver++", "sde-dpmsolver++": "edm-sde-dpmsolver++", "ddim": "edm-euler",
+                "ddpm": "edm-euler"}
 
 
 def variant_settings(name: str, conditional: bool = True) -> dict:

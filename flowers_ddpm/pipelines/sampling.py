@@ -37,12 +37,14 @@ from .guided import GuidedDDPMPipeline, is_edm_scheduler
 
 def scheduler_classes() -> dict:
     """Sampler name -> diffusers scheduler class, for DDPM-trained models."""
-    return {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+    return {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler,
+            "sde-dpmsolver++": DPMSolverMultistepScheduler}
 
 
 def edm_scheduler_classes() -> dict:
     """Sampler name -> diffusers scheduler class, for EDM-trained models (`--objective edm`)."""
-    return {"edm-dpmsolver++": EDMDPMSolverMultistepScheduler, "edm-euler": EDMEulerScheduler}
+    return {"edm-dpmsolver++": EDMDPMSolverMultistepScheduler, "edm-sde-dpmsolver++": EDMDPMSolverMultistepScheduler,
+            "edm-euler": EDMEulerScheduler}
 
 
 def is_edm_config(config) -> bool:
@@ -83,10 +85,13 @@ def make_scheduler(name: str, config):
         raise UserError(f"scheduler {name} cannot sample {kind} model; use one of {', '.join(fits)}")
     if name in edm:  # only the settings the chosen EDM scheduler takes (the others would be warned about)
         accepted = inspect.signature(edm[name].__init__).parameters
-        return edm[name].from_config({k: v for k, v in config.items() if k in accepted})
+        settings = {k: v for k, v in config.items() if k in accepted}
+        if name != "edm-euler":
+            settings["algorithm_type"] = name.removeprefix("edm-")
+        return edm[name].from_config(settings)
     extra = {}
-    if name == "dpmsolver++":
-        extra["algorithm_type"] = "dpmsolver++"
+    if name in ("dpmsolver++", "sde-dpmsolver++"):  # the deterministic solver, or with fresh noise at each step
+        extra["algorithm_type"] = name
         if config.get("clip_sample") and not config.get("thresholding"):
             extra.update(thresholding=True, sample_max_value=config.get("clip_sample_range", 1.0))
     if config.get("beta_schedule") in OWN_BETA_SCHEDULES and config.get("trained_betas") is None and name != "ddpm":
