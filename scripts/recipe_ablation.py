@@ -25,7 +25,7 @@ from pathlib import Path
 from flowers_ddpm.config.recipes import RECIPES
 from flowers_ddpm.config.samplers import DDPM_SAMPLERS
 from flowers_ddpm.errors import UserError
-from flowers_ddpm.experiments.ablation import VARIANTS, AblationSettings, run_ablation
+from flowers_ddpm.experiments.ablation import SET_STRIDE, VARIANTS, AblationSettings, run_ablation
 from flowers_ddpm.experiments.time_to_quality import TimeToQualitySettings, format_table, run_time_to_quality
 
 
@@ -46,6 +46,10 @@ def parse_args(argv=None) -> tuple:
                         help="train each variant class-conditionally ('class'), unconditionally ('none'), or both")
     parser.add_argument("--num_samples", type=int, default=200,
                         help="samples scored per variant (a multiple of the bed's class count)")
+    parser.add_argument("--sample_sets", type=int, default=1, metavar="K",
+                        help=f"score each variant on K independent sets of --num_samples samples (set k from "
+                             f"sample seed --seed + {SET_STRIDE}k) and report the means and the range of the sets' "
+                             f"Frechet ratios: one set's ratio moves by up to ~20%% between sets of the same model")
     parser.add_argument("--sampler", default="dpmsolver++", choices=DDPM_SAMPLERS,
                         help="EDM-trained variants use the EDM counterpart (edm-dpmsolver++, edm-euler)")
     parser.add_argument("--sampler_steps", type=int, default=20)

@@ -7,7 +7,8 @@ from a short probe run of the same variant, so the LR schedule and EMA warm-up e
 run of that length. Each variant is trained class-conditionally, unconditionally, or both (`conditioning`);
 samples are the same count, sampler family and seeds for every variant, and are scored with the bed's
 classifier: Frechet distance in its feature space (against the training images, beside a real-vs-real baseline of
-held-out images) and, for class-conditional samples, its accuracy on the requested classes.
+held-out images) and, for class-conditional samples, its accuracy on the requested classes. With `sample_sets` > 1
+every score is the mean over that many independent sample sets.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ VARIANTS: dict[str, dict] = {
 EDM_SAMPLERS = {"dpmsolver++": "edm-dpmsolver++", "sde-dpmsolver++": "edm-sde-dpmsolver++", "ddim": "edm-euler",
                 "ddpm": "edm-euler"}
 
+# Sample set k draws its images from seeds seed + k * SET_STRIDE + i, so set 0 is the single set of a run without
+# sample sets, and sets of fewer than SET_STRIDE images never share a seed.
+SET_STRIDE = 1000
+
 
 def variant_settings(name: str, conditional: bool = True) -> dict:
     """Full recipe of a variant: the diffusers defaults, a named recipe as it is now (`small-data`,
@@ -158,6 +163,7 @@ class AblationSettings:
     conditioning: tuple = ("class",)  # "class" (class-conditional rows) and/or "none" (unconditional rows)
     # post-hoc EMA lengths scored for every variant beside its own EMA (each variant then trains with snapshots)
     ema_sigma_rels: tuple = ()
+    sample_sets: int = 1  # independent sets of num_samples samples per score, averaged (seeds: SET_STRIDE)
 
     def validate(self) -> None:
         """One-sentence errors before any work."""
@@ -175,6 +181,11 @@ class AblationSettings:
             raise UserError(f"budget_images must be >= 1; got {self.budget_images}")
         if self.num_samples < 20:
             raise UserError(f"num_samples must be >= 20; got {self.num_samples}")
+        if self.sample_sets < 1:
+            raise UserError(f"sample_sets must be >= 1; got {self.sample_sets}")
+        if self.sample_sets > 1 and self.num_samples >= SET_STRIDE:
+            raise UserError(f"with sample_sets > 1, num_samples must be < {SET_STRIDE} (sample set k starts at seed "
+                            f"seed + {SET_STRIDE} * k); got {self.num_samples}")
         if self.ema_sigma_rels:
             check_sigma_rels(self.ema_sigma_rels, "--ema_sigma_rel")
         check_guidance_interval(self.guidance_interval)
@@ -294,25 +305,45 @@ class Scorer:
     def score(self, pipeline_dir: Path, grid_path: Path, sampler: str, conditional: bool = True) -> dict:
         """Frechet distance of `num_samples` samples and its ratio to the real-vs-real baseline, and for
         class-conditional ones the class accuracy (image i asks for class i % num_classes); unconditional samples
-        get no class accuracy (None)."""
+        get no class accuracy (None). With `sample_sets` K > 1 these are means over K sample sets (seeds
+        SET_STRIDE apart), and `frechet_ratio_sets` and `class_accuracy_sets` hold each set's; the grid is the first
+        set's."""
         s = self.settings
         pipe = load_pipeline(str(pipeline_dir), torch.device("cpu"))
-        start = time.perf_counter()
         labels = ({"class_labels": list(range(self.num_classes)), "guidance_scale": s.guidance_scale,
                    "guidance_interval": s.guidance_interval} if conditional else {})
-        images = generate(pipe, s.num_samples, s.sampler_steps, s.seed, sampler, batch_size=100, progress=True,
-                          **labels)
-        sample_sec = time.perf_counter() - start
-        image_grid(images[:100]).save(grid_path)
-
-        features, predicted = beds.predict(self.classifier, images_to_tensor(images))
-        requested = torch.arange(len(images)) % self.num_classes
-        accuracy = float((predicted == requested).float().mean()) if conditional else None
-        frechet = frechet_distance(self.reference, features)
+        frechets, accuracies, sample_sec = [], [], 0.0
+        for k in range(s.sample_sets):
+            start = time.perf_counter()
+            images = generate(pipe, s.num_samples, s.sampler_steps, s.seed + k * SET_STRIDE, sampler, batch_size=100,
+                              progress=True, **labels)
+            sample_sec += time.perf_counter() - start
+            if k == 0:
+                image_grid(images[:100]).save(grid_path)
+            frechet, accuracy = self._judge(images)
+            frechets.append(frechet)
+            accuracies.append(accuracy)
+        ratios = [frechet / self.real_vs_real for frechet in frechets]
         # the guidance interval the samples were drawn with: the ablation's, else the pipeline's saved default
         interval = (s.guidance_interval or pipe.config.get("guidance_interval")) if conditional else None
-        return {"frechet": frechet, "frechet_ratio": frechet / self.real_vs_real, "class_accuracy": accuracy,
-                "guidance": guidance_label(conditional, interval), "sample_images_per_sec": len(images) / sample_sec}
+        row = {"frechet": _mean(frechets), "frechet_ratio": _mean(ratios),
+               "class_accuracy": _mean(accuracies) if conditional else None,
+               "guidance": guidance_label(conditional, interval),
+               "sample_images_per_sec": s.num_samples * s.sample_sets / sample_sec}
+        if s.sample_sets > 1:
+            row.update(frechet_ratio_sets=ratios, class_accuracy_sets=accuracies if conditional else None)
+        return row
+
+    def _judge(self, images: list) -> tuple[float, float]:
+        """Frechet distance of one sample set to the training images, and the classifier's accuracy on the
+        requested classes."""
+        features, predicted = beds.predict(self.classifier, images_to_tensor(images))
+        requested = torch.arange(len(images)) % self.num_classes
+        return frechet_distance(self.reference, features), float((predicted == requested).float().mean())
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def guidance_label(conditional: bool, interval: Optional[Sequence[float]]) -> Optional[str]:
@@ -396,6 +427,7 @@ def variant_rows(folder: Path) -> list[dict]:
 
 COLUMNS = ("variant", "changes", "conditioning", "sampler", "guidance", "steps", "train_images", "images_per_sec", "train_sec",
            "final_loss", "frechet", "real_vs_real", "frechet_ratio", "class_accuracy")
+RANGE_COLUMN = "ratio_range"  # after frechet_ratio in tables of several sample sets: lowest-highest set's ratio
 
 
 def _cell(value) -> str:
@@ -406,24 +438,40 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _ratio_range(row: dict) -> Optional[str]:
+    ratios = row.get("frechet_ratio_sets")
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else None
+
+
 def write_table(rows: list[dict], output_dir: Path) -> Path:
-    """results.md (markdown) and results.csv with one row per variant."""
+    """results.md (markdown) and results.csv with one row per variant. Rows scored over several sample sets show
+    their means, and a ratio_range column with the lowest and highest set's Frechet ratio (explained under the
+    markdown table)."""
+    columns, note = COLUMNS, ""
+    sets = max((len(row.get("frechet_ratio_sets") or ()) for row in rows), default=0)
+    if sets:
+        at = COLUMNS.index("frechet_ratio") + 1
+        columns = (*COLUMNS[:at], RANGE_COLUMN, *COLUMNS[at:])
+        rows = [{**row, RANGE_COLUMN: _ratio_range(row)} for row in rows]
+        note = (f"\nfrechet, frechet_ratio and class_accuracy are means over {sets} sample sets (seeds "
+                f"{SET_STRIDE} apart); {RANGE_COLUMN}: the lowest and highest set's frechet_ratio.\n")
     with open(output_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     path = output_dir / "results.md"
-    path.write_text(markdown_table(rows, [(c, c) for c in COLUMNS], lambda key, value: _cell(value)))
+    path.write_text(markdown_table(rows, [(c, c) for c in columns], lambda key, value: _cell(value)) + note)
     return path
 
 
 def _comparable(settings: AblationSettings) -> dict:
     """The settings every row of one table must share (the variant list may grow between runs)."""
     values = json.loads(json.dumps(asdict(settings), default=str))
-    # without post-hoc EMA lengths or a guidance interval the settings read as before they existed, so older
-    # folders can be added to
+    # without post-hoc EMA lengths, a guidance interval or several sample sets the settings read as before they
+    # existed, so older folders can be added to (saved_settings reads a missing key as the default)
     return {k: v for k, v in values.items()
-            if k != "variants" and not (k in ("ema_sigma_rels", "guidance_interval") and not v)}
+            if k != "variants" and not (k in ("ema_sigma_rels", "guidance_interval") and not v)
+            and not (k == "sample_sets" and v == 1)}
 
 
 def saved_settings(output_dir: Path) -> AblationSettings:
