@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..pipelines.conditioning import check_guidance_interval, guides_every_step, interval_label, resolve_conditioning
+from ..pipelines.conditioning import (check_guidance_interval, guidance_in_effect, guides_every_step, interval_label,
+                                      resolve_conditioning)
 from ..pipelines.sampling import default_sampler, generate, image_grid, load_pipeline, samplers_for
 from ..publish.report import labelled_row, strip_indices, tensor_to_image
 
@@ -160,8 +161,7 @@ class DemoModel:
         """', guidance 1.5 at sigma <= 4.5' for the summary where classifier-free guidance (the request's scale and
         interval, else the saved ones) runs at part of the noise levels only; nothing where it runs at every step
         or not at all."""
-        scale = self.default_guidance_scale if scale is None else scale
-        interval = self.default_guidance_interval if interval is None else interval
+        scale, interval = guidance_in_effect(self.pipe, scale, interval)
         if scale == 1 or guides_every_step(interval):
             return ""
         return f", guidance {scale:g} at {interval_label(interval)}"

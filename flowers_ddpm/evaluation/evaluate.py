@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._util.distributed import gather_rows
-from ..pipelines.conditioning import guides_every_step
+from ..pipelines.conditioning import guidance_in_effect, guides_every_step
 from ..pipelines.sampling import generate
 from .metrics import compute_metrics
 
@@ -80,9 +80,9 @@ def conditioning_record(pipe, labels: Optional[list[int]], guidance_scale: Optio
     if labels is None:
         return None
     names = pipe.config.class_names
+    scale, interval = guidance_in_effect(pipe, guidance_scale, guidance_interval)
     record = {"class_labels": labels, "class_names": [names[i] for i in labels] if names else None,
-              "guidance_scale": guidance_scale if guidance_scale is not None else pipe.config.get("guidance_scale", 1.0)}
-    interval = guidance_interval if guidance_interval is not None else pipe.config.get("guidance_interval")
+              "guidance_scale": scale}
     if not guides_every_step(interval):  # guidance at every step is recorded as before the interval existed
         record["guidance_interval"] = [float(v) for v in interval]
     return record

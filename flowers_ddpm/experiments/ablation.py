@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from statistics import fmean
 from typing import Optional, Sequence
 
 import torch
@@ -37,7 +38,7 @@ from ..errors import UserError
 from ..evaluation.evaluate import images_to_tensor
 from ..evaluation.metrics import frechet_distance
 from ..models.unet import build_unet
-from ..pipelines.conditioning import check_guidance_interval, interval_label
+from ..pipelines.conditioning import check_guidance_interval, guidance_in_effect, interval_label
 from ..pipelines.sampling import generate, image_grid, load_pipeline
 from ..publish.run_log import read_records
 from ..training.phema import check_sigma_rels, export_reconstructions, reconstruction_folder
@@ -324,10 +325,9 @@ class Scorer:
             frechets.append(frechet)
             accuracies.append(accuracy)
         ratios = [frechet / self.real_vs_real for frechet in frechets]
-        # the guidance interval the samples were drawn with: the ablation's, else the pipeline's saved default
-        interval = (s.guidance_interval or pipe.config.get("guidance_interval")) if conditional else None
-        row = {"frechet": _mean(frechets), "frechet_ratio": _mean(ratios),
-               "class_accuracy": _mean(accuracies) if conditional else None,
+        interval = guidance_in_effect(pipe, guidance_interval=s.guidance_interval)[1] if conditional else None
+        row = {"frechet": fmean(frechets), "frechet_ratio": fmean(ratios),
+               "class_accuracy": fmean(accuracies) if conditional else None,
                "guidance": guidance_label(conditional, interval),
                "sample_images_per_sec": s.num_samples * s.sample_sets / sample_sec}
         if s.sample_sets > 1:
@@ -340,10 +340,6 @@ class Scorer:
         features, predicted = beds.predict(self.classifier, images_to_tensor(images))
         requested = torch.arange(len(images)) % self.num_classes
         return frechet_distance(self.reference, features), float((predicted == requested).float().mean())
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def guidance_label(conditional: bool, interval: Optional[Sequence[float]]) -> Optional[str]:

@@ -40,6 +40,15 @@ def guides_every_step(interval: Optional[Sequence[float]]) -> bool:
     return interval is None or (interval[0] == 0 and math.isinf(interval[1]))
 
 
+def guidance_in_effect(pipe, guidance_scale: Optional[float] = None,
+                       guidance_interval: Optional[Sequence[float]] = None) -> tuple[float, Optional[Sequence[float]]]:
+    """The classifier-free guidance scale and interval a pipeline call draws with: the given ones, else the
+    pipeline's saved defaults (GuidedDDPMPipeline.__call__'s rule)."""
+    scale = guidance_scale if guidance_scale is not None else pipe.config.get("guidance_scale", 1.0)
+    interval = guidance_interval if guidance_interval is not None else pipe.config.get("guidance_interval")
+    return scale, interval
+
+
 def interval_label(interval: Optional[Sequence[float]]) -> str:
     """Where guidance runs, for tables and summaries: "every step", "sigma <= HI", "sigma >= LO" or
     "LO <= sigma <= HI"."""

@@ -86,7 +86,7 @@ def make_scheduler(name: str, config):
     if name in edm:  # only the settings the chosen EDM scheduler takes (the others would be warned about)
         accepted = inspect.signature(edm[name].__init__).parameters
         settings = {k: v for k, v in config.items() if k in accepted}
-        if name != "edm-euler":
+        if "algorithm_type" in accepted:  # EDM DPM-Solver++: deterministic or with fresh noise at each step
             settings["algorithm_type"] = name.removeprefix("edm-")
         return edm[name].from_config(settings)
     extra = {}
