@@ -21,7 +21,7 @@ from . import __version__
 from ._util.ranks import is_main_process
 from .config.loading import TRAIN_SECTIONS, add_train_arguments, build_config, load_yaml, parse_train_config
 from .config.sections import FIELDS, SAMPLE_SCHEDULERS
-from .errors import EXIT_STORAGE, UserError, storage_fault
+from .errors import UserError, user_error_of
 from .training.stopping import SignalStop, StopOutsideSteps, TrainingStopped
 
 # SIGTERM/SIGINT during a training command's start-up or end-of-run report (the training steps have their own
@@ -514,20 +514,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         _setup_logging()
         args.func(args)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
     except (TrainingStopped, SignalStop) as e:  # preempted (75) or non-finite (3): see flowers_ddpm.training.stopping
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
-    except OSError as e:  # any other write the disk refused (a sample grid, a report): one line, not a traceback
-        fault = storage_fault(e, e.filename or ".")
-        if fault is None or debug:
+    except (UserError, OSError) as e:  # OSError: any other write the disk refused (a sample grid, a report)
+        problem = user_error_of(e)
+        if problem is None or debug:
             raise
-        print(f"error: {fault}: {e.filename or e}", file=sys.stderr)
-        return EXIT_STORAGE
+        if not problem.reported:  # one that all processes of a launch raise together was printed once already
+            print(f"error: {problem}", file=sys.stderr)
+        return problem.exit_code
     return 0
 
 

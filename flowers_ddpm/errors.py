@@ -13,9 +13,13 @@ EXIT_STORAGE = 74  # EX_IOERR: the disk refused a write (full, read-only, no per
 
 
 class UserError(Exception):
-    """A problem the user can fix; the CLI prints its message as one line and exits non-zero."""
+    """A problem the user can fix; the CLI prints its message as one line and exits non-zero.
+
+    `reported` marks an error that every process of a multi-process launch raises together, already printed by
+    the main process (flowers_ddpm._util.distributed.fail_together); every process exits with its code."""
 
     exit_code = 2
+    reported = False
 
 
 class StorageError(UserError):
@@ -57,4 +61,16 @@ def storage_fault(error: BaseException, path: str | Path) -> Optional[str]:
                 return os.strerror(errno.ENOSPC).lower()
         except OSError:
             return None
+    return None
+
+
+def user_error_of(error: BaseException) -> Optional[UserError]:
+    """`error` as the one-line problem a user can fix: itself if it is a UserError, a StorageError for a write
+    the disk refused ('no space left on device: PATH'), else None (our bug, which keeps its traceback)."""
+    if isinstance(error, UserError):
+        return error
+    if isinstance(error, OSError):
+        fault = storage_fault(error, error.filename or ".")
+        if fault is not None:
+            return StorageError(f"{fault}: {error.filename or error}")
     return None

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -537,3 +538,26 @@ def test_a_full_disk_during_the_export_names_what_was_kept_and_leaves_no_partial
     assert str(out / "checkpoints" / "checkpoint-2") + " is intact" in line
     assert not (out / "pipeline.tmp").exists() and not (out / "pipeline").exists()
     checkpointing.verify_checkpoint(out / "checkpoints" / "checkpoint-2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size, steps, kept, what", [("16m", 4, 2, "checkpoint-4.tmp"), ("13m", 2, 2, "export")])
+def test_a_full_disk_during_a_two_process_run_stops_both_processes_with_one_line_and_its_exit_code(
+        image_folder, small_disk, size, steps, kept, what):
+    from .test_fault_tolerance import launch_two
+
+    # the second checkpoint does not fit / the checkpoint fits and the export (main process only) does not: the
+    # other process must not die of the lost connection (a gloo traceback and exit code 1, which the launcher
+    # would report instead of 74), and the main process must say why before the launcher stops anyone
+    out = small_disk(size) / "out"
+    run = launch_two(tiny_train_args(image_folder, out, max_train_steps=steps))
+    _, err = run.communicate(timeout=300)
+    line = error_line(err)  # printed once, by the main process
+    assert "no space left on device" in line and what in line
+    assert str(out / "checkpoints" / f"checkpoint-{kept}") + " is intact" in line
+    assert "[rank" not in err and "Connection closed" not in err, err[-4000:]  # no process's own traceback
+    failures = re.findall(r"exitcode\s*:\s*(-?\d+)", err)  # the launcher's report of the failed processes
+    assert failures and failures[-1] == str(EXIT_STORAGE), err[-3000:]  # the last one is the root cause
+    assert run.returncode != 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"checkpoint-{kept}"]
+    checkpointing.verify_checkpoint(out / "checkpoints" / f"checkpoint-{kept}")

@@ -78,6 +78,19 @@ def test_guidance_runs_only_at_noise_levels_inside_the_interval():
     assert np.abs(interval - every_step).max() > 0.01 and np.abs(interval - none).max() > 0.01
 
 
+def test_a_zero_terminal_snr_schedule_starts_outside_any_finite_interval():
+    # diffusers' rescale_betas_zero_snr leaves alpha_bar = 0 at the last timestep: sigma is infinite there, so an
+    # interval with a finite upper end does not guide the first step (and nothing divides by zero)
+    pipe = tiny_pipeline()
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True,
+                                               timestep_spacing="trailing")
+    pipe.scheduler.set_timesteps(STEPS)
+    assert int(pipe.scheduler.timesteps[0]) == 999 and pipe.noise_level(999) == float("inf")
+    assert batch_sizes(pipe, guidance_interval=(0.0, 1e9)) == [2, 4, 4, 4, 4]
+    assert batch_sizes(pipe, guidance_interval=(0.0, float("inf"))) == [4] * STEPS
+    assert np.isfinite(draw(pipe, guidance_interval=(0.0, 5.0))).all()
+
+
 def test_the_interval_is_saved_and_plain_diffusers_samples_with_it(tmp_path):
     pipe = tiny_pipeline(guidance_interval=(0.0, 5.0))
     folder = save_pipeline(pipe, tmp_path / "pipeline")

@@ -106,6 +106,9 @@ VARIANTS: dict[str, dict] = {
     # non-leaking augmentation (EDM's augment pipe, conditioned on its labels; docs/recipes.md)
     "augment-0.12": {"augment_p": 0.12},
     "augment-0.3": {"augment_p": 0.3},
+    # ... on the photographs recipe, at the finals' budget (about ten passes over cifar10-5k; issue 16, twelfth session)
+    "adam+cosine+scale-shift+augment-0.12": {**_ADAM_COSINE, **_SCALE_SHIFT, "augment_p": 0.12},
+    "adam+cosine+scale-shift+augment-0.3": {**_ADAM_COSINE, **_SCALE_SHIFT, "augment_p": 0.3},
 }
 
 # The EDM counterpart of each DDPM-family sampler (an EDM model refuses DDPM-family samplers and vice versa), so

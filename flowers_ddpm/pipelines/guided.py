@@ -116,13 +116,14 @@ class GuidedDDPMPipeline(DiffusionPipeline):
         return torch.cat([eps, conditional[:, channels:]], dim=1)  # learned variances: the conditional model's
 
     def noise_level(self, t) -> float:
-        """sigma of timestep t: sqrt((1 - alpha_bar_t) / alpha_bar_t) for DDPM-family schedulers, the EDM
-        scheduler's sigma at the step whose timestep (c_noise) is t."""
+        """sigma of timestep t: sqrt((1 - alpha_bar_t) / alpha_bar_t) for DDPM-family schedulers (infinite where
+        no signal is left, the last timestep of a zero-terminal-SNR schedule), the EDM scheduler's sigma at the
+        step whose timestep (c_noise) is t."""
         if is_edm_scheduler(self.scheduler):
             index = int(torch.argmin((self.scheduler.timesteps.to(torch.float64) - float(t)).abs()))
             return float(self.scheduler.sigmas[index])
         alpha_bar = float(self.scheduler.alphas_cumprod[int(t)])
-        return ((1 - alpha_bar) / alpha_bar) ** 0.5
+        return ((1 - alpha_bar) / alpha_bar) ** 0.5 if alpha_bar > 0 else float("inf")
 
     def _for_scheduler(self, output, image) -> torch.Tensor:
         """Keep the variance channels only for schedulers that use them (DDPM / DPM-Solver with learned variance)."""

@@ -40,6 +40,7 @@ from accelerate.utils import load as accelerate_load
 from accelerate.utils.constants import RNG_STATE_NAME
 
 from .._util.atomic import atomic_write_text, fsync_file, move_into_place
+from .._util.distributed import together
 from ..errors import StorageError, UserError, storage_fault
 
 logger = logging.getLogger(__name__)
@@ -254,55 +255,60 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state: 
     """Write a complete checkpoint for `step` on all processes; returns its final path.
 
     `write_extra(folder)` is called on the main process to add the trainer's own files (JSON, safetensors).
-    When the disk refuses a write (full, read-only, no permission) the partial folder is removed and a
-    StorageError names it and the checkpoint that was kept.
+    When the disk refuses a write (full, read-only, no permission) on any process, the partial folder is removed
+    and every process raises the StorageError that names it and the checkpoint that was kept.
     """
     root = checkpoints_root(output_dir)
-    tmp = root / f"checkpoint-{step}.tmp"
-    try:
-        return _save_checkpoint(accelerator, output_dir, step, data_state, write_extra, settings, total_limit)
-    except Exception as e:
-        fault = storage_fault(e, tmp)
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if fault is None:
+    final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
+    main = accelerator.is_main_process
+
+    def prepare():
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob("checkpoint-*.*"):  # leftovers of saves or deletions cut short by a crash
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def write():
+        accelerator.save_state(str(tmp))
+        dump_json(data_state, tmp / f"data_state_rank{accelerator.process_index}.json")
+        if main:
+            write_extra(tmp)
+            if settings is not None:
+                (tmp / CONFIG_FILE).write_text(json.dumps(settings, indent=1, default=str))
+
+    def seal():
+        if main:
+            write_manifest(tmp)
+            atomic_write_text(tmp / MARKER, f"step={step}\nnum_processes={accelerator.num_processes}\n", durable=True)
+            move_into_place(tmp, final)
+            _verified.add(final)
+            if total_limit:
+                rotate_checkpoints(output_dir, final, total_limit)
+
+    for stage in (prepare, write, seal):  # each ends where every process has finished its part
+        try:
+            with together(accelerator):
+                try:
+                    stage()
+                except Exception as e:
+                    fault = storage_fault(e, tmp)
+                    if fault is None:
+                        raise
+                    raise StorageError(f"{fault} while writing {tmp} (removed); {kept_checkpoint(output_dir)}; "
+                                       "free space or fix the permissions, then rerun with --resume_from_checkpoint "
+                                       "latest") from e
+        except Exception:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        raise StorageError(f"{fault} while writing {tmp} (removed); {kept_checkpoint(output_dir)}; free space or fix "
-                           "the permissions, then rerun with --resume_from_checkpoint latest") from e
+    return final
 
 
 def kept_checkpoint(output_dir: str | Path) -> str:
     """'checkpoint-N is intact' for the newest complete checkpoint, for messages about a failed write."""
     found = complete_checkpoints(output_dir)
     return f"{found[-1][1]} is intact" if found else "no checkpoint was written yet"
-
-
-def _save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state: dict, write_extra,
-                     settings: Optional[dict], total_limit: Optional[int]) -> Path:
-    root = checkpoints_root(output_dir)
-    final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("checkpoint-*.*"):  # leftovers of saves or deletions cut short by a crash
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    dump_json(data_state, tmp / f"data_state_rank{accelerator.process_index}.json")
-    if accelerator.is_main_process:
-        write_extra(tmp)
-        if settings is not None:
-            (tmp / CONFIG_FILE).write_text(json.dumps(settings, indent=1, default=str))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_manifest(tmp)
-        atomic_write_text(tmp / MARKER, f"step={step}\nnum_processes={accelerator.num_processes}\n", durable=True)
-        move_into_place(tmp, final)
-        _verified.add(final)
-        if total_limit:
-            rotate_checkpoints(output_dir, final, total_limit)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def _set_aside(path: Path, reason: Exception) -> None:

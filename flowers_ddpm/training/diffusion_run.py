@@ -14,6 +14,7 @@ import yaml
 from accelerate.utils import set_seed
 
 from .._util.atomic import atomic_folder
+from .._util.distributed import together
 from ..config.diffusers_compat import run_differences
 from ..config.sections import TrainConfig
 from ..errors import UserError
@@ -148,9 +149,10 @@ class TrainingEvaluator:
         row = evaluate_pipeline(self.accelerator, pipe, self.networks, self.reference, sampling,
                                 with_precision_recall=False)
         model.train(was_training)
-        if row["fid"] < self.best_fid:
-            self.best_fid = row["fid"]
-            if self.accelerator.is_main_process:
+        better = row["fid"] < self.best_fid
+        self.best_fid = min(self.best_fid, row["fid"])
+        with together(self.accelerator):  # in place of a barrier: a refused write stops every process at once
+            if better and self.accelerator.is_main_process:
                 network = self.networks["inception"]  # the card labels FIDs of other networks as not comparable
                 metrics = json.dumps({"step": step, **row, **guidance,
                                       "feature_network": getattr(network, "name", type(network).__name__)},
@@ -162,7 +164,6 @@ class TrainingEvaluator:
                                     lambda folder: (folder / "metrics.json").write_text(metrics),
                                     **guidance_defaults(cfg))
                 logger.info("step %d: FID %.4f, the best so far; pipeline written to %s", step, row["fid"], self.best_dir)
-        self.accelerator.wait_for_everyone()
         if self.on_result is not None:
             self.on_result(step, row)
         return {f"eval/{key}": row[key] for key in ("fid", "kid_mean", "kid_std", "is_mean") if key in row}

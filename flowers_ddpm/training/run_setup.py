@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from .._util.distributed import process_state
+from .._util.distributed import process_state, together
 from ..config.sections import TrainConfig
 from ..data.cache import build_cached_batches, open_cache
 from ..data.stream import DataSource, build_train_batches, open_source
@@ -239,9 +239,9 @@ def start_run(cfg: TrainConfig, classes_of, probe_of, select_source=None):
     accelerator = make_accelerator(cfg, speed.precision.precision)
     record_effective_precision(cfg, accelerator)
     if resume_from is None and cfg.run.overwrite_output_dir:
-        if accelerator.is_main_process:
-            checkpointing.remove_checkpoints(cfg.run.output_dir)
-        accelerator.wait_for_everyone()
+        with together(accelerator):
+            if accelerator.is_main_process:
+                checkpointing.remove_checkpoints(cfg.run.output_dir)
     max_steps = resolve_max_train_steps(cfg, source.num_examples, accelerator.num_processes)
     per_epoch = steps_per_epoch(cfg, source.num_examples, accelerator.num_processes)
     _every(None, cfg.run.save_images_epochs, per_epoch, "save_images")  # fail now, not at the end of set-up

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Optional, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from .._util.distributed import together
 from ..errors import StorageError, UserError, storage_fault
 from ..publish import run_log
 from . import checkpointing
@@ -229,9 +230,10 @@ class Trainer:
                 final = step == s.max_train_steps
                 if step % s.logging_steps == 0 or final:
                     bar.set_postfix(self.log(step))
-                if self.phema is not None and self.accelerator.is_main_process and (
-                        step % s.phema_snapshot_steps == 0 or final):
-                    self.phema.save_snapshot(s.output_dir, step)
+                if self.phema is not None and (step % s.phema_snapshot_steps == 0 or final):
+                    with together(self.accelerator):
+                        if self.accelerator.is_main_process:
+                            self.phema.save_snapshot(s.output_dir, step)
                 saved = step % s.checkpointing_steps == 0 or final
                 if saved:
                     self.save(step)
@@ -384,16 +386,16 @@ class Trainer:
             self.ema.restore(params)
 
     def sample(self, step: int) -> None:
-        if self.accelerator.is_main_process:
-            with self.ema_weights():
-                grid = self.publisher.sample_grid(self._unwrapped(), step)
-            if grid is not None:
-                import numpy as np
+        with together(self.accelerator):
+            if self.accelerator.is_main_process:
+                with self.ema_weights():
+                    grid = self.publisher.sample_grid(self._unwrapped(), step)
+                if grid is not None:
+                    import numpy as np
 
-                for tracker in self.accelerator.trackers:
-                    if tracker.name == "tensorboard":
-                        tracker.log_images({"samples": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
-        self.accelerator.wait_for_everyone()
+                    for tracker in self.accelerator.trackers:
+                        if tracker.name == "tensorboard":
+                            tracker.log_images({"samples": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
 
     def evaluate(self, step: int) -> None:
         with self.ema_weights():  # on every process: the evaluator generates and gathers across processes
@@ -402,20 +404,20 @@ class Trainer:
 
     def export(self, step: int) -> None:
         self.check_weights_finite(step)
-        if self.accelerator.is_main_process:
-            with self.ema_weights():
-                try:
-                    self.publisher.export(self._unwrapped(), step, self.training_seconds())
-                except Exception as e:
-                    folder = getattr(e, "filename", None) or self.settings.output_dir
-                    fault = storage_fault(e, folder)
-                    if fault is None:
-                        raise
-                    raise StorageError(
-                        f"{fault} while exporting the pipeline at step {step} to {folder} (the partial export was "
-                        f"removed); {checkpointing.kept_checkpoint(self.settings.output_dir)}; free space or fix the "
-                        "permissions, then rerun with --resume_from_checkpoint latest to export it") from e
-        self.accelerator.wait_for_everyone()
+        with together(self.accelerator):
+            if self.accelerator.is_main_process:
+                with self.ema_weights():
+                    try:
+                        self.publisher.export(self._unwrapped(), step, self.training_seconds())
+                    except Exception as e:
+                        folder = getattr(e, "filename", None) or self.settings.output_dir
+                        fault = storage_fault(e, folder)
+                        if fault is None:
+                            raise
+                        raise StorageError(
+                            f"{fault} while exporting the pipeline at step {step} to {folder} (the partial export "
+                            f"was removed); {checkpointing.kept_checkpoint(self.settings.output_dir)}; free space or "
+                            "fix the permissions, then rerun with --resume_from_checkpoint latest to export it") from e
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
