@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -90,3 +91,37 @@ def test_the_script_refuses_impossible_sample_sets_in_one_line(tmp_path, capsys,
     assert script_main("recipe_ablation")(["--output_dir", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err
     assert error in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_time_to_quality_keeps_each_sample_sets_scores_beside_the_means(judged, tmp_path):
+    from flowers_ddpm.experiments import time_to_quality
+
+    scorer, pipeline, _ = judged
+    scorer.settings = dataclasses.replace(scorer.settings, seed=3, sample_sets=2)
+    run_dir = tmp_path / "run"
+    for step, seconds in ((2, 1.5), (4, 3.0)):  # two exports of a run, as the trainer writes them
+        export = run_dir / "exports" / f"step-{step:07d}"
+        shutil.copytree(pipeline, export)
+        (export / "training_info.json").write_text(json.dumps({"training_seconds": seconds}))
+    (tmp_path / "grids").mkdir()
+    rows = time_to_quality.judge_exports(run_dir, scorer, "ddim", (1e-9,), 8, tmp_path / "grids")
+    assert [row["train_images"] for row in rows] == [16, 32]
+    for row in rows:  # the same weights: the same two sets, their mean the row's score
+        assert len(row["frechet_ratio_sets"]) == 2 and len(row["class_accuracy_sets"]) == 2
+        assert row["frechet_ratio"] == pytest.approx(sum(row["frechet_ratio_sets"]) / 2)
+    results = {"small-data": {"exports": rows}}
+    time_to_quality.write_outputs(results, [], {}, time_to_quality.TimeToQualitySettings(), tmp_path)
+    with open(tmp_path / "time_to_quality.csv") as f:
+        written = list(csv.DictReader(f))
+    assert [float(v) for v in written[0]["frechet_ratio_sets"].split()] == pytest.approx(rows[0]["frechet_ratio_sets"],
+                                                                                         abs=1e-4)
+    assert len(written[1]["class_accuracy_sets"].split()) == 2
+    saved = json.loads((tmp_path / "time_to_quality.json").read_text())
+    assert saved["runs"]["small-data"]["exports"][1]["frechet_ratio_sets"] == rows[1]["frechet_ratio_sets"]
+
+    one_set = [{k: v for k, v in row.items() if not k.endswith("_sets")} for row in rows]
+    time_to_quality.write_outputs({"small-data": {"exports": one_set}}, [], {}, time_to_quality.TimeToQualitySettings(),
+                                  tmp_path)
+    with open(tmp_path / "time_to_quality.csv") as f:  # one set: the columns as before sample sets existed
+        assert next(csv.reader(f)) == ["recipe", "step", "train_images", "training_seconds", "frechet",
+                                       "frechet_ratio", "class_accuracy"]

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 RECIPES = ("small-data", "diffusers-defaults")  # the recipe, then the reference
 EXPORT_PATTERN = "step-*"
+SET_KEYS = ("frechet_ratio_sets", "class_accuracy_sets")  # each sample set's scores (ablation.Scorer, K > 1)
 
 
 @dataclass
@@ -71,7 +72,8 @@ def _export_step(folder: Path) -> int:
 
 def judge_exports(run_dir: Path, scorer: ablation.Scorer, sampler: str, thresholds: tuple, batch_size: int,
                   grids: Path) -> list[dict]:
-    """One row per judged export, in training order, until the strictest threshold is reached."""
+    """One row per judged export, in training order, until the strictest threshold is reached. Scored over several
+    sample sets, a row holds the means and each set's values (`frechet_ratio_sets`, `class_accuracy_sets`)."""
     rows = []
     exports = sorted((run_dir / "exports").glob(EXPORT_PATTERN), key=_export_step)
     for folder in tqdm(exports, desc=f"judging {run_dir.parent.name}", dynamic_ncols=True):
@@ -80,7 +82,8 @@ def judge_exports(run_dir: Path, scorer: ablation.Scorer, sampler: str, threshol
         score = scorer.score(folder, grids / f"step-{step:07d}.png", sampler)
         rows.append({"step": step, "train_images": step * batch_size, "training_seconds": info["training_seconds"],
                      "frechet": score["frechet"], "frechet_ratio": score["frechet_ratio"],
-                     "class_accuracy": score["class_accuracy"]})
+                     "class_accuracy": score["class_accuracy"],
+                     **{key: score[key] for key in SET_KEYS if key in score}})  # with --sample_sets K > 1
         if rows[-1]["frechet_ratio"] <= min(thresholds):
             break
     return rows
@@ -177,12 +180,15 @@ def write_outputs(results: dict, summary: list[dict], judge: dict, ttq: TimeToQu
     """time_to_quality.json (everything), .csv (every judged export) and .md (the summary table)."""
     document = {"settings": asdict(ttq), "judge": judge, "summary": summary, "runs": results}
     atomic_write_text(output_dir / "time_to_quality.json", json.dumps(document, indent=2))
+    rows = [{"recipe": name, **row} for name, result in results.items() for row in result["exports"]]
+    columns = ["recipe", "step", "train_images", "training_seconds", "frechet", "frechet_ratio", "class_accuracy"]
+    present = [key for key in SET_KEYS if any(key in row for row in rows)]  # only scores over several sample sets
     with open(output_dir / "time_to_quality.csv", "w", newline="") as f:
-        columns = ("recipe", "step", "train_images", "training_seconds", "frechet", "frechet_ratio", "class_accuracy")
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns + present)
         writer.writeheader()
-        for name, result in results.items():
-            writer.writerows({"recipe": name, **row} for row in result["exports"])
+        for row in rows:  # each set's value, space-separated, after the means
+            writer.writerow({**{key: row[key] for key in columns},
+                             **{key: " ".join(f"{v:.4f}" for v in row[key] or ()) for key in present if key in row}})
     path = output_dir / "time_to_quality.md"
     atomic_write_text(path, format_table(summary))
     return path
