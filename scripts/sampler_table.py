@@ -8,7 +8,9 @@
 Each cell is SAMPLER:STEPS:GUIDANCE[:SEED]; the variant's exported pipeline is sampled again for every cell with
 the ablation's sample count and seeds (or seeds from SEED on) and scored with its classifier (class accuracy,
 Frechet distance in its features over the real-vs-real baseline) through the ablation's own scoring code
-(flowers_ddpm.experiments.ablation.Scorer). An unconditional variant (`--variant small-data-uncond`) has no
+(flowers_ddpm.experiments.ablation.Scorer). An ablation run with `--sample_sets K` scores each cell over K sets
+too, set k from seed SEED + 1000k: a SEED that is a multiple of 1000K keeps every set apart from the default
+cell's (other seeds below 1000K share samples with them). An unconditional variant (`--variant small-data-uncond`) has no
 guidance and no class accuracy: its cells are SAMPLER:STEPS:0 and its table shows the Frechet ratio only.
 Results go to --output_dir (default <ablation_dir>/<variant>/samplers): results.json (cells already there are
 skipped on a rerun) and one grid PNG per cell; a markdown table (class accuracy / Frechet ratio) is printed.
@@ -31,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation_dir", required=True, type=Path)
     parser.add_argument("--variant", default="small-data",
                         help="a variant folder of the ablation (NAME, or NAME-uncond for an unconditional run)")
-    parser.add_argument("--cells", nargs="+", required=True, help="SAMPLER:STEPS:GUIDANCE")
+    parser.add_argument("--cells", nargs="+", required=True, help="SAMPLER:STEPS:GUIDANCE[:SEED]")
     parser.add_argument("--output_dir", type=Path, help="default: <ablation_dir>/<variant>/samplers")
     args = parser.parse_args(argv)
     try:
