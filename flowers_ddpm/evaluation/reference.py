@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .._util.atomic import atomic_file, atomic_write_text
 from .._util.cache import cache_location, folder_fingerprint, identity_key
-from .._util.distributed import gather_rows
+from .._util.distributed import gather_rows, together
 from ..config.sections import DataSettings
 from ..data.imaging import TransformSettings, try_decode
 from ..data.stream import class_balanced_ids, example_id, open_source
@@ -122,10 +122,10 @@ def load_or_compute_reference(accelerator, data: DataSettings, networks: dict, c
     missing = {name: network for name, network in networks.items() if name not in result}
     if missing:
         computed = compute_reference(accelerator, data, missing, batch_size, max_images)
-        if accelerator.is_main_process:
-            for name, features in computed.items():
-                _save_entry(files[name], keys[name], features)
-        accelerator.wait_for_everyone()
+        with together(accelerator):  # a cache the disk refuses stops every process, with one line
+            if accelerator.is_main_process:
+                for name, features in computed.items():
+                    _save_entry(files[name], keys[name], features)
         result.update(computed)
     return result
 
