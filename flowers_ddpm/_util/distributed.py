@@ -47,12 +47,11 @@ def fail_together(accelerator, error: Optional[BaseException]) -> None:
 
     Without the agreement the others would wait in their next collective until the failed process exits, then die
     of the lost connection with a traceback and exit code 1, which the launcher reports instead of the real one."""
+    problem = None if error is None else user_error_of(error)
     if accelerator.num_processes == 1:
         if error is not None:
-            problem = user_error_of(error)
-            raise error if problem is None or problem is error else problem from error
+            _raise(error, problem)
         return
-    problem = None if error is None else user_error_of(error)
     if problem is not None:
         mine = ("user", str(problem), problem.exit_code)
     else:
@@ -66,15 +65,21 @@ def fail_together(accelerator, error: Optional[BaseException]) -> None:
         sys.stderr.flush()
     accelerator.wait_for_everyone()  # nobody exits before the main process has said why
     if error is not None:
-        if problem is None:
-            raise error
-        problem.reported = True
-        raise problem if problem is error else problem from error
+        if problem is not None:
+            problem.reported = True
+        _raise(error, problem)
     if kind == "bug":
         raise RuntimeError(f"process {rank} of the launch failed: {message}")
     shared = UserError(message)
     shared.exit_code, shared.reported = exit_code, True
     raise shared
+
+
+def _raise(error: BaseException, problem: Optional[UserError]) -> None:
+    """Raise this process's own failure: as the UserError it amounts to (caused by the original), or as it is."""
+    if problem is None or problem is error:
+        raise error
+    raise problem from error
 
 
 @contextlib.contextmanager
