@@ -189,7 +189,8 @@ def test_few_step_samplers_of_cosine_schedule_models_start_from_pure_noise(name,
 def test_dpm_solver_steps_of_cosine_schedule_models_are_uniform_in_log_snr(tmp_path, schedule, log_snr):
     """Exports of cosine-schedule models ask DPM-Solver++ (ours and plain diffusers' from_config) for steps uniform
     in log-SNR (diffusers' use_lu_lambdas; docs/sampling.md: 3-9% lower Frechet ratio on cifar10-5k); the
-    linear schedule's keep uniform t (36% worse with log-SNR steps). Other samplers ignore the setting."""
+    linear schedule's keep uniform t (36% worse with log-SNR steps). The stochastic solver and the others do not
+    use it."""
     scheduler = build_noise_scheduler(1000, schedule, "v_prediction")
     scheduler.save_pretrained(tmp_path)
     loaded = DDPMScheduler.from_pretrained(tmp_path)  # as a pipeline's scheduler is loaded
@@ -199,6 +200,7 @@ def test_dpm_solver_steps_of_cosine_schedule_models_are_uniform_in_log_snr(tmp_p
         log_sigmas = np.log(solver.sigmas[:-1].double().numpy())  # the last is 0: the clean image
         steps = np.diff(log_sigmas)
         assert (np.allclose(steps, steps[0]) if log_snr else not np.allclose(steps, steps[0], rtol=0.2))
+    assert not make_scheduler("sde-dpmsolver++", loaded.config).config.use_lu_lambdas  # measured worse with noise
     ddim, plain = make_scheduler("ddim", loaded.config), DDIMScheduler.from_config(
         {k: v for k, v in loaded.config.items() if k != "use_lu_lambdas"})
     ddim.set_timesteps(20)

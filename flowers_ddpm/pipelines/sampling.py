@@ -92,6 +92,8 @@ def make_scheduler(name: str, config):
     extra = {}
     if name in ("dpmsolver++", "sde-dpmsolver++"):  # the deterministic solver, or with fresh noise at each step
         extra["algorithm_type"] = name
+        if name == "sde-dpmsolver++":  # the export's log-SNR steps are for the deterministic solver: with fresh
+            extra["use_lu_lambdas"] = False  # noise they measured far worse (docs/sampling.md)
         if config.get("clip_sample") and not config.get("thresholding"):
             extra.update(thresholding=True, sample_max_value=config.get("clip_sample_range", 1.0))
     if config.get("beta_schedule") in OWN_BETA_SCHEDULES and config.get("trained_betas") is None and name != "ddpm":
