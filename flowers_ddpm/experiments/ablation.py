@@ -119,6 +119,8 @@ EDM_SAMPLERS = {"dpmsolver++": "edm-dpmsolver++", "sde-dpmsolver++": "edm-sde-dp
 # Sample set k draws its images from seeds seed + k * SET_STRIDE + i, so set 0 is the single set of a run without
 # sample sets, and sets of fewer than SET_STRIDE images never share a seed.
 SET_STRIDE = 1000
+# the keys of a score over several sample sets that hold each set's Frechet ratio and class accuracy
+SET_KEYS = ("frechet_ratio_sets", "class_accuracy_sets")
 
 
 def variant_settings(name: str, conditional: bool = True) -> dict:
@@ -334,7 +336,7 @@ class Scorer:
                "guidance": guidance_label(conditional, interval),
                "sample_images_per_sec": s.num_samples * s.sample_sets / sample_sec}
         if s.sample_sets > 1:
-            row.update(frechet_ratio_sets=ratios, class_accuracy_sets=accuracies if conditional else None)
+            row.update(zip(SET_KEYS, (ratios, accuracies if conditional else None)))
         return row
 
     def _judge(self, images: list) -> tuple[float, float]:

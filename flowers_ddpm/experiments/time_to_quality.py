@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 RECIPES = ("small-data", "diffusers-defaults")  # the recipe, then the reference
 EXPORT_PATTERN = "step-*"
-SET_KEYS = ("frechet_ratio_sets", "class_accuracy_sets")  # each sample set's scores (ablation.Scorer, K > 1)
 
 
 @dataclass
@@ -83,7 +82,7 @@ def judge_exports(run_dir: Path, scorer: ablation.Scorer, sampler: str, threshol
         rows.append({"step": step, "train_images": step * batch_size, "training_seconds": info["training_seconds"],
                      "frechet": score["frechet"], "frechet_ratio": score["frechet_ratio"],
                      "class_accuracy": score["class_accuracy"],
-                     **{key: score[key] for key in SET_KEYS if key in score}})  # with --sample_sets K > 1
+                     **{key: score[key] for key in ablation.SET_KEYS if key in score}})  # with --sample_sets K > 1
         if rows[-1]["frechet_ratio"] <= min(thresholds):
             break
     return rows
@@ -182,7 +181,7 @@ def write_outputs(results: dict, summary: list[dict], judge: dict, ttq: TimeToQu
     atomic_write_text(output_dir / "time_to_quality.json", json.dumps(document, indent=2))
     rows = [{"recipe": name, **row} for name, result in results.items() for row in result["exports"]]
     columns = ["recipe", "step", "train_images", "training_seconds", "frechet", "frechet_ratio", "class_accuracy"]
-    present = [key for key in SET_KEYS if any(key in row for row in rows)]  # only scores over several sample sets
+    present = [key for key in ablation.SET_KEYS if any(key in row for row in rows)]  # several sample sets only
     with open(output_dir / "time_to_quality.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns + present)
         writer.writeheader()

@@ -286,22 +286,24 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, data_state: 
             if total_limit:
                 rotate_checkpoints(output_dir, final, total_limit)
 
-    for stage in (prepare, write, seal):  # each ends where every process has finished its part
+    def attempt(stage):  # this process's part; a write the disk refused becomes the StorageError naming what was kept
         try:
+            stage()
+        except Exception as e:
+            fault = storage_fault(e, tmp)
+            if fault is None:
+                raise
+            raise StorageError(f"{fault} while writing {tmp} (removed); {kept_checkpoint(output_dir)}; free space or "
+                               "fix the permissions, then rerun with --resume_from_checkpoint latest") from e
+
+    try:
+        for stage in (prepare, write, seal):  # each ends where every process has finished its part
             with together(accelerator):
-                try:
-                    stage()
-                except Exception as e:
-                    fault = storage_fault(e, tmp)
-                    if fault is None:
-                        raise
-                    raise StorageError(f"{fault} while writing {tmp} (removed); {kept_checkpoint(output_dir)}; "
-                                       "free space or fix the permissions, then rerun with --resume_from_checkpoint "
-                                       "latest") from e
-        except Exception:
-            if main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                attempt(stage)
+    except Exception:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
