@@ -109,7 +109,7 @@ VARIANTS: dict[str, dict] = {
     # ... on the photographs recipe, at the finals' budget (about ten passes over cifar10-5k; issue 16, twelfth session)
     "adam+cosine+scale-shift+augment-0.12": {**_ADAM_COSINE, **_SCALE_SHIFT, "augment_p": 0.12},
     "adam+cosine+scale-shift+augment-0.3": {**_ADAM_COSINE, **_SCALE_SHIFT, "augment_p": 0.3},
-    # ... a smaller batch (more optimizer steps; 81% of batch 8's images/s on one thread; thirteenth session)
+    # ... a smaller batch, more optimizer steps (measured worse: docs/recipes.md, thirteenth session)
     "adam+cosine+scale-shift+batch-4": {**_ADAM_COSINE, **_SCALE_SHIFT, "train_batch_size": 4},
 }
 
