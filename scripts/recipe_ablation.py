@@ -70,6 +70,9 @@ def parse_args(argv=None) -> tuple:
     parser.add_argument("--ema_sigma_rel", type=float, nargs="+", default=[], metavar="S", dest="ema_sigma_rels",
                         help="also score these post-hoc EMA lengths of every variant (rows <variant>@sigma_rel-S): "
                              "the variants train with post-hoc EMA snapshots (docs/recipes.md)")
+    parser.add_argument("--streaming_buffer", type=int, metavar="N",
+                        help="train through the streaming data path (the default of flowers-ddpm train) with a "
+                             "shuffle buffer of N examples, instead of the decode cache")
     ttq = parser.add_argument_group("time to quality (--time_to_quality)")
     ttq.add_argument("--time_to_quality", action="store_true",
                      help="train small-data and diffusers-defaults for --budget_images images each (default 8000) "

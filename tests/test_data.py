@@ -80,10 +80,57 @@ def test_stream_state_resumes_exactly_across_epochs(image_folder):
         assert head + take(second, 60 - stop) == reference
 
 
+def take_examples(stream, n):
+    iterator = iter(stream)
+    return [next(iterator) for _ in range(n)]
+
+
+@pytest.mark.parametrize("stop", [0, 5, 24, 30])
+def test_an_epoch_that_fits_the_buffer_is_a_new_permutation_each_epoch_and_resumes_exactly(image_folder, stop):
+    source = open_folder(image_folder)
+    reference = take_examples(ResumableStream(source.dataset, seed=3, buffer_size=24), 72)  # 3 epochs, 24 images
+    paths = [e["image"]["path"] for e in reference]
+    epochs = [paths[k * 24:(k + 1) * 24] for k in range(3)]
+    assert all(sorted(epoch) == sorted(set(paths)) for epoch in epochs)  # every image once per epoch
+    assert len({tuple(epoch) for epoch in epochs}) == 3 and sorted(epochs[0]) != epochs[0]  # a new order each time
+    # the folder streams sorted by class (blue, then red); every epoch's first half holds both classes
+    assert all(len({e["label"] for e in reference[k * 24:k * 24 + 12]}) == 2 for k in range(3))
+    first = ResumableStream(open_folder(image_folder).dataset, seed=3, buffer_size=24)
+    head = [e["image"]["path"] for e in take_examples(first, stop)] if stop else []
+    state = first.state_dict()
+    assert state["exact"] is (True if stop else None) and not state["buffer"]  # no records in the checkpoint
+    second = ResumableStream(open_folder(image_folder).dataset, seed=3, buffer_size=24)
+    second.load_state_dict(state)
+    assert head + take(second, 72 - stop) == paths
+    other_seed = take(ResumableStream(source.dataset, seed=4, buffer_size=24), 24)
+    assert other_seed != epochs[0] and sorted(other_seed) == sorted(epochs[0])
+
+
+def test_a_buffer_smaller_than_an_epoch_still_resumes_from_a_state_written_before_the_exact_shuffle(image_folder):
+    source = open_folder(image_folder)
+    reference = take(ResumableStream(source.dataset, seed=3, buffer_size=7), 40)
+    first = ResumableStream(source.dataset, seed=3, buffer_size=7)
+    head = take(first, 10)
+    state = first.state_dict()
+    assert state["exact"] is False and len(state["buffer"]) == 7
+    old = {k: v for k, v in state.items() if k not in ("exact", "position")}  # the keys of earlier checkpoints
+    second = ResumableStream(open_folder(image_folder).dataset, seed=3, buffer_size=7)
+    second.load_state_dict(old)
+    assert head + take(second, 30) == reference
+
+
+def test_a_buffer_of_one_keeps_the_stream_order(image_folder):
+    source = open_folder(image_folder)
+    paths = take(ResumableStream(source.dataset, seed=3, buffer_size=1), 24)
+    assert paths[:23] == [e["image"]["path"] for e in source.dataset][:23]
+
+
 def test_processes_get_disjoint_shards(image_folder):
     source = open_folder(image_folder)
-    shards = [set(take(ResumableStream(source.dataset, 0, 1, rank=r, world_size=2), 12)) for r in (0, 1)]
-    assert shards[0].isdisjoint(shards[1]) and len(shards[0] | shards[1]) == 24
+    for buffer_size in (1, 100):  # a buffer, and the exact shuffle
+        shards = [set(take(ResumableStream(source.dataset, 0, buffer_size, rank=r, world_size=2), 12))
+                  for r in (0, 1)]
+        assert shards[0].isdisjoint(shards[1]) and len(shards[0] | shards[1]) == 24
 
 
 def test_a_held_out_sample_leaves_the_stream_and_the_decode_cache(image_folder, tmp_path):

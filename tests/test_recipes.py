@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from flowers_ddpm.config.loading import build_config, load_yaml
 from flowers_ddpm.config.recipes import recipe_settings
+from flowers_ddpm.errors import UserError
 from flowers_ddpm.experiments import ablation
 from flowers_ddpm.experiments.beds import BedData
 from flowers_ddpm.models.unet import PRESETS
@@ -147,7 +148,6 @@ def test_ablation_rejects_unknown_variant(tmp_path, capsys):
 
 
 def test_ablation_refuses_to_mix_settings(tmp_path):
-    from flowers_ddpm.errors import UserError
     from flowers_ddpm.experiments.ablation import AblationSettings
 
     (tmp_path / "settings.json").write_text(json.dumps({"budget_minutes": 3}))
@@ -161,7 +161,6 @@ def test_real_baseline_has_the_samples_class_mix():
     """Held-out images sorted by class must not be taken as the first N (that baseline would be all 0s and 1s)."""
     import torch
 
-    from flowers_ddpm.errors import UserError
     from flowers_ddpm.experiments.ablation import balanced_subset
 
     labels = torch.arange(10).repeat_interleave(5)  # sorted by class, like a class-folder listing
@@ -184,6 +183,19 @@ def test_train_seed_changes_only_the_training_seed(tmp_path):
     default = ablation._write_config(tmp_path / "x", ablation.variant_settings("small-data"), data,
                                      ablation.AblationSettings(output_dir=tmp_path, seed=3))
     assert yaml.safe_load(default.read_text())["seed"] == 3
+
+
+def test_streaming_buffer_trains_through_the_streaming_path(tmp_path):
+    data = BedData("digits", tmp_path / "train", tmp_path / "test", 32, 10, False)
+    cached = yaml.safe_load(ablation._write_config(tmp_path / "v", ablation.variant_settings("small-data"), data,
+                                                   ablation.AblationSettings(output_dir=tmp_path)).read_text())
+    streamed = yaml.safe_load(ablation._write_config(
+        tmp_path / "w", ablation.variant_settings("small-data"), data,
+        ablation.AblationSettings(output_dir=tmp_path, streaming_buffer=1000)).read_text())
+    assert cached["decode_cache"] is True
+    assert streamed["decode_cache"] is False and streamed["shuffle_buffer_size"] == 1000
+    with pytest.raises(UserError, match="streaming_buffer"):
+        ablation.AblationSettings(output_dir=tmp_path, streaming_buffer=0).validate()
 
 
 @pytest.mark.slow

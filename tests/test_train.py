@@ -44,18 +44,19 @@ def test_train_checkpoints_rotate_and_pipeline_loads_in_plain_diffusers(image_fo
     assert len(images) == 4 and all(image.size == (16, 16) for image in images)
 
 
-def test_resume_from_latest_continues_the_same_run(image_folder, tmp_path):
+@pytest.mark.parametrize("buffer_size", [10, 100])  # a shuffle buffer smaller than the 24 images; the exact shuffle
+def test_resume_from_latest_continues_the_same_run(image_folder, tmp_path, buffer_size):
     # gradient accumulation, decode threads, flips, random crops and a shuffle buffer larger than a batch
-    flags = dict(max_train_steps=8, checkpointing_steps=4, log_data_order=True, gradient_accumulation_steps=2,
-                 dataloader_num_workers=2, random_flip=True, shuffle_buffer_size=10, train_batch_size=3)
+    flags = dict(max_train_steps=8, checkpointing_steps=3, log_data_order=True, gradient_accumulation_steps=2,
+                 dataloader_num_workers=2, random_flip=True, shuffle_buffer_size=buffer_size, train_batch_size=3)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", *tiny_train_args(image_folder, straight, **flags)]) == 0
 
-    assert resume_from_copy(image_folder, straight, resumed, 4, **flags) == 0
+    assert resume_from_copy(image_folder, straight, resumed, 6, **flags) == 0  # mid-epoch: 36 of 48 examples
 
     straight_order = read_order(straight / "data_order" / "rank0.jsonl")
     resumed_order = read_order(resumed / "data_order" / "rank0.jsonl")
-    assert sorted(resumed_order) == [5, 6, 7, 8]  # continued at the saved step
+    assert sorted(resumed_order) == [7, 8]  # continued at the saved step
     assert all(resumed_order[s] == straight_order[s] for s in resumed_order)  # same examples next, none re-read
 
     a, b = straight / "checkpoints" / "checkpoint-8", resumed / "checkpoints" / "checkpoint-8"

@@ -67,7 +67,10 @@ class DataSettings:
     resolution: int = _opt(64, "training resolution (square)", minimum=8)
     center_crop: bool = _opt(False, "center-crop after resizing (random crop otherwise)")
     random_flip: bool = _opt(False, "random horizontal flips")
-    shuffle_buffer_size: int = _opt(1000, "examples held in the resumable shuffle buffer (1 = stream order)", minimum=1)
+    shuffle_buffer_size: int = _opt(10000, "a dataset of at most this many examples (per process) is shuffled "
+                                    "exactly, in a new order each epoch; a longer stream goes through a resumable "
+                                    "shuffle buffer of this many raw records, kept in each checkpoint (1 = stream "
+                                    "order)", minimum=1)
     dataloader_num_workers: int = _opt(0, "decode threads per process (0 = decode inline)", minimum=0)
     decode_cache: bool = _opt(False, "decode every image once into a uint8 cache at training resolution and train "
                               "from it (only the random crop/flip is done per step)")

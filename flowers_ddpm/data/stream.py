@@ -1,10 +1,11 @@
 """Training data: a streamed `datasets` source -> resumable shuffled example stream -> decoded batches.
 
 Order of examples is decided in one place (`ResumableStream`, on the main thread of each process) and the
-decode threads are pure functions of (record, key). That is what makes resume exact: a checkpoint stores the
-stream position of `datasets` (its `state_dict`), the contents of our shuffle buffer (raw records: file paths or
-encoded bytes, never decoded pixels) and the shuffle RNG, as of the last example the trainer consumed.
-`datasets`' own `shuffle()` buffer is not used because its contents are not part of its state_dict.
+decode threads are pure functions of (record, key). That is what makes resume exact: a checkpoint stores, as of
+the last example the trainer consumed, the epoch and position of an exactly shuffled epoch, or, for a stream
+longer than the shuffle buffer, the stream position of `datasets` (its `state_dict`), the contents of our shuffle
+buffer (raw records: file paths or encoded bytes, never decoded pixels) and the shuffle RNG.
+`datasets`' own `shuffle()` is not used because its buffer's contents are not part of its state_dict.
 """
 
 from __future__ import annotations
@@ -181,9 +182,22 @@ def example_id(record) -> str:
     return f"{name}#{digest}" if name else f"sha1:{digest}"
 
 
+_EPOCH_END = object()  # marks the end of each epoch in ResumableStream._epoch_examples
+
+
 class ResumableStream:
-    """Endless stream of raw examples for one process: per-epoch deterministic shard order (datasets'
-    `set_epoch`), this process's shard (`split_dataset_by_node`), and a seeded shuffle buffer.
+    """Endless stream of raw examples for one process: this process's shard (`split_dataset_by_node`), per-epoch
+    shard order (datasets' `set_epoch`), shuffled in one of two ways, chosen by the size of the first epoch:
+
+    - an epoch of at most `buffer_size` examples is **shuffled exactly**: it is read whole (raw records: paths or
+      encoded bytes) and handed out in a fresh permutation each epoch, `default_rng([seed, rank, epoch])`. The state
+      is then just (epoch, position): a resumed stream reads the epoch again and draws the same permutation.
+    - a longer stream goes through a **shuffle buffer** of `buffer_size` examples: each new example replaces a
+      random one, which is handed out. The state holds the buffer's records and its RNG.
+
+    Why not the buffer alone: a local folder streams as one shard in file order, that is sorted by class, and a
+    buffer smaller than an epoch over a class-sorted stream hands out batches skewed toward the classes read last,
+    several times over the rarest (docs/training.md, "Data order"). `buffer_size` 1 keeps the stream's order.
 
     `state_dict()` taken right after an example was yielded resumes with the next example exactly.
     """
@@ -196,29 +210,40 @@ class ResumableStream:
         self.rng = np.random.default_rng([seed, rank])
         self.produced = 0  # examples yielded so far; also the augmentation key of the next example
         self.epoch_size: Optional[int] = None  # examples in one epoch of this process's shard, once one was read
+        self.exact: Optional[bool] = None  # exact per-epoch shuffle (True) or buffer (False); None until decided
+        self.position = 0  # examples of the current epoch handed out, when shuffling exactly
         self._resumed = False  # a resumed epoch may have nothing left in it; a fresh one may not
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "epoch": self.epoch,
-            "dataset": self.dataset.state_dict(),
-            "buffer": list(self.buffer),
-            "rng": copy.deepcopy(self.rng.bit_generator.state),
             "produced": self.produced,
             "epoch_size": self.epoch_size,
             "rank": self.rank,
             "world_size": self.world_size,
+            "exact": self.exact,
+            "position": self.position,
+            "buffer": list(self.buffer),
+            "rng": copy.deepcopy(self.rng.bit_generator.state),
         }
+        # (an exact shuffle re-reads its epoch from the start, so the datasets position is not needed to resume;
+        # the key stays, as TrainBatches tells a stream state from a decode-cache state by it)
+        state["dataset"] = None if self.exact else self.dataset.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.produced = state["epoch"], state["produced"]
         self.epoch_size = state.get("epoch_size")
+        self.exact = state.get("exact", False)  # states written before the exact shuffle used the buffer
+        self.position = state.get("position", 0)
         self.buffer = list(state["buffer"])
         self.rng.bit_generator.state = state["rng"]
-        self.dataset.load_state_dict(state["dataset"])
-        self._resumed = True
+        if not self.exact:
+            self.dataset.load_state_dict(state["dataset"])
+            self._resumed = True
 
-    def _epoch_examples(self) -> Iterator[dict]:
+    def _epoch_examples(self) -> Iterator:
+        """The examples of epoch after epoch, each epoch followed by _EPOCH_END."""
         while True:
             self.dataset.set_epoch(self.epoch)
             fresh, self._resumed = not self._resumed, False
@@ -231,12 +256,42 @@ class ResumableStream:
             if fresh:
                 self.epoch_size = seen
             self.epoch += 1
+            yield _EPOCH_END
+
+    def _read_epoch(self) -> list:
+        self.dataset.set_epoch(self.epoch)
+        return list(self.dataset)
+
+    def _exactly_shuffled(self, records: Optional[list] = None) -> Iterator[dict]:
+        """Epoch after epoch in a seeded permutation, from `position` of the current epoch (`records`: the
+        current epoch's, when already read)."""
+        while True:
+            records = self._read_epoch() if records is None else records
+            order = np.random.default_rng([self.seed, self.rank, self.epoch]).permutation(len(records))
+            while self.position < len(records):
+                out = records[order[self.position]]
+                self.position += 1
+                self.produced += 1
+                yield out
+            self.epoch, self.position, records = self.epoch + 1, 0, None
 
     def __iter__(self) -> Iterator[dict]:
+        if self.exact:
+            yield from self._exactly_shuffled()
+            return
         for example in self._epoch_examples():
+            if example is _EPOCH_END:
+                # the whole first epoch fit in the buffer: shuffle it exactly from now on
+                if self.exact is None and self.buffer:
+                    self.exact, records, self.buffer = True, self.buffer, []
+                    self.epoch, self.position, self.epoch_size = self.epoch - 1, 0, len(records)
+                    yield from self._exactly_shuffled(records)
+                    return
+                continue
             if len(self.buffer) < self.buffer_size:
                 self.buffer.append(example)
                 continue
+            self.exact = False
             i = int(self.rng.integers(self.buffer_size))
             out, self.buffer[i] = self.buffer[i], example
             self.produced += 1

@@ -172,6 +172,9 @@ class AblationSettings:
     # post-hoc EMA lengths scored for every variant beside its own EMA (each variant then trains with snapshots)
     ema_sigma_rels: tuple = ()
     sample_sets: int = 1  # independent sets of num_samples samples per score, averaged (seeds: SET_STRIDE)
+    # None: train from the decode cache (every row of docs/recipes.md); N: through the streaming data path, the
+    # default of `flowers-ddpm train`, with a shuffle buffer of N examples
+    streaming_buffer: Optional[int] = None
 
     def validate(self) -> None:
         """One-sentence errors before any work."""
@@ -183,6 +186,8 @@ class AblationSettings:
             raise UserError(f"the {self.bed} bed needs --bed_path, its .npz file; got {self.bed_path}")
         if not self.conditioning or set(self.conditioning) - {"class", "none"}:
             raise UserError(f"conditioning must be 'class' and/or 'none'; got {' '.join(self.conditioning)}")
+        if self.streaming_buffer is not None and self.streaming_buffer < 1:
+            raise UserError(f"streaming_buffer must be >= 1; got {self.streaming_buffer}")
         if self.budget_minutes <= 0:
             raise UserError(f"budget_minutes must be > 0; got {self.budget_minutes}")
         if self.budget_images is not None and self.budget_images < 1:
@@ -234,8 +239,9 @@ def _write_config(folder: Path, recipe: dict, data: beds.BedData, settings: Abla
         **{k: v for k, v in recipe.items() if v is not None},
         "train_data_dir": str(data.train_dir), "resolution": settings.resolution, "class_conditional": conditional,
         "center_crop": True, "random_flip": data.random_flip,
-        "decode_cache": True, "decode_cache_dir": str(settings.output_dir / "decode_cache"),
-        "shuffle_buffer_size": 2048, "seed": recipe.get("seed", settings.training_seed), "logger": "none",
+        "decode_cache": settings.streaming_buffer is None, "decode_cache_dir": str(settings.output_dir / "decode_cache"),
+        "shuffle_buffer_size": settings.streaming_buffer or 2048, "seed": recipe.get("seed", settings.training_seed),
+        "logger": "none",
         "logging_steps": 4,
         "output_dir": str(folder / "run"), "sample_scheduler": settings.sampler_for(recipe),
         "ddpm_num_inference_steps": settings.sampler_steps, "eval_batch_size": 10,
