@@ -41,14 +41,16 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def classifier_dir(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf") / "classifier"
-    assert main(classifier_args(data, out)) == 0
+    assert main(classifier_args(data, out, max_train_steps=120)) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def unconditional_model(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uncond") / "run"
-    args = tiny_train_args(data, out, resolution=8, max_train_steps=120, train_batch_size=8, learning_rate=3e-3,
+    # with this classifier (120 steps), guidance raised the classes' mean share by 0.47-0.50 over training seeds
+    # 0-3; with 120 steps for both, seed 0's model drew 15 of 16 images blue and guidance gained only 0.16
+    args = tiny_train_args(data, out, resolution=8, max_train_steps=240, train_batch_size=8, learning_rate=3e-3,
                            lr_warmup_steps=10, lr_scheduler="constant_with_warmup", use_ema=False,
                            checkpointing_steps=1000, eval_batch_size=2)
     assert main(["train", *args]) == 0
