@@ -97,6 +97,9 @@ class ObjectiveSettings:
     edm_sigma_min: float = _opt(0.002, "edm: smallest noise level of the exported sampler", minimum=0.0)
     edm_sigma_max: float = _opt(80.0, "edm: largest noise level of the exported sampler", minimum=0.0)
     snr_gamma: Optional[float] = _opt(None, "Min-SNR-gamma loss weighting (5.0 recommended); unset = plain MSE", minimum=0.0)
+    learned_loss_weights: bool = _opt(False, "ddpm: weight each noise level's loss by a learned estimate of its mean "
+                                      "(EDM2's uncertainty weighting), so every level pulls alike; a training-only "
+                                      "network with its own optimizer, kept in checkpoints, not exported")
     vlb_weight: float = _opt(0.001, "weight of L_vlb in the hybrid loss (with --learn_sigma)", minimum=0.0)
     class_dropout_prob: float = _opt(0.1, "probability of training a label as 'no class' (classifier-free guidance)", minimum=0.0)
     augment_p: float = _opt(0.0, "non-leaking augmentation (EDM): probability of each of x-flip, integer translation, "

@@ -88,6 +88,8 @@ def validate_paper_model(cfg: TrainConfig) -> None:
         raise UserError(f"augment_p must be between 0 and 1; got {cfg.objective.augment_p}")
     if cfg.objective.snr_gamma is not None and cfg.objective.snr_gamma <= 0:
         raise UserError(f"snr_gamma must be > 0 (or unset); got {cfg.objective.snr_gamma}")
+    if cfg.objective.snr_gamma is not None and cfg.objective.learned_loss_weights:
+        raise UserError("snr_gamma and learned_loss_weights are two loss weightings; choose one")
     if cfg.model.dropout is not None and cfg.model.dropout >= 1:
         raise UserError(f"dropout must be in [0, 1); got {cfg.model.dropout}")
 
@@ -112,7 +114,8 @@ def validate_edm(cfg: TrainConfig) -> None:
         raise UserError(f"objective edm takes prediction_type epsilon or v_prediction (diffusers' EDM schedulers); "
                         f"got {cfg.model.prediction_type}")
     for name, given in (("learn_sigma", cfg.model.learn_sigma), ("snr_gamma", cfg.objective.snr_gamma is not None),
-                        ("init_from", cfg.finetune.init_from is not None)):
+                        ("init_from", cfg.finetune.init_from is not None),
+                        ("learned_loss_weights", cfg.objective.learned_loss_weights)):
         if given:
             raise UserError(f"{name} cannot be combined with objective edm")
     if cfg.run.sample_scheduler not in EDM_SAMPLERS:

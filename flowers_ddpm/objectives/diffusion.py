@@ -10,7 +10,9 @@ from typing import Optional
 
 import torch
 from diffusers.training_utils import compute_snr
+from torch import nn
 
+from .loss_weights import weighted_loss
 from .vlb import VariationalBound
 
 
@@ -51,7 +53,8 @@ class TimestepSampler:
 
 class DiffusionObjective:
     """MSE between the UNet output and the target chosen by the scheduler's `prediction_type`, optionally
-    Min-SNR-gamma weighted, plus `vlb_weight * L_vlb` when the UNet learns its variances (Improved DDPM's hybrid
+    Min-SNR-gamma weighted or weighted per noise level by learned `loss_weights` (objectives/loss_weights.py), plus
+    `vlb_weight * L_vlb` when the UNet learns its variances (Improved DDPM's hybrid
     loss). With `num_classes`, the batch's class labels condition the UNet and are replaced by the "no class" token
     `num_classes` with probability `class_dropout_prob` (classifier-free guidance training). Timesteps are drawn by
     `timestep_sampler` (uniform by default; see TimestepSampler).
@@ -59,7 +62,7 @@ class DiffusionObjective:
 
     def __init__(self, noise_scheduler, snr_gamma: Optional[float] = None, learn_sigma: bool = False,
                  vlb_weight: float = 0.001, num_classes: Optional[int] = None, class_dropout_prob: float = 0.0,
-                 timestep_sampler: Optional[TimestepSampler] = None):
+                 timestep_sampler: Optional[TimestepSampler] = None, loss_weights: Optional[nn.Module] = None):
         self.scheduler = noise_scheduler
         self.prediction_type = noise_scheduler.config.prediction_type
         self.num_timesteps = noise_scheduler.config.num_train_timesteps
@@ -67,6 +70,7 @@ class DiffusionObjective:
         self.vlb = VariationalBound(noise_scheduler) if learn_sigma else None
         self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
         self.sample_timesteps = timestep_sampler or TimestepSampler(noise_scheduler)
+        self.loss_weights = loss_weights  # LearnedLossWeights (objectives/loss_weights.py), or None
 
     def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The regression target for each prediction type (epsilon, v_prediction, sample)."""
@@ -100,7 +104,10 @@ class DiffusionObjective:
         prediction, variance_values = (output.split(clean.shape[1], dim=1) if self.vlb else (output, None))
         target = self.target(clean, noise, timesteps)
         mse = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, clean.ndim)))
-        loss = (self.mse_weights(timesteps) * mse).mean()
+        if self.loss_weights is not None:
+            loss = weighted_loss(self.loss_weights, mse, timesteps)
+        else:
+            loss = (self.mse_weights(timesteps) * mse).mean()
         if self.vlb is not None:
             # L_vlb = sum_t L_t, estimated as T * L_t at the sampled t; the mean is stopped (detach) so this term
             # trains only the variance. With T = 1000 and vlb_weight = 0.001 this is improved-diffusion's mse + vb.

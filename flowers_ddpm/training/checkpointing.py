@@ -210,6 +210,10 @@ def check_compatible(path: Path, settings: dict) -> None:
     differing = [k for k in RESUME_SENSITIVE_SETTINGS if k in saved and saved[k] != settings.get(k)]
     if bool(saved.get("augment_p")) != bool(settings.get("augment_p")):  # with or without the augment layer
         differing.append("augment_p")
+    # with or without the learned loss weights' network and optimizer (files of the checkpoint; older
+    # checkpoints, written before the setting existed, have neither)
+    if bool(saved.get("learned_loss_weights")) != bool(settings.get("learned_loss_weights")):
+        differing.append("learned_loss_weights")
     if differing:
         details = ", ".join(f"{k} (checkpoint: {saved.get(k)!r}, now: {settings.get(k)!r})" for k in differing)
         raise UserError(f"cannot resume from {path}: these settings differ from the checkpoint's: {details}")

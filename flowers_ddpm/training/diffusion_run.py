@@ -36,6 +36,7 @@ from ..models.unet import build_edm_scheduler, build_noise_scheduler, build_unet
 from ..objectives.augment import LABEL_DIM, AugmentedObjective, AugmentPipe
 from ..objectives.diffusion import DiffusionObjective, TimestepSampler
 from ..objectives.edm import EDMObjective
+from ..objectives.loss_weights import LearnedLossWeights
 from ..pipelines.export import build_pipeline, export_pipeline
 from ..pipelines.sampling import generate, image_grid
 from ..publish.hub import push_pipeline
@@ -196,9 +197,21 @@ def build_objective(cfg: TrainConfig, noise_scheduler, num_classes):
         objective = EDMObjective(noise_scheduler, o.edm_p_mean, o.edm_p_std, num_classes, o.class_dropout_prob)
     else:
         timesteps = TimestepSampler(noise_scheduler, o.timestep_sampling, o.edm_p_mean, o.edm_p_std)
+        loss_weights = LearnedLossWeights(noise_scheduler) if o.learned_loss_weights else None
         objective = DiffusionObjective(noise_scheduler, o.snr_gamma, cfg.model.learn_sigma, o.vlb_weight,
-                                       num_classes, o.class_dropout_prob, timesteps)
+                                       num_classes, o.class_dropout_prob, timesteps, loss_weights)
     return AugmentedObjective(objective, AugmentPipe(o.augment_p), augment_labels) if o.augment_p > 0 else objective
+
+
+def prepare_loss_weights(objective, accelerator) -> list:
+    """The learned loss weights' network and its optimizer, prepared by accelerate (gradients averaged over
+    processes, both saved in every checkpoint); returns the extra optimizers the trainer steps (none without)."""
+    inner = getattr(objective, "objective", objective)  # (inside AugmentedObjective)
+    if getattr(inner, "loss_weights", None) is None:
+        return []
+    network, optimizer = accelerator.prepare(inner.loss_weights, inner.loss_weights.build_optimizer())
+    inner.loss_weights = network
+    return [optimizer]
 
 
 def build_model(cfg: TrainConfig, num_classes):
@@ -247,6 +260,7 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False,
                  if cfg.eval.eval_steps else None)
     model, optimizer, lr_scheduler, ema = build_optimization(cfg, model, trainable_parameters(model), accelerator,
                                                              max_steps)
+    extra_optimizers = prepare_loss_weights(objective, accelerator)
     batches = device_batches(cfg, source, accelerator)
     init_trackers(cfg, accelerator)
     phema = None
@@ -256,7 +270,7 @@ def run_training(cfg: TrainConfig, keep_process_group: bool = False,
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, batches,
                       PipelinePublisher(cfg, noise_scheduler, class_names, describe_hardware(accelerator),
                                         speed.records(effective_precision(accelerator))),
-                      loop_settings(cfg, max_steps, per_epoch), evaluator, phema)
+                      loop_settings(cfg, max_steps, per_epoch), evaluator, phema, extra_optimizers)
     run_trainer(trainer, accelerator, resume_from, keep_process_group)
     if accelerator.is_main_process:
         finish_run(cfg)

@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Protocol
+from typing import Iterable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -103,12 +103,14 @@ class Trainer:
 
     def __init__(self, accelerator, model, objective, optimizer, lr_scheduler, ema, batches: DataStream,
                  publisher: Publisher, settings: LoopSettings, evaluator: Optional[Evaluator] = None,
-                 phema=None):
+                 phema=None, extra_optimizers: Sequence = ()):
         self.accelerator, self.model, self.objective = accelerator, model, objective
         self.optimizer, self.lr_scheduler, self.ema = optimizer, lr_scheduler, ema
         self.batches, self.publisher, self.settings = batches, publisher, settings
         self.evaluator = evaluator
         self.phema = phema  # post-hoc EMA profiles (training/phema.py), or None
+        # optimizers of training-only parts of the objective (learned loss weights), stepped with the model's
+        self.extra_optimizers = list(extra_optimizers)
         self.progress = TrainingProgress()
         # lr schedule, counters and EMA are saved by us (JSON + safetensors), not register_for_checkpointing,
         # whose files are pickles that accelerate loads with weights_only=False
@@ -153,9 +155,10 @@ class Trainer:
         return not bad_any, stop_any
 
     def optimizer_step(self, finite: bool) -> None:
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in (self.optimizer, *self.extra_optimizers):
+            if finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()  # once per optimizer step, whatever the number of processes
 
     def update_ema(self) -> None:
