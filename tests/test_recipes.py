@@ -61,6 +61,18 @@ def test_photos_recipe_guides_class_conditional_runs_only_at_low_noise():
     assert build_config({"recipe": "small-data", "class_conditional": True}, {}).run.sample_guidance_interval is None
 
 
+def test_photos_recipe_learns_its_loss_weights_unconditionally_unless_another_weighting_is_chosen():
+    photos = {"recipe": "small-data-photos"}
+    assert build_config(photos, {}).objective.learned_loss_weights is True
+    assert build_config({**photos, "class_conditional": True}, {}).objective.learned_loss_weights is False
+    assert build_config({"recipe": "small-data"}, {}).objective.learned_loss_weights is False
+    assert build_config(photos, {"learned_loss_weights": "false"}).objective.learned_loss_weights is False
+    # the user's own weighting wins over the recipe's, without an error
+    assert build_config(photos, {"snr_gamma": "5"}).objective.learned_loss_weights is False
+    edm = build_config(photos, {"objective": "edm", "prediction_type": "epsilon"})
+    assert edm.objective.learned_loss_weights is False
+
+
 def test_photos_recipe_trains_a_pipeline_plain_diffusers_reads_with_its_settings(image_folder, tmp_path):
     out = tmp_path / "run"
     assert main(["train", *tiny_train_args(image_folder, out, max_train_steps=2, recipe="small-data-photos")]) == 0

@@ -165,6 +165,8 @@ def _recipe_defaults(merged: dict) -> None:
             # (--model_config_name_or_path) describes the whole architecture, so the recipe leaves it alone
             if merged.get("model_config_name_or_path") is None:
                 merged["unet_config"] = {**value, **(merged.get("unet_config") or {})}
+        elif key == "learned_loss_weights" and (merged.get("objective") == "edm" or merged.get("snr_gamma") is not None):
+            continue  # the user chose another loss weighting (EDM's or Min-SNR); the recipe's learned one gives way
         else:
             merged.setdefault(key, value)
 

@@ -96,7 +96,7 @@ VARIANTS: dict[str, dict] = {
     "adam+cosine+lr-2e-3": {**_ADAM_COSINE, "learning_rate": 2e-3},
     "adam+cosine+min-snr-5": {**_ADAM_COSINE, "snr_gamma": 5.0},
     "adam+cosine+no-clip": {**_ADAM_COSINE, "max_grad_norm": 0.0},
-    "adam+cosine+scale-shift": {**_ADAM_COSINE, **_SCALE_SHIFT},  # = --recipe small-data-photos
+    "adam+cosine+scale-shift": {**_ADAM_COSINE, **_SCALE_SHIFT},  # = --recipe small-data-photos until session 14
     "adam+cosine+ema-diffusers": {**_ADAM_COSINE, "ema_power": 0.75, "ema_max_decay": 0.9999},
     "adam+cosine+scale-shift+lr-2e-3": {**_ADAM_COSINE, **_SCALE_SHIFT, "learning_rate": 2e-3},
     "adam+cosine+scale-shift+no-clip": {**_ADAM_COSINE, **_SCALE_SHIFT, "max_grad_norm": 0.0},
@@ -111,6 +111,9 @@ VARIANTS: dict[str, dict] = {
     "adam+cosine+scale-shift+augment-0.3": {**_ADAM_COSINE, **_SCALE_SHIFT, "augment_p": 0.3},
     # ... a smaller batch, more optimizer steps (measured worse: docs/recipes.md, thirteenth session)
     "adam+cosine+scale-shift+batch-4": {**_ADAM_COSINE, **_SCALE_SHIFT, "train_batch_size": 4},
+    # ... learned loss weights per noise level (EDM2's uncertainty weighting; issue 16, fourteenth session):
+    # = --recipe small-data-photos, unconditional
+    "adam+cosine+scale-shift+learned-weights": {**_ADAM_COSINE, **_SCALE_SHIFT, "learned_loss_weights": True},
 }
 
 # The EDM counterpart of each DDPM-family sampler (an EDM model refuses DDPM-family samplers and vice versa), so
