@@ -28,7 +28,7 @@ _FEATURE_SEED = 12345  # the random Fourier frequencies and phases are fixed, no
 
 
 class LearnedLossWeights(nn.Module):
-    """u(t) ~ log E[mse | t] for the timesteps of `noise_scheduler`; `loss(mse, timesteps)` is the training loss."""
+    """u(t) ~ log E[mse | t] for the timesteps of `noise_scheduler`; `weighted_loss` below is the training loss."""
 
     def __init__(self, noise_scheduler):
         super().__init__()
