@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from flowers_ddpm.config.loading import build_config, load_yaml
 from flowers_ddpm.config.recipes import recipe_settings
+from flowers_ddpm.config.validation import validate
 from flowers_ddpm.errors import UserError
 from flowers_ddpm.experiments import ablation
 from flowers_ddpm.experiments.beds import BedData
@@ -195,6 +196,21 @@ def test_train_seed_changes_only_the_training_seed(tmp_path):
     default = ablation._write_config(tmp_path / "x", ablation.variant_settings("small-data"), data,
                                      ablation.AblationSettings(output_dir=tmp_path, seed=3))
     assert yaml.safe_load(default.read_text())["seed"] == 3
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_every_variant_writes_a_config_that_passes_validation(tmp_path, conditional):
+    """A variant whose settings contradict each other (e.g. two loss weightings) would fail only after the bed and
+    its judge were built; every listed variant must validate as the config it writes."""
+    data = BedData("digits", tmp_path / "train", tmp_path / "test", 32, 10, False)
+    data.train_dir.mkdir()
+    settings = ablation.AblationSettings(output_dir=tmp_path, guidance_interval=(0.0, 4.5))
+    for name in ["diffusers-defaults", *ablation.RECIPES, *ablation.VARIANTS]:
+        written = ablation._write_config(tmp_path / name, ablation.variant_settings(name, conditional), data,
+                                         settings, conditional=conditional)
+        cfg = build_config(load_yaml(str(written)), {})
+        validate(cfg)
+        assert cfg.model.class_conditional is conditional, name
 
 
 def test_streaming_buffer_trains_through_the_streaming_path(tmp_path):

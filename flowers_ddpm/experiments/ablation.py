@@ -114,6 +114,11 @@ VARIANTS: dict[str, dict] = {
     # ... learned loss weights per noise level (EDM2's uncertainty weighting; issue 16, fourteenth session):
     # = --recipe small-data-photos, unconditional
     "adam+cosine+scale-shift+learned-weights": {**_ADAM_COSINE, **_SCALE_SHIFT, "learned_loss_weights": True},
+    # ... and EDM's log-normal noise levels on top: the weights balance the levels' losses, the draw decides how much
+    # of the training each level gets (issue 16, fifteenth session)
+    "adam+cosine+scale-shift+learned-weights+lognormal-t": {**_ADAM_COSINE, **_SCALE_SHIFT,
+                                                             "learned_loss_weights": True,
+                                                             "timestep_sampling": "lognormal"},
 }
 
 # The EDM counterpart of each DDPM-family sampler (an EDM model refuses DDPM-family samplers and vice versa), so
